@@ -1,0 +1,190 @@
+"""The exception tree, and the one place where service answers become exceptions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "APIError",
+    "AuthenticationError",
+    "ClientClosedError",
+    "ContentPolicyError",
+    "InputError",
+    "InsufficientCreditsError",
+    "InvalidRequestError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "RateLimitError",
+    "ServerError",
+    "SoraError",
+    "SubmitUncertainError",
+    "TaskFailedError",
+    "TaskTimeoutError",
+    "TransportError",
+    "error_from_response",
+]
+
+
+class SoraError(Exception):
+    """Base class of every error sora-async raises."""
+
+
+class InputError(SoraError, ValueError):
+    """Reject an input locally, before any request is spent.
+
+    ``field`` names the offending field (dotted for nested ones) and ``rule`` says
+    what it must satisfy.
+    """
+
+    def __init__(self, field: str, rule: str) -> None:
+        super().__init__(f"{field}: {rule}")
+        self.field = field
+        self.rule = rule
+
+
+class ClientClosedError(SoraError, RuntimeError):
+    """Signal use of a :class:`SoraClient` outside its ``async with`` block."""
+
+
+class APIError(SoraError):
+    """Report an error answer from the service.
+
+    ``code`` is the error code (the body's ``code``, else the HTTP status),
+    ``message`` the service's message, ``http_status`` the HTTP status as sent and
+    ``data`` the envelope's ``data`` (often ``None``).
+    """
+
+    def __init__(
+        self, code: int, message: str, *, http_status: int | None = None, data: Any = None
+    ) -> None:
+        detail = f" ({data['error']})" if isinstance(data, dict) and "error" in data else ""
+        super().__init__(f"[{code}] {message}{detail}")
+        self.code = code
+        self.message = message
+        self.http_status = http_status
+        self.data = data
+
+
+class AuthenticationError(APIError):
+    """The API key is invalid or missing (401): nothing using this key can succeed."""
+
+
+class PermissionDeniedError(APIError):
+    """The key may not do this (403)."""
+
+
+class NotFoundError(APIError):
+    """Unknown task id or model (404)."""
+
+
+class InsufficientCreditsError(APIError):
+    """The key's balance cannot pay for the task (402, or 400 "Insufficient credits")."""
+
+
+class ContentPolicyError(APIError):
+    """A create was refused because its content violates the provider's policy."""
+
+
+class InvalidRequestError(APIError):
+    """The service refused the parameters (400 and other 4xx)."""
+
+
+class RateLimitError(APIError):
+    """The key's rate or concurrency limit was exceeded (429).
+
+    ``retry_after`` is the server's ``Retry-After`` in seconds, when it sent one.
+    """
+
+    def __init__(
+        self,
+        code: int,
+        message: str,
+        *,
+        http_status: int | None = None,
+        data: Any = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(code, message, http_status=http_status, data=data)
+        self.retry_after = retry_after
+
+
+class ServerError(APIError):
+    """The service failed or is unavailable (5xx)."""
+
+
+class TransportError(SoraError):
+    """The network failed, a call timed out, or a body could not be decoded."""
+
+
+class SubmitUncertainError(SoraError):
+    """A create may or may not have made a task, so it was not blindly repeated.
+
+    Raised when the connection broke or timed out after the request was sent, or
+    the answer could not be read. Retrying could pay twice; the client's
+    ``on_uncertain`` policy decides.
+    """
+
+
+class TaskFailedError(SoraError):
+    """The task ended in the ``failed`` state."""
+
+    def __init__(self, task_id: str, fail_code: str | None, fail_msg: str | None) -> None:
+        super().__init__(f"task {task_id} failed: {fail_code or 'unknown'}: {fail_msg or ''}")
+        self.task_id = task_id
+        self.fail_code = fail_code
+        self.fail_msg = fail_msg
+
+
+class TaskTimeoutError(SoraError, TimeoutError):
+    """A wait's deadline passed before the task ended; the task is still tracked."""
+
+    def __init__(self, task_id: str, timeout: float) -> None:
+        super().__init__(f"task {task_id} did not finish within {timeout:g} s")
+        self.task_id = task_id
+        self.timeout = timeout
+
+
+_CONTENT_WORDS = ("violat", "policy", "nsfw", "sensitive", "moderation")
+
+
+def _about_content(message: str) -> bool:
+    lowered = message.lower()
+    return any(word in lowered for word in _CONTENT_WORDS)
+
+
+def error_from_response(
+    http_status: int,
+    code: int,
+    message: str,
+    data: Any = None,
+    *,
+    retry_after: float | None = None,
+) -> APIError:
+    """Map an error answer to its exception class.
+
+    The body's ``code`` wins when it names an error (the service may send HTTP 200
+    with ``code`` 400); otherwise the HTTP status does.
+    """
+    effective = code if code >= 400 else http_status
+    kwargs: dict[str, Any] = {"http_status": http_status, "data": data}
+    lowered = message.lower()
+    cls: type[APIError]
+    if effective == 429:
+        return RateLimitError(effective, message, retry_after=retry_after, **kwargs)
+    if effective == 401:
+        cls = AuthenticationError
+    elif effective == 402 or (effective == 400 and "insufficient" in lowered):
+        cls = InsufficientCreditsError
+    elif effective == 403:
+        cls = ContentPolicyError if _about_content(message) else PermissionDeniedError
+    elif effective == 404:
+        cls = NotFoundError
+    elif effective == 400 and _about_content(message):
+        cls = ContentPolicyError
+    elif 400 <= effective < 500:
+        cls = InvalidRequestError
+    elif effective >= 500:
+        cls = ServerError
+    else:
+        cls = APIError
+    return cls(effective, message, **kwargs)

@@ -1,0 +1,326 @@
+"""Typed inputs, wire envelopes and results for Sora 2 Pro on the APIXO task API."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Final, Literal, Union
+from urllib.parse import urlsplit
+
+import msgspec
+
+from ._errors import InputError
+
+__all__ = [
+    "DURATIONS",
+    "PROVIDERS",
+    "RESOLUTIONS",
+    "SIZES",
+    "CreateRequest",
+    "ImageToVideo",
+    "Limits",
+    "TaskState",
+    "TaskStatus",
+    "TextToVideo",
+    "Video",
+    "VideoRequest",
+]
+
+MAX_PROMPT_CHARS: Final = 5000
+# Durations some documented version of the service accepts: 10/15 (seed), 4/8/12 (newer).
+DURATIONS: Final = frozenset({4, 8, 10, 12, 15})
+SIZES: Final = ("720*1280", "1280*720", "1024*1792", "1792*1024")
+RESOLUTIONS: Final = ("720p", "1080p")
+PROVIDERS: Final = ("auto", "value", "official")
+
+Size = Literal["720*1280", "1280*720", "1024*1792", "1792*1024"]
+Resolution = Literal["720p", "1080p"]
+Provider = Literal["auto", "value", "official"]
+RequestType = Literal["async", "callback"]
+
+
+def check_http_url(field: str, url: object) -> None:
+    """Raise InputError unless ``url`` is an absolute http(s) URL with a host."""
+    if not isinstance(url, str):
+        raise InputError(field, f"must be an http(s) URL string, got {type(url).__name__}")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise InputError(field, f"must be an absolute http(s) URL, got {url!r}")
+
+
+def check_choice(field: str, value: object, allowed: tuple[str, ...]) -> None:
+    """Raise InputError unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise InputError(field, f"must be one of {', '.join(allowed)}; got {value!r}")
+
+
+class _VideoInput(
+    msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True
+):
+    # Both modes carry every field so that a misplaced one (size on image-to-video,
+    # resolution on text-to-video) gets an InputError naming the rule, not a TypeError.
+    prompt: str
+    duration: int | None = None
+    size: Size | None = None
+    resolution: Resolution | None = None
+    image_urls: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise InputError("prompt", "must be a non-empty string")
+        if len(self.prompt) > MAX_PROMPT_CHARS:
+            raise InputError(
+                "prompt", f"must be at most {MAX_PROMPT_CHARS} characters, got {len(self.prompt)}"
+            )
+        if self.duration is not None and (
+            isinstance(self.duration, bool) or self.duration not in DURATIONS
+        ):
+            allowed = ", ".join(str(d) for d in sorted(DURATIONS))
+            raise InputError("duration", f"must be one of {allowed} seconds; got {self.duration!r}")
+
+
+class TextToVideo(
+    _VideoInput,
+    frozen=True,
+    kw_only=True,
+    omit_defaults=True,
+    forbid_unknown_fields=True,
+    tag_field="mode",
+    tag="text-to-video",
+):
+    """Ask for a video from a text prompt.
+
+    ``size`` is one of ``720*1280``, ``1280*720``, ``1024*1792``, ``1792*1024``;
+    ``duration`` is in seconds (10 or 15 per the original docs, 4, 8 or 12 per newer
+    ones; the server decides). Raises :class:`InputError` for anything certainly wrong.
+
+    Example::
+
+        sa.TextToVideo(prompt="a lighthouse in a storm", duration=10, size="1280*720")
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.size is not None:
+            check_choice("size", self.size, SIZES)
+        if self.resolution is not None:
+            raise InputError("resolution", "is for image-to-video; text-to-video takes size")
+        if self.image_urls is not None:
+            raise InputError("image_urls", "is for image-to-video; use sa.ImageToVideo")
+
+
+class ImageToVideo(
+    _VideoInput,
+    frozen=True,
+    kw_only=True,
+    omit_defaults=True,
+    forbid_unknown_fields=True,
+    tag_field="mode",
+    tag="image-to-video",
+):
+    """Ask for a video that animates a reference image.
+
+    ``image_urls`` holds http(s) URLs of JPG, PNG or WebP images (10 MB at most each);
+    ``resolution`` is ``720p`` or ``1080p``. Raises :class:`InputError` for anything
+    certainly wrong.
+
+    Example::
+
+        sa.ImageToVideo(prompt="the sea moves", image_urls=["https://example.com/a.jpg"],
+                        resolution="1080p", duration=15)
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.size is not None:
+            raise InputError("size", "is for text-to-video; image-to-video takes resolution")
+        if self.resolution is not None:
+            check_choice("resolution", self.resolution, RESOLUTIONS)
+        if isinstance(self.image_urls, (str, bytes)):
+            raise InputError("image_urls", "must be a list of URLs, not a single string")
+        if not self.image_urls:
+            raise InputError("image_urls", "must hold at least one image URL for image-to-video")
+        if not isinstance(self.image_urls, tuple):
+            # Accept any sequence from callers; store it immutably.
+            msgspec.structs.force_setattr(self, "image_urls", tuple(self.image_urls))
+        for index, url in enumerate(self.image_urls):
+            check_http_url(f"image_urls[{index}]", url)
+
+
+VideoRequest = Union[TextToVideo, ImageToVideo]  # noqa: UP007 - a runtime alias on 3.10
+
+
+class CreateRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The body of ``POST /generateTask/{model}``."""
+
+    input: VideoRequest
+    # No default: the seed always sends request_type, and omit_defaults would drop it.
+    request_type: RequestType
+    callback_url: str | None = None
+    provider: Provider = "auto"
+
+    def __post_init__(self) -> None:
+        check_choice("request_type", self.request_type, ("async", "callback"))
+        check_choice("provider", self.provider, PROVIDERS)
+        if self.request_type == "callback":
+            if self.callback_url is None:
+                raise InputError("callback_url", "is required when request_type is callback")
+            check_http_url("callback_url", self.callback_url)
+
+
+class Limits(msgspec.Struct, frozen=True, kw_only=True):
+    """The limits of one API key: ``requests`` per ``period`` seconds, ``concurrent_tasks``.
+
+    Example::
+
+        sa.Limits(requests=60, period=60.0, concurrent_tasks=10)
+    """
+
+    requests: int = 60
+    period: float = 60.0
+    concurrent_tasks: int = 10
+
+    def __post_init__(self) -> None:
+        if isinstance(self.requests, bool) or not isinstance(self.requests, int):
+            raise InputError("limits.requests", "must be a whole number")
+        if self.requests < 2:
+            raise InputError("limits.requests", f"must be at least 2, got {self.requests}")
+        if not self.period > 0:
+            raise InputError("limits.period", f"must be a positive number, got {self.period}")
+        if isinstance(self.concurrent_tasks, bool) or not isinstance(self.concurrent_tasks, int):
+            raise InputError("limits.concurrent_tasks", "must be a whole number")
+        if self.concurrent_tasks < 1:
+            raise InputError(
+                "limits.concurrent_tasks", f"must be at least 1, got {self.concurrent_tasks}"
+            )
+
+
+class TaskState(str, enum.Enum):
+    """The life cycle of a task on the server."""
+
+    PENDING = "pending"
+    PROCESSING = "processing"
+    SUCCESS = "success"
+    FAILED = "failed"
+
+    @property
+    def terminal(self) -> bool:
+        """Return whether the task has ended (success or failed)."""
+        return self in (TaskState.SUCCESS, TaskState.FAILED)
+
+
+class TaskStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """A task as the status endpoint (or a callback) reports it.
+
+    ``result_urls`` is decoded from the service's ``resultJson`` string; times are
+    epoch milliseconds as sent. Unknown fields are ignored, unknown fail codes kept.
+    """
+
+    task_id: str
+    state: TaskState
+    result_urls: tuple[str, ...] = ()
+    fail_code: str | None = None
+    fail_msg: str | None = None
+    create_time: int | None = None
+    complete_time: int | None = None
+    cost_time: int | None = None
+
+    @property
+    def terminal(self) -> bool:
+        """Return whether the task has ended."""
+        return self.state.terminal
+
+    @property
+    def generation_seconds(self) -> float | None:
+        """Return ``completeTime - createTime`` in seconds, when both are known."""
+        if self.create_time is None or self.complete_time is None:
+            return None
+        return (self.complete_time - self.create_time) / 1000.0
+
+
+class Video(msgspec.Struct, frozen=True, kw_only=True):
+    """A finished generation: its task id and result URLs (which expire: download soon)."""
+
+    task_id: str
+    urls: tuple[str, ...]
+    create_time: int | None = None
+    complete_time: int | None = None
+
+    @classmethod
+    def from_status(cls, status: TaskStatus) -> Video:
+        """Build a Video from a successful status."""
+        return cls(
+            task_id=status.task_id,
+            urls=status.result_urls,
+            create_time=status.create_time,
+            complete_time=status.complete_time,
+        )
+
+    @property
+    def url(self) -> str:
+        """Return the first result URL."""
+        return self.urls[0]
+
+
+# --- the wire ---------------------------------------------------------------------------
+
+
+class Envelope(msgspec.Struct, kw_only=True):
+    """Every response body: ``{"code", "message", "data"}``; ``data`` decoded later."""
+
+    code: int
+    message: str = ""
+    data: msgspec.Raw = msgspec.Raw(b"null")
+
+
+class CreatedTask(msgspec.Struct, kw_only=True, rename="camel"):
+    """``data`` of a successful create."""
+
+    task_id: str
+
+
+class WireStatus(msgspec.Struct, kw_only=True, rename="camel"):
+    """``data`` of a status answer (or a callback) exactly as sent."""
+
+    task_id: str
+    state: TaskState
+    result_json: str | None = None
+    fail_code: str | None = None
+    fail_msg: str | None = None
+    create_time: int | None = None
+    complete_time: int | None = None
+    cost_time: int | None = None
+
+
+class ResultJson(msgspec.Struct):
+    """The JSON object carried as a string in ``resultJson``."""
+
+    resultUrls: tuple[str, ...] = ()
+
+
+_result_decoder = msgspec.json.Decoder(ResultJson)
+
+
+def status_from_wire(wire: WireStatus) -> TaskStatus:
+    """Turn the wire status into a TaskStatus, decoding ``resultJson``.
+
+    Raises msgspec.DecodeError / ValidationError when ``resultJson`` is not valid.
+    """
+    urls: tuple[str, ...] = ()
+    if wire.result_json:
+        urls = _result_decoder.decode(wire.result_json).resultUrls
+    return TaskStatus(
+        task_id=wire.task_id,
+        state=wire.state,
+        result_urls=urls,
+        fail_code=wire.fail_code,
+        fail_msg=wire.fail_msg,
+        create_time=wire.create_time,
+        complete_time=wire.complete_time,
+        cost_time=wire.cost_time,
+    )
+
+
+def to_builtins(request: VideoRequest) -> dict[str, Any]:
+    """Return the wire form of an input as plain Python objects."""
+    result: dict[str, Any] = msgspec.to_builtins(request)
+    return result
