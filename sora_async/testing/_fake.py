@@ -1,0 +1,398 @@
+"""FakeApixo: the APIXO task API on loopback, in the caller's event loop."""
+
+from __future__ import annotations
+
+import random
+import re
+import types
+from collections.abc import Collection, Mapping
+from typing import Literal
+
+import msgspec
+from aiohttp import web
+
+from ._faults import Fault, FaultKind, FaultPlan, FaultSpec, RequestKind, Target
+from ._http import (
+    API_PREFIX,
+    Handler,
+    apply_fault,
+    envelope,
+    invalid,
+    json_errors,
+    retry_headers,
+    send_bytes,
+)
+from ._media import build_mp4
+from ._state import Neighbour, RateWindow, Stats, TaskRecord, fail_message
+from ._timing import DEFAULT_EPOCH_MS, Clock, GenerationTime, lognormal
+from ._validate import InvalidBody, parse_create
+
+__all__ = ["DEFAULT_MODELS", "FakeApixo"]
+
+DEFAULT_MODELS = frozenset({"sora-2-pro", "sora-2", "veo-3-1", "kling-2-6", "nano-banana"})
+_FAIL_MARK = re.compile(r"\[fail:([^\]\s]+)\]")
+_VIOLATE_MARK = "[violate]"
+
+
+class FakeApixo:
+    """Serve a faithful fake of the APIXO task API, for tests and simulations.
+
+    It runs in the running event loop (so ``looptime`` can fast-forward it),
+    enforces the key's limits on the server clock, and counts what it sees in
+    :attr:`stats`.
+
+    Example::
+
+        async with FakeApixo(generation_time=fixed(30)) as fake:
+            client = SoraClient(api_key=fake.api_key, base_url=fake.url)
+            ...
+            assert fake.stats.max_requests_in_window <= 60
+    """
+
+    def __init__(
+        self,
+        *,
+        api_key: str = "test-key",
+        requests: int = 60,
+        period: float = 60.0,
+        concurrent_tasks: int = 10,
+        generation_time: GenerationTime | None = None,
+        pending_time: float = 2.0,
+        failure_rate: float = 0.0,
+        fail_code: str = "GENERATION_FAILED",
+        seed: int = 0,
+        balance: float = 100.0,
+        price_per_second: float = 0.3,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        epoch_ms: int = DEFAULT_EPOCH_MS,
+        models: Collection[str] = DEFAULT_MODELS,
+        credits_error_code: int = 400,
+        violation_error_code: int = 400,
+        retry_after: float | None = None,
+    ) -> None:
+        """Configure the fake; nothing listens until :meth:`start`."""
+        if period <= 0 or requests < 0 or concurrent_tasks < 0:
+            raise ValueError("limits must be positive")
+        self.api_key = api_key
+        self.requests = requests
+        self.concurrent_tasks = concurrent_tasks
+        self.generation_time: GenerationTime = generation_time or lognormal(180.0, 0.4)
+        self.pending_time = pending_time
+        self.failure_rate = failure_rate
+        self.fail_code = fail_code
+        self.price_per_second = price_per_second
+        self.host = host
+        self.port = port
+        self.models = set(models)
+        self.credits_error_code = credits_error_code
+        self.violation_error_code = violation_error_code
+        self.retry_after = retry_after
+        self.stats = Stats()
+        self._period = period
+        self._balance = float(balance)
+        self._rng = random.Random(seed)
+        self._ids = random.Random(f"task-ids-{seed}")
+        self._clock = Clock(epoch_ms)
+        self._window = RateWindow(period)
+        self._faults = FaultPlan()
+        self._tasks: dict[str, TaskRecord] = {}
+        self._live: dict[str, TaskRecord] = {}  # maybe unfinished; pruned on the clock
+        self._neighbours: list[Neighbour] = []
+        self._media: dict[str, bytes] = {}
+        self._runner: web.AppRunner | None = None
+
+    # -- life cycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Listen on ``host:port`` (port 0 picks a free one) in the running loop."""
+        if self._runner is not None:
+            raise RuntimeError("FakeApixo is already started")
+        self._clock.start()
+        app = web.Application(middlewares=[json_errors])
+        app.router.add_post(API_PREFIX + "/generateTask/{model}", self._on_create)
+        app.router.add_get(API_PREFIX + "/statusTask/{model}", self._on_status)
+        app.router.add_get(API_PREFIX + "/apikeys/current-balance", self._on_balance)
+        app.router.add_get("/files/{name}", self._on_file)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self.host, self.port).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = int(runner.addresses[0][1])
+
+    async def close(self) -> None:
+        """Stop listening and drop open connections; safe to call twice."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def __aenter__(self) -> FakeApixo:
+        """Start the server."""
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """Close the server."""
+        await self.close()
+
+    @property
+    def origin(self) -> str:
+        """Return ``http://host:port``."""
+        host = "127.0.0.1" if self.host in ("", "0.0.0.0", "::") else self.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """Return the API base URL, ``http://host:port/api/v1``."""
+        return self.origin + API_PREFIX
+
+    @property
+    def period(self) -> float:
+        """Return the rate window's length in seconds."""
+        return self._period
+
+    # -- control and inspection ---------------------------------------------------------
+
+    def now(self) -> float:
+        """Return server seconds since start (loop time)."""
+        return self._clock.now()
+
+    @property
+    def tasks(self) -> Mapping[str, TaskRecord]:
+        """Return every task made, by task id (read-only)."""
+        return types.MappingProxyType(self._tasks)
+
+    @property
+    def balance(self) -> float:
+        """Return the key's remaining balance in USD."""
+        return self._balance
+
+    def set_balance(self, usd: float) -> None:
+        """Set the key's remaining balance in USD."""
+        self._balance = float(usd)
+
+    def unfinished_tasks(self) -> int:
+        """Return our pending or processing tasks now (neighbours' slots not included)."""
+        now = self._clock.now()
+        for task_id in [tid for tid, rec in self._live.items() if rec.complete_at <= now]:
+            del self._live[task_id]
+        return len(self._live)
+
+    def finish(
+        self,
+        task_id: str,
+        state: Literal["success", "failed"] = "success",
+        fail_code: str | None = None,
+    ) -> TaskRecord:
+        """End an unfinished task now, in ``state``.
+
+        Raises:
+            KeyError: no such task.
+            ValueError: the task is already terminal, or ``state`` is not terminal.
+        """
+        record = self._tasks[task_id]
+        if state not in ("success", "failed"):
+            raise ValueError(f"state must be success or failed, not {state!r}")
+        if record.finished:
+            raise ValueError(f"{task_id} is already {record.state}")
+        record.complete_at = self._clock.now()
+        record.pending_until = min(record.pending_until, record.complete_at)
+        record.final_state = state
+        if state == "failed":
+            record.fail_code = fail_code or record.fail_code or self.fail_code
+            record.fail_msg = fail_message(record.fail_code)
+        else:
+            record.fail_code = record.fail_msg = None
+        self._live.pop(task_id, None)
+        return record
+
+    def inject(
+        self,
+        kind: FaultKind,
+        *,
+        on: Target = "any",
+        times: int = 1,
+        status: int = 503,
+        delay: float = 0.0,
+        retry_after: float | None = None,
+    ) -> None:
+        """Queue a fault for the next ``times`` requests matching ``on``.
+
+        ``on="any"`` matches API calls (create, status, balance), not file downloads.
+        Faults are used in the order queued. A fault only hits requests that pass
+        the rate check, except ``rate_limit``, which answers 429 at once.
+        """
+        self._faults.add(
+            kind, on=on, times=times, status=status, delay=delay, retry_after=retry_after
+        )
+
+    def clear_faults(self) -> None:
+        """Drop every queued fault."""
+        self._faults.clear()
+
+    def pending_faults(self) -> list[FaultSpec]:
+        """Return the faults still queued, in order."""
+        return self._faults.pending()
+
+    def add_neighbour(self, requests_per_minute: int, tasks: int) -> None:
+        """Play another program on this key from now on: hold ``tasks`` slots and
+        spend ``requests_per_minute`` requests evenly in the rate window."""
+        if requests_per_minute < 0 or tasks < 0:
+            raise ValueError("requests_per_minute and tasks must be >= 0")
+        self._neighbours.append(Neighbour(requests_per_minute, tasks, self._clock.now_us()))
+
+    def remove_neighbours(self) -> None:
+        """Stop every neighbour: their slots free and their requests stop now."""
+        self._neighbours.clear()
+
+    # -- limits ------------------------------------------------------------------------
+
+    def _phantom_requests(self, now_us: int) -> int:
+        period_us = self._window.period_us
+        return sum(n.requests_in_window(now_us, period_us) for n in self._neighbours)
+
+    def _phantom_tasks(self) -> int:
+        return sum(n.tasks for n in self._neighbours)
+
+    def _too_many(self, kind: RequestKind, message: str, retry_after: float | None) -> web.Response:
+        self.stats.rate_limited += 1
+        self.stats.rate_limited_by_kind[kind] += 1
+        return envelope(429, message, headers=retry_headers(retry_after))
+
+    async def _api(
+        self, request: web.Request, kind: RequestKind, work: Handler
+    ) -> web.StreamResponse:
+        """Authenticate, count, rate-limit and fault one API request around ``work``."""
+        if request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            self.stats.unauthorized += 1
+            return envelope(401, "Invalid or missing API key")
+        self.stats.requests += 1
+        self.stats.requests_by_kind[kind] += 1
+        first = self._faults.peek(kind)
+        if first is not None and first.kind is Fault.RATE_LIMIT:
+            self._faults.take(kind)
+            self.stats.faults[first.kind.value] += 1
+            retry_after = first.retry_after if first.retry_after is not None else self.retry_after
+            return self._too_many(kind, "Rate limit exceeded", retry_after)
+        now_us = self._clock.now_us()
+        if self._window.count(now_us) + self._phantom_requests(now_us) >= self.requests:
+            return self._too_many(kind, "Rate limit exceeded", self.retry_after)
+        in_window = self._window.admit(now_us)
+        self.stats.max_requests_in_window = max(self.stats.max_requests_in_window, in_window)
+        fault = self._faults.take(kind)
+        if fault is None:
+            return await work(request)
+        self.stats.faults[fault.kind.value] += 1
+        return await apply_fault(request, fault, work)
+
+    # -- API handlers ------------------------------------------------------------------
+
+    async def _on_create(self, request: web.Request) -> web.StreamResponse:
+        return await self._api(request, "create", self._create)
+
+    async def _on_status(self, request: web.Request) -> web.StreamResponse:
+        return await self._api(request, "status", self._status)
+
+    async def _on_balance(self, request: web.Request) -> web.StreamResponse:
+        return await self._api(request, "balance", self._balance_of)
+
+    async def _create(self, request: web.Request) -> web.Response:
+        model = request.match_info["model"]
+        if model not in self.models:
+            return envelope(404, f"Model not found: {model}")
+        try:
+            body = msgspec.json.decode(await request.read())
+        except msgspec.DecodeError:
+            return invalid("Request body is not valid JSON")
+        try:
+            spec = parse_create(body, model)
+        except InvalidBody as exc:
+            return invalid(str(exc))
+        if _VIOLATE_MARK in spec.prompt:
+            message = "Content violates provider policy, please adjust the prompt"
+            return envelope(self.violation_error_code, message)
+        cost = self.price_per_second * spec.duration
+        if self._balance + 1e-9 < cost:
+            return envelope(self.credits_error_code, "Insufficient credits")
+        if self.unfinished_tasks() + self._phantom_tasks() >= self.concurrent_tasks:
+            self.stats.concurrency_limited += 1
+            return self._too_many("create", "Concurrent task limit exceeded", self.retry_after)
+        now = self._clock.now()
+        generation = max(0.0, float(self.generation_time(self._rng)))
+        # Always draw, so a marked prompt does not shift the random sequence.
+        unlucky = self._rng.random() < self.failure_rate
+        marked = _FAIL_MARK.search(spec.prompt)
+        fail_code = marked.group(1) if marked else (self.fail_code if unlucky else None)
+        task_id = self._new_task_id()
+        record = TaskRecord.plan(
+            task_id, model, spec, now, cost, generation, self.pending_time, fail_code, self._clock
+        )
+        self._tasks[task_id] = record
+        self._live[task_id] = record
+        self._balance = round(self._balance - cost, 9)
+        self.stats.creates += 1
+        self.stats.creates_per_prompt[spec.prompt] += 1
+        self.stats.max_concurrent_tasks = max(
+            self.stats.max_concurrent_tasks, self.unfinished_tasks()
+        )
+        return envelope(200, "success", {"taskId": task_id})
+
+    def _new_task_id(self) -> str:
+        while True:
+            task_id = f"task_{self._ids.getrandbits(64):016x}"
+            if task_id not in self._tasks:
+                return task_id
+
+    async def _status(self, request: web.Request) -> web.Response:
+        model = request.match_info["model"]
+        if model not in self.models:
+            return envelope(404, f"Model not found: {model}")
+        task_id = request.query.get("taskId")
+        if not task_id:
+            return invalid("Missing required query parameter: taskId")
+        record = self._tasks.get(task_id)
+        if record is None or record.model != model:
+            return envelope(404, "Task not found")
+        record.polls += 1
+        now = self._clock.now()
+        data = record.status_data(now, f"{request.url.origin()}/files/{task_id}.mp4")
+        if record.first_seen_done_at is None and data["state"] in ("success", "failed"):
+            record.first_seen_done_at = now
+        return envelope(200, "success", data)
+
+    async def _balance_of(self, request: web.Request) -> web.Response:
+        return envelope(200, "success", round(self._balance, 6))
+
+    # -- files ---------------------------------------------------------------------------
+
+    async def _on_file(self, request: web.Request) -> web.StreamResponse:
+        """Serve a result video; no auth and no rate limit, like a CDN."""
+        self.stats.downloads += 1
+        fault = self._faults.take("file")
+        if fault is None:
+            return await self._file(request)
+        self.stats.faults[fault.kind.value] += 1
+        if fault.kind is Fault.RATE_LIMIT:
+            retry_after = fault.retry_after if fault.retry_after is not None else self.retry_after
+            return self._too_many("file", "Rate limit exceeded", retry_after)
+        if fault.kind is Fault.BROKEN_JSON:
+            return await self._file(request, truncate=True)
+        return await apply_fault(request, fault, self._file, is_file=True)
+
+    async def _file(self, request: web.Request, *, truncate: bool = False) -> web.StreamResponse:
+        name = request.match_info["name"]
+        task_id = name[: -len(".mp4")] if name.endswith(".mp4") else ""
+        record = self._tasks.get(task_id)
+        if record is None or record.state != "success":
+            return envelope(404, "File not found")
+        data = self._media.get(task_id)
+        if data is None:
+            shape = (record.duration, record.width, record.height)
+            data = self._media[task_id] = build_mp4(task_id, *shape)
+        return await send_bytes(request, data, "video/mp4", truncate=truncate)
