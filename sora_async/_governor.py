@@ -1,0 +1,301 @@
+"""The concurrency governor: one API key's request budget and task slots.
+
+The governor knows nothing of HTTP. The transport asks it for a permit before every
+request and reports 429s and successes; the client takes a task slot before a
+create and gives it back when the task is known to have ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import heapq
+import itertools
+import logging
+import random
+from typing import Literal, Protocol, runtime_checkable
+
+from aiolimiter import AsyncLimiter
+
+from ._errors import InputError
+from ._models import Limits
+
+__all__ = ["Governor", "LocalGovernor", "RequestKind"]
+
+logger = logging.getLogger("sora_async")
+
+RequestKind = Literal["create", "status", "balance"]
+
+# Lower runs first: a create (which already holds a slot) never waits behind a poll.
+_PRIORITY: dict[str, int] = {"create": 0, "balance": 1, "status": 2}
+# A wake-up computed from floats may land a hair early; never re-arm closer than this.
+_MIN_WAIT = 1e-3
+
+
+@runtime_checkable
+class Governor(Protocol):
+    """What the client needs from a governor (in process, or shared through Redis)."""
+
+    async def request(self, kind: RequestKind) -> None:
+        """Wait until one request may be sent, and spend it."""
+
+    def rate_limited(self, kind: RequestKind, retry_after: float | None) -> None:
+        """Report a 429 for a request of ``kind``: pause everyone and shrink."""
+
+    def request_succeeded(self, kind: RequestKind) -> None:
+        """Report a request answered without a 429: probe back up."""
+
+    async def acquire_slot(self) -> None:
+        """Wait, first come first served, for a task slot."""
+
+    def release_slot(self) -> None:
+        """Give back a task slot (its task ended, or its create certainly failed)."""
+
+    def release_slot_later(self, delay: float) -> None:
+        """Give back a task slot after ``delay`` seconds (an uncertain create)."""
+
+    @property
+    def slots_in_use(self) -> int:
+        """Return how many task slots are taken now."""
+
+    @property
+    def slot_limit(self) -> int:
+        """Return how many task slots may be taken now (shrinks after 429s)."""
+
+    def requests_in_window(self) -> int:
+        """Return how many requests were sent in the last period."""
+
+    async def aclose(self) -> None:
+        """Cancel pending timers; waiters are not woken."""
+
+
+class _Ticket:
+    """A place in the request queue: by priority, then first come, first served."""
+
+    __slots__ = ("order", "priority", "waker")
+
+    def __init__(self, priority: int, order: int) -> None:
+        self.priority = priority
+        self.order = order
+        self.waker: asyncio.Future[None] | None = None
+
+    def __lt__(self, other: _Ticket) -> bool:
+        return (self.priority, self.order) < (other.priority, other.order)
+
+
+class LocalGovernor:
+    """Keep one process inside an API key's limits.
+
+    The request budget is an ``aiolimiter`` bucket of capacity one, refilled every
+    ``(period + jitter_margin) / (requests - 1)`` seconds: ``requests`` grants then
+    span at least ``period + jitter_margin`` seconds, so no ``period`` window of
+    arrivals at the server holds more than ``requests`` while network delays vary by
+    less than ``jitter_margin``. Waiters are served by priority (creates first),
+    then first come, first served. After a 429 every request pauses (``Retry-After``,
+    else exponential back-off with jitter) and the rate and slot count shrink
+    (multiplicative decrease), then probe back up with successes (additive increase).
+
+    Example::
+
+        governor = sa.LocalGovernor(sa.Limits(requests=60, period=60, concurrent_tasks=10))
+        async with sa.SoraClient(governor=governor) as client: ...
+    """
+
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        *,
+        jitter_margin: float = 1.0,
+        backoff_base: float = 1.0,
+        backoff_cap: float = 60.0,
+        probe_after: int = 10,
+        seed: int | None = None,
+    ) -> None:
+        self.limits = limits if limits is not None else Limits()
+        if jitter_margin < 0:
+            raise InputError("jitter_margin", "must be zero or more seconds")
+        self._spacing = (self.limits.period + jitter_margin) / (self.limits.requests - 1)
+        self._bucket = AsyncLimiter(1, self._spacing)
+        self._random = random.Random(seed)
+        self._backoff_base = backoff_base
+        self._backoff_cap = backoff_cap
+        self._probe_after = probe_after
+        # Request side.
+        self._queue: list[_Ticket] = []
+        self._order = itertools.count()
+        self._last_grant: float | None = None
+        self._not_before = 0.0
+        self._rate_factor = 1.0
+        self._consecutive_429 = 0
+        self._successes = 0
+        self._grants: collections.deque[float] = collections.deque()
+        # Slot side.
+        self._slot_limit = self.limits.concurrent_tasks
+        self._in_use = 0
+        self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._create_successes = 0
+        self._timers: set[asyncio.TimerHandle] = set()
+
+    # --- request budget ---------------------------------------------------------------
+
+    @property
+    def rate_factor(self) -> float:
+        """Return the share of the nominal rate in force now (1.0 unless 429s were seen)."""
+        return self._rate_factor
+
+    def requests_in_window(self) -> int:
+        """Return how many requests this governor granted in the last period."""
+        self._trim_grants(asyncio.get_running_loop().time())
+        return len(self._grants)
+
+    async def request(self, kind: RequestKind) -> None:
+        """Wait until one request of ``kind`` may be sent, and spend it."""
+        loop = asyncio.get_running_loop()
+        ticket = _Ticket(_PRIORITY[kind], next(self._order))
+        heapq.heappush(self._queue, ticket)
+        try:
+            while True:
+                if self._queue[0] is not ticket:
+                    ticket.waker = loop.create_future()
+                    await ticket.waker
+                    continue
+                delay = self._delay(loop.time())
+                if delay <= 0:
+                    await self._bucket.acquire()  # it has capacity: returns at once
+                    heapq.heappop(self._queue)
+                    self._grant(loop.time())
+                    return
+                await asyncio.sleep(delay)
+        except BaseException:
+            if ticket in self._queue:
+                self._queue.remove(ticket)
+                heapq.heapify(self._queue)
+            raise
+        finally:
+            # Whoever is first now computes its own wait.
+            if self._queue:
+                head = self._queue[0].waker
+                if head is not None and not head.done():
+                    head.set_result(None)
+
+    def _delay(self, now: float) -> float:
+        """Return how long the head of the queue must still wait (<= 0: go now)."""
+        wait = self._not_before - now
+        if self._last_grant is not None:
+            wait = max(wait, self._last_grant + self._spacing - now)
+        if wait <= 0 and not self._bucket.has_capacity():
+            # Float rounding left the bucket a hair short: wait a tick, never spin.
+            return _MIN_WAIT
+        return max(wait, _MIN_WAIT) if wait > 0 else wait
+
+    def _grant(self, now: float) -> None:
+        self._last_grant = now
+        self._grants.append(now)
+        self._trim_grants(now)
+        if self._rate_factor < 1.0:
+            # Adaptive slow-down on top of the bucket, which alone keeps the key's limit.
+            extra = self._spacing * (1.0 / self._rate_factor - 1.0)
+            self._not_before = max(self._not_before, now + extra)
+
+    def _trim_grants(self, now: float) -> None:
+        while self._grants and self._grants[0] <= now - self.limits.period:
+            self._grants.popleft()
+
+    def rate_limited(self, kind: RequestKind, retry_after: float | None) -> None:
+        """Pause every request and shrink rate (and slots, for a create) after a 429."""
+        now = asyncio.get_running_loop().time()
+        self._consecutive_429 += 1
+        self._successes = 0
+        if retry_after is not None and retry_after >= 0:
+            pause = retry_after
+        else:
+            ceiling = min(self._backoff_cap, self._backoff_base * 2 ** (self._consecutive_429 - 1))
+            pause = ceiling * self._random.uniform(0.5, 1.0)
+        self._not_before = max(self._not_before, now + pause)
+        self._rate_factor = max(0.25, self._rate_factor / 2)
+        if kind == "create":
+            # The key holds fewer free slots than we thought: another program uses some.
+            self._create_successes = 0
+            self._slot_limit = max(1, min(self._slot_limit, self._in_use) - 1)
+        logger.warning(
+            "429 on %s: pausing %.1f s, rate factor %.2f, slot limit %d",
+            kind,
+            pause,
+            self._rate_factor,
+            self._slot_limit,
+        )
+
+    def request_succeeded(self, kind: RequestKind) -> None:
+        """Count a success; after enough of them, raise rate and slots one step."""
+        self._consecutive_429 = 0
+        self._successes += 1
+        if self._successes >= self._probe_after and self._rate_factor < 1.0:
+            self._successes = 0
+            self._rate_factor = min(1.0, self._rate_factor + 0.125)
+        if kind == "create" and self._slot_limit < self.limits.concurrent_tasks:
+            self._create_successes += 1
+            if self._create_successes >= max(1, self._probe_after // 2):
+                self._create_successes = 0
+                self._slot_limit += 1
+                self._hand_on_slots()
+
+    # --- task slots ---------------------------------------------------------------------
+
+    @property
+    def slots_in_use(self) -> int:
+        """Return how many task slots are taken now."""
+        return self._in_use
+
+    @property
+    def slot_limit(self) -> int:
+        """Return how many slots may be taken now."""
+        return self._slot_limit
+
+    async def acquire_slot(self) -> None:
+        """Wait, first come first served, for a task slot."""
+        if self._in_use < self._slot_limit and not self._slot_waiters:
+            self._in_use += 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._slot_waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                # The slot was handed to us just as we were cancelled: pass it on.
+                self.release_slot()
+            elif waiter in self._slot_waiters:  # a hand-on may have dropped it already
+                self._slot_waiters.remove(waiter)
+            raise
+
+    def release_slot(self) -> None:
+        """Give back a slot and hand it to the longest waiter."""
+        if self._in_use <= 0:
+            raise RuntimeError("release_slot() called with no slot taken")
+        self._in_use -= 1
+        self._hand_on_slots()
+
+    def release_slot_later(self, delay: float) -> None:
+        """Give back a slot after ``delay`` seconds."""
+        loop = asyncio.get_running_loop()
+        handle: asyncio.TimerHandle
+
+        def fire() -> None:
+            self._timers.discard(handle)
+            self.release_slot()
+
+        handle = loop.call_later(delay, fire)
+        self._timers.add(handle)
+
+    def _hand_on_slots(self) -> None:
+        while self._slot_waiters and self._in_use < self._slot_limit:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                self._in_use += 1
+                waiter.set_result(None)
+
+    async def aclose(self) -> None:
+        """Cancel pending slot timers."""
+        for handle in self._timers:
+            handle.cancel()
+        self._timers.clear()
