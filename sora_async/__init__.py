@@ -1,0 +1,65 @@
+"""sora-async: an asyncio-native client for the APIXO task API, typed for Sora 2 Pro.
+
+It keeps every request inside one API key's limits (60 requests a minute, 10
+unfinished tasks), fills every task slot the moment it frees, and never pays twice
+for one prompt.
+"""
+
+from ._client import Outcome, SoraClient
+from ._errors import (
+    APIError,
+    AuthenticationError,
+    ClientClosedError,
+    ContentPolicyError,
+    InputError,
+    InsufficientCreditsError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    ServerError,
+    SoraError,
+    SubmitUncertainError,
+    TaskFailedError,
+    TaskTimeoutError,
+    TransportError,
+)
+from ._governor import Governor, LocalGovernor
+from ._models import ImageToVideo, Limits, TaskState, TaskStatus, TextToVideo, Video, VideoRequest
+from ._scheduler import PollPolicy
+from ._transport import RetryPolicy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "APIError",
+    "AuthenticationError",
+    "ClientClosedError",
+    "ContentPolicyError",
+    "Governor",
+    "ImageToVideo",
+    "InputError",
+    "InsufficientCreditsError",
+    "InvalidRequestError",
+    "Limits",
+    "LocalGovernor",
+    "NotFoundError",
+    "Outcome",
+    "PermissionDeniedError",
+    "PollPolicy",
+    "RateLimitError",
+    "RetryPolicy",
+    "ServerError",
+    "SoraClient",
+    "SoraError",
+    "SubmitUncertainError",
+    "TaskFailedError",
+    "TaskState",
+    "TaskStatus",
+    "TaskTimeoutError",
+    "TextToVideo",
+    "TransportError",
+    "Video",
+    "VideoRequest",
+    "__version__",
+]

@@ -1,0 +1,150 @@
+"""Downloads of result videos: streamed, checked, resumed, renamed atomically.
+
+Result URLs live on a CDN, not the API: downloads never carry the API key and do
+not spend the API's request budget; they have a concurrency limit of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import re
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from ._errors import InputError, TransportError
+from ._models import Video, check_http_url
+
+__all__ = ["Downloader", "safe_stem"]
+
+logger = logging.getLogger("sora_async")
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".webm", ".m4v"})
+_CHUNK = 1 << 16
+
+
+def safe_stem(name: str) -> str:
+    """Return ``name`` reduced to a file stem that cannot leave its folder.
+
+    Raises InputError when nothing usable is left.
+    """
+    stem = _UNSAFE.sub("_", name).strip("._")
+    if not stem:
+        raise InputError("task_id", f"cannot make a safe file name from {name!r}")
+    return stem[:200]
+
+
+def _suffix(url: str) -> str:
+    suffix = PurePosixPath(urlsplit(url).path).suffix.lower()
+    return suffix if suffix in _VIDEO_SUFFIXES else ".mp4"
+
+
+class Downloader:
+    """Fetch result URLs into a folder, at most ``concurrency`` at a time."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, *, concurrency: int = 4, attempts: int = 5
+    ) -> None:
+        self._session = session
+        self._slots = asyncio.Semaphore(concurrency)
+        self._attempts = attempts
+        self._random = random.Random()
+
+    def targets(self, video: Video, dest: Path, stem: str | None = None) -> list[Path]:
+        """Return where each of the video's URLs is saved: ``<stem>.mp4``, ``<stem>-2.mp4``..."""
+        base = safe_stem(stem if stem is not None else video.task_id)
+        paths = []
+        for index, url in enumerate(video.urls):
+            check_http_url(f"urls[{index}]", url)
+            name = base if index == 0 else f"{base}-{index + 1}"
+            path = dest / f"{name}{_suffix(url)}"
+            if path.resolve().parent != dest.resolve():
+                raise InputError("task_id", f"file name {name!r} would leave {dest}")
+            paths.append(path)
+        return paths
+
+    async def download(
+        self, video: Video, dest: str | os.PathLike[str], stem: str | None = None
+    ) -> list[Path]:
+        """Save every URL of ``video`` under ``dest``; return the paths in URL order."""
+        if not video.urls:
+            raise InputError("video.urls", "has no result URL to download")
+        folder = _make_folder(Path(dest))
+        paths = self.targets(video, folder, stem)
+        for url, path in zip(video.urls, paths, strict=True):
+            async with self._slots:
+                await self._fetch_with_retries(url, path)
+        return paths
+
+    async def _fetch_with_retries(self, url: str, path: Path) -> None:
+        partial = path.with_name(f".{path.name}.part")
+        for attempt in range(1, self._attempts + 1):
+            try:
+                await self._fetch(url, partial)
+            except _Retryable as exc:
+                if attempt == self._attempts:
+                    raise TransportError(f"download of {path.name} failed: {exc}") from exc
+                wait = self._random.uniform(0, min(30.0, 0.5 * 2**attempt))
+                logger.info("download of %s: %s; resuming in %.1f s", path.name, exc, wait)
+                await asyncio.sleep(wait)
+            else:
+                os.replace(partial, path)  # atomic: the target is whole or absent
+                return
+
+    async def _fetch(self, url: str, partial: Path) -> None:
+        have = _size(partial)
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        try:
+            async with self._session.get(url, headers=headers) as response:
+                if response.status == 416 and have:
+                    _size(partial, remove=True)  # longer than the video: start over
+                    raise _Retryable("range not satisfiable")
+                if response.status >= 500 or response.status == 429:
+                    raise _Retryable(f"HTTP {response.status}")
+                if response.status not in (200, 206):
+                    raise TransportError(f"download refused: HTTP {response.status} for {url}")
+                kind = response.headers.get("Content-Type", "")
+                if kind and not kind.startswith(("video/", "application/octet-stream")):
+                    raise TransportError(f"download of {url} is {kind!r}, not a video")
+                if response.status == 200:
+                    have = 0  # the server ignored Range: start over
+                length = response.content_length
+                expected = None if length is None else have + length
+                # Plain file writes: chunks are small and local disks fast enough that
+                # a thread hop per chunk would cost more than it saves.
+                with partial.open("ab" if have else "wb") as out:
+                    async for chunk in response.content.iter_chunked(_CHUNK):
+                        out.write(chunk)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
+        size = _size(partial)
+        if expected is not None and size != expected:
+            raise _Retryable(f"got {size} of {expected} bytes")
+
+
+# Metadata calls take microseconds on a local disk: not worth a thread hop.
+def _size(path: Path, *, remove: bool = False) -> int:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return 0
+    if remove:
+        path.unlink()
+    return size
+
+
+def _make_folder(folder: Path) -> Path:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError("dest", f"cannot create folder {folder}: {exc.strerror}") from exc
+    return folder
+
+
+class _Retryable(Exception):
+    """A download attempt failed in a way that resuming may mend."""

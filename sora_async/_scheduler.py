@@ -1,0 +1,291 @@
+"""The poll scheduler: one loop owns every in-flight task and spends polls wisely.
+
+Ten tasks polled every 5 s would cost twice a key's whole budget, so polls are
+scheduled, not slept. The scheduler learns how long generations take and spends
+each spare request on the task most likely to have finished since it was last
+seen. It knows nothing of aiohttp: it is handed a ``poll`` callable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import anyio
+
+from ._errors import AuthenticationError, NotFoundError, SoraError, TaskTimeoutError
+from ._governor import Governor
+from ._models import TaskStatus
+
+__all__ = ["GenerationTimes", "PollPolicy", "PollScheduler"]
+
+logger = logging.getLogger("sora_async")
+
+_STANDARD_NORMAL = NormalDist()
+
+
+@dataclass(frozen=True)
+class PollPolicy:
+    """How the scheduler spends polls.
+
+    A task is polled only when the chance that it finished since it was last seen
+    reaches ``min_hazard``, and never more often than ``max(min_interval,
+    relative_interval * age)`` seconds. ``prior_mean`` and ``prior_sigma`` (of the
+    log of the generation time) describe generation times before any is seen;
+    ``prior_weight`` is how many observations the prior counts as. With callbacks
+    on, ``safety_interval`` is the slowest a task is polled.
+    """
+
+    min_hazard: float = 0.05
+    min_interval: float = 2.0
+    relative_interval: float = 0.02
+    prior_mean: float = 180.0
+    prior_sigma: float = 0.5
+    prior_weight: float = 4.0
+    history: int = 500
+    keep_results: int = 10_000
+
+
+class GenerationTimes:
+    """A lognormal model of generation times, learned from finished tasks."""
+
+    def __init__(self, policy: PollPolicy) -> None:
+        self._policy = policy
+        self._logs: collections.deque[float] = collections.deque(maxlen=policy.history)
+        self.mu = 0.0
+        self.sigma = 0.0
+        self._refit()
+
+    def observe(self, seconds: float) -> None:
+        """Learn one finished generation's duration."""
+        if seconds > 0:
+            self._logs.append(math.log(seconds))
+            self._refit()
+
+    @property
+    def count(self) -> int:
+        """Return how many durations were learned."""
+        return len(self._logs)
+
+    @property
+    def mean(self) -> float:
+        """Return the model's mean generation time in seconds."""
+        return math.exp(self.mu + self.sigma**2 / 2)
+
+    def _refit(self) -> None:
+        # Conjugate-style blend: the prior counts as ``prior_weight`` observations.
+        policy = self._policy
+        prior_mu = math.log(policy.prior_mean) - policy.prior_sigma**2 / 2
+        weight = policy.prior_weight
+        total = weight + len(self._logs)
+        mu = (weight * prior_mu + sum(self._logs)) / total
+        spread = weight * (policy.prior_sigma**2 + (prior_mu - mu) ** 2)
+        spread += sum((x - mu) ** 2 for x in self._logs)
+        self.mu = mu
+        self.sigma = max(0.05, math.sqrt(spread / total))
+
+    def survival(self, age: float) -> float:
+        """Return P(generation time > age)."""
+        if age <= 0:
+            return 1.0
+        z = (math.log(age) - self.mu) / (self.sigma * math.sqrt(2))
+        return 0.5 * math.erfc(z)
+
+    def age_at_survival(self, survival: float) -> float:
+        """Return the age at which P(generation time > age) falls to ``survival``."""
+        survival = min(max(survival, 1e-12), 1 - 1e-12)
+        return math.exp(self.mu + self.sigma * _STANDARD_NORMAL.inv_cdf(1 - survival))
+
+
+class _Tracked:
+    """One in-flight task as the scheduler sees it."""
+
+    __slots__ = ("done", "holds_slot", "last_seen", "model", "polling", "started", "task_id")
+
+    def __init__(self, task_id: str, model: str, started: float, holds_slot: bool) -> None:
+        self.task_id = task_id
+        self.model = model
+        self.started = started  # loop time the create returned (or adoption)
+        self.last_seen = started  # loop time of the last status known not terminal
+        self.holds_slot = holds_slot
+        self.polling = False
+        self.done: asyncio.Future[TaskStatus] = asyncio.get_running_loop().create_future()
+
+
+Poll = Callable[[str, str], Awaitable[TaskStatus]]
+
+
+class PollScheduler:
+    """Track in-flight tasks, poll them under the governor's budget, wake waiters.
+
+    ``poll(model, task_id)`` must send one status request whose first attempt the
+    scheduler has already paid for with ``governor.request("status")``.
+    """
+
+    def __init__(self, *, governor: Governor, poll: Poll, policy: PollPolicy | None = None) -> None:
+        self._governor = governor
+        self._poll = poll
+        self.policy = policy if policy is not None else PollPolicy()
+        self.times = GenerationTimes(self.policy)
+        self._active: dict[str, _Tracked] = {}
+        self._finished: collections.OrderedDict[str, TaskStatus] = collections.OrderedDict()
+        self._changed = asyncio.Event()
+        self._fatal: BaseException | None = None
+        self.polls = 0
+
+    # --- what the client calls ------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """Return how many tasks are tracked and not yet seen terminal."""
+        return len(self._active)
+
+    def track(self, task_id: str, model: str, *, holds_slot: bool) -> None:
+        """Start tracking a task (just created, or adopted by id)."""
+        if task_id in self._active or task_id in self._finished:
+            if holds_slot:
+                self._governor.release_slot()  # already accounted for
+            return
+        now = asyncio.get_running_loop().time()
+        self._active[task_id] = _Tracked(task_id, model, now, holds_slot)
+        self._changed.set()
+
+    def result(self, task_id: str) -> TaskStatus | None:
+        """Return the terminal status of a task seen to end, if remembered."""
+        return self._finished.get(task_id)
+
+    def observe(self, status: TaskStatus) -> None:
+        """Take news of a task (a poll, a user's status call, a callback)."""
+        tracked = self._active.get(status.task_id)
+        if tracked is None:
+            return
+        if not status.terminal:
+            tracked.last_seen = asyncio.get_running_loop().time()
+            return
+        self._settle(tracked, status)
+
+    async def wait(self, task_id: str, timeout: float) -> TaskStatus:
+        """Wait for a tracked task's terminal status.
+
+        Raises TaskTimeoutError after ``timeout`` seconds (tracking goes on), or the
+        error that ended tracking (e.g. NotFoundError, AuthenticationError).
+        """
+        finished = self._finished.get(task_id)
+        if finished is not None:
+            return finished
+        tracked = self._active.get(task_id)
+        if tracked is None:
+            raise KeyError(task_id)
+        try:
+            # shield: a cancelled or timed-out waiter must not end tracking.
+            return await asyncio.wait_for(asyncio.shield(tracked.done), timeout)
+        except asyncio.TimeoutError:
+            raise TaskTimeoutError(task_id, timeout) from None
+
+    def is_tracked(self, task_id: str) -> bool:
+        """Return whether the scheduler knows this task (running or remembered)."""
+        return task_id in self._active or task_id in self._finished
+
+    def fail_all(self, error: BaseException) -> None:
+        """End tracking of every task with ``error`` (e.g. the key was refused)."""
+        self._fatal = error
+        for tracked in list(self._active.values()):
+            self._fail(tracked, error)
+        self._changed.set()
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Poll tracked tasks until cancelled."""
+        loop = asyncio.get_running_loop()
+        async with anyio.create_task_group() as polls:
+            while self._fatal is None:
+                candidate, wake_at = self._choose(loop.time())
+                if candidate is None:
+                    self._changed.clear()
+                    delay = None if wake_at is None else max(wake_at - loop.time(), 1e-3)
+                    with anyio.move_on_after(delay if delay is not None else math.inf):
+                        await self._changed.wait()
+                    continue
+                await self._governor.request("status")
+                # Things may have changed while we waited for the permit.
+                chosen, _ = self._choose(loop.time())
+                if chosen is None:
+                    chosen = candidate if candidate.task_id in self._active else None
+                if chosen is None:
+                    continue
+                chosen.polling = True
+                polls.start_soon(self._poll_one, chosen)
+
+    def _choose(self, now: float) -> tuple[_Tracked | None, float | None]:
+        """Return the task most likely to have ended unseen, or when one will be worth it."""
+        best: _Tracked | None = None
+        best_hazard = 0.0
+        wake_at: float | None = None
+        policy = self.policy
+        for tracked in self._active.values():
+            if tracked.polling:
+                continue
+            age = now - tracked.started
+            seen_age = tracked.last_seen - tracked.started
+            floor = max(policy.min_interval, policy.relative_interval * age)
+            earliest = tracked.last_seen + floor
+            survived = self.times.survival(seen_age)
+            hazard = 1.0 if survived <= 0.0 else 1.0 - self.times.survival(age) / survived
+            if hazard >= policy.min_hazard and now >= earliest:
+                if hazard > best_hazard:
+                    best, best_hazard = tracked, hazard
+                continue
+            # When will this task be worth a poll?
+            target = self.times.age_at_survival(survived * (1.0 - policy.min_hazard))
+            due = max(earliest, tracked.started + target)
+            wake_at = due if wake_at is None else min(wake_at, due)
+        return best, wake_at
+
+    async def _poll_one(self, tracked: _Tracked) -> None:
+        self.polls += 1
+        try:
+            status = await self._poll(tracked.model, tracked.task_id)
+        except AuthenticationError as exc:
+            self.fail_all(exc)
+            return
+        except NotFoundError as exc:
+            self._fail(tracked, exc)
+            return
+        except SoraError as exc:
+            # A passing fault: try again after the floor interval.
+            logger.warning("poll of %s failed: %s", tracked.task_id, exc)
+            tracked.last_seen = asyncio.get_running_loop().time()
+            return
+        finally:
+            tracked.polling = False
+            self._changed.set()
+        self.observe(status)
+
+    def _settle(self, tracked: _Tracked, status: TaskStatus) -> None:
+        seconds = status.generation_seconds
+        if seconds is not None:
+            self.times.observe(seconds)
+        self._drop(tracked)
+        self._finished[tracked.task_id] = status
+        while len(self._finished) > self.policy.keep_results:
+            self._finished.popitem(last=False)
+        if not tracked.done.done():
+            tracked.done.set_result(status)
+        self._changed.set()
+
+    def _fail(self, tracked: _Tracked, error: BaseException) -> None:
+        self._drop(tracked)
+        if not tracked.done.done():
+            tracked.done.set_exception(error)
+            tracked.done.exception()  # mark it retrieved: nobody may be waiting
+
+    def _drop(self, tracked: _Tracked) -> None:
+        if self._active.pop(tracked.task_id, None) is not None and tracked.holds_slot:
+            tracked.holds_slot = False
+            self._governor.release_slot()

@@ -1,0 +1,285 @@
+"""HTTP to the APIXO service: aiohttp, msgspec, retries and error mapping.
+
+The transport knows nothing of task slots. Before every attempt it asks the
+governor for a permit, and it tells the governor about 429s and successes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import aiohttp
+import msgspec
+
+from ._errors import (
+    AuthenticationError,
+    RateLimitError,
+    ServerError,
+    SubmitUncertainError,
+    TransportError,
+    error_from_response,
+)
+from ._governor import Governor, RequestKind
+from ._models import CreatedTask, CreateRequest, Envelope, TaskStatus, WireStatus, status_from_wire
+
+__all__ = ["RetryPolicy", "Transport"]
+
+logger = logging.getLogger("sora_async")
+
+T = TypeVar("T")
+
+_envelope_decoder = msgspec.json.Decoder(Envelope)
+_created_decoder = msgspec.json.Decoder(CreatedTask)
+_status_decoder = msgspec.json.Decoder(WireStatus)
+_balance_decoder = msgspec.json.Decoder(float)
+_encoder = msgspec.json.Encoder()
+_NULL = msgspec.Raw(b"null")
+
+# 503 means the service turned the request away, so a create certainly made no
+# task; any other 5xx may have come after the task was made.
+_CREATE_SAFE_STATUSES = frozenset({503})
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How calls are retried: ``attempts`` in all within ``deadline`` seconds.
+
+    Back-off is exponential from ``base`` up to ``cap`` seconds with full jitter;
+    ``timeout`` bounds one attempt (connect, send and read).
+    """
+
+    attempts: int = 6
+    base: float = 0.5
+    cap: float = 30.0
+    deadline: float = 300.0
+    timeout: float = 60.0
+
+    def backoff(self, attempt: int, rng: random.Random) -> float:
+        """Return the sleep before retry number ``attempt`` (1-based)."""
+        return rng.uniform(0, min(self.cap, self.base * 2 ** (attempt - 1)))
+
+
+class _Retry(Exception):
+    """An attempt failed in a way that may be retried."""
+
+    def __init__(
+        self, cause: Exception, *, wait: float | None = None, refused: bool = False
+    ) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.wait = wait
+        # True when the request certainly never reached the service.
+        self.refused = refused
+
+
+def _transport_error(message: str, exc: BaseException) -> TransportError:
+    error = TransportError(message)
+    error.__cause__ = exc
+    return error
+
+
+def _retry_after(headers: Any) -> float | None:
+    value = headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None  # an HTTP date: rare; fall back to our own back-off
+
+
+class Transport:
+    """Send the three API calls, each retried by its own rules."""
+
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        base_url: str,
+        governor: Governor,
+        retry: RetryPolicy,
+        seed: int | None = None,
+    ) -> None:
+        self._api_key = api_key
+        self._base_url = base_url.rstrip("/")
+        self._governor = governor
+        self._retry = retry
+        self._random = random.Random(seed)
+        self._session: aiohttp.ClientSession | None = None
+        # After a 401 nothing that uses the key can succeed: refuse without sending.
+        self._key_refused: AuthenticationError | None = None
+
+    def __repr__(self) -> str:
+        return f"Transport(base_url={self._base_url!r})"
+
+    async def open(self) -> None:
+        """Open the HTTP session (inside the running loop)."""
+        timeout = aiohttp.ClientTimeout(total=self._retry.timeout)
+        self._session = aiohttp.ClientSession(
+            timeout=timeout,
+            connector=aiohttp.TCPConnector(limit=100),
+        )
+
+    async def close(self) -> None:
+        """Close the HTTP session."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """Return the open session (downloads share its connection pool)."""
+        if self._session is None:
+            raise RuntimeError("transport is not open")
+        return self._session
+
+    # --- the three calls --------------------------------------------------------------
+
+    async def create(self, model: str, request: CreateRequest) -> str:
+        """Create a task and return its id.
+
+        Retried only where the service certainly made no task (refused connection,
+        429, 503). Raises SubmitUncertainError where it may have made one.
+        """
+        body = _encoder.encode(request)
+        url = f"{self._base_url}/generateTask/{model}"
+
+        async def attempt() -> str:
+            try:
+                raw = await self._send("create", "POST", url, body=body)
+            except _Retry as retry:
+                cause = retry.cause
+                if retry.refused or isinstance(cause, RateLimitError):
+                    raise
+                if isinstance(cause, ServerError) and cause.code in _CREATE_SAFE_STATUSES:
+                    raise
+                raise SubmitUncertainError(f"create may have made a task: {cause}") from cause
+            try:
+                return _created_decoder.decode(raw).task_id
+            except msgspec.MsgspecError as exc:
+                raise SubmitUncertainError(
+                    f"create answered success without a readable task id: {exc}"
+                ) from exc
+
+        return await self._with_retries("create", attempt)
+
+    async def status(self, model: str, task_id: str, *, prepaid: bool = False) -> TaskStatus:
+        """Return the status of one task (retried on 429, 5xx, network errors).
+
+        ``prepaid``: the caller already took the governor's permit for the first attempt.
+        """
+        url = f"{self._base_url}/statusTask/{model}"
+        first = [prepaid]
+
+        async def attempt() -> TaskStatus:
+            paid, first[0] = first[0], False
+            raw = await self._send("status", "GET", url, params={"taskId": task_id}, prepaid=paid)
+            return self._decode(raw, lambda data: status_from_wire(_status_decoder.decode(data)))
+
+        return await self._with_retries("status", attempt)
+
+    async def balance(self) -> float:
+        """Return the key's remaining balance in USD."""
+        url = f"{self._base_url}/apikeys/current-balance"
+
+        async def attempt() -> float:
+            raw = await self._send("balance", "GET", url)
+            return self._decode(raw, _balance_decoder.decode)
+
+        return await self._with_retries("balance", attempt)
+
+    # --- machinery ----------------------------------------------------------------------
+
+    @staticmethod
+    def _decode(raw: bytes, decode: Callable[[bytes], T]) -> T:
+        try:
+            return decode(raw)
+        except (msgspec.MsgspecError, ValueError) as exc:
+            # A GET is safe to repeat; a body we cannot read may be a passing fault.
+            raise _Retry(_transport_error(f"undecodable data: {exc}", exc)) from exc
+
+    async def _with_retries(self, kind: RequestKind, attempt: Callable[[], Awaitable[T]]) -> T:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._retry.deadline
+        number = 0
+        while True:
+            number += 1
+            try:
+                return await attempt()
+            except _Retry as retry:
+                cause = retry.cause
+                if isinstance(cause, RateLimitError):
+                    # The governor pauses everyone; the next permit waits for it.
+                    wait = 0.0
+                else:
+                    wait = self._retry.backoff(number, self._random)
+                    if retry.wait is not None:
+                        wait = max(wait, retry.wait)
+                if number >= self._retry.attempts or loop.time() + wait > deadline:
+                    raise cause from cause.__cause__
+                logger.info(
+                    "%s attempt %d failed (%s); retrying in %.2f s", kind, number, cause, wait
+                )
+                await asyncio.sleep(wait)
+
+    async def _send(
+        self,
+        kind: RequestKind,
+        method: str,
+        url: str,
+        *,
+        body: bytes | None = None,
+        params: dict[str, str] | None = None,
+        prepaid: bool = False,
+    ) -> bytes:
+        """Send one attempt and return the envelope's raw ``data``.
+
+        Raises an APIError for a definitive error answer, or _Retry wrapping the
+        failure for anything that may be retried.
+        """
+        if self._key_refused is None and not prepaid:
+            await self._governor.request(kind)
+        if self._key_refused is not None:
+            raise self._key_refused
+        # The key goes on API calls only, never on the session: result URLs may live
+        # on another host.
+        headers = {"Authorization": f"Bearer {self._api_key}"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            async with self.session.request(
+                method, url, data=body, params=params, headers=headers
+            ) as response:
+                payload = await response.read()
+                status, retry_after = response.status, _retry_after(response.headers)
+        except aiohttp.ClientConnectorError as exc:
+            raise _Retry(_transport_error(f"cannot connect: {exc}", exc), refused=True) from exc
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            message = f"{type(exc).__name__}: {exc}".rstrip(": ")
+            raise _Retry(_transport_error(message, exc)) from exc
+        try:
+            envelope = _envelope_decoder.decode(payload)
+            code, message, data = envelope.code, envelope.message, envelope.data
+        except msgspec.MsgspecError as exc:
+            if status < 400:
+                raise _Retry(_transport_error(f"undecodable body (HTTP {status})", exc)) from exc
+            code, message, data = status, f"HTTP {status} with an undecodable body", _NULL
+        if not 200 <= code < 300 or status >= 400:
+            error = error_from_response(
+                status, code, message, msgspec.json.decode(data), retry_after=retry_after
+            )
+            if isinstance(error, RateLimitError):
+                self._governor.rate_limited(kind, error.retry_after)
+                raise _Retry(error, wait=error.retry_after)
+            if isinstance(error, ServerError):
+                raise _Retry(error, wait=retry_after)
+            if isinstance(error, AuthenticationError):
+                self._key_refused = error
+            raise error
+        self._governor.request_succeeded(kind)
+        return bytes(data)

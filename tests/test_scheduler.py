@@ -1,0 +1,177 @@
+"""The governor and scheduler together, at the real limits, as the fake server sees them."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import sora_async as sa
+from sora_async.testing import FakeApixo, fixed, lognormal
+
+pytestmark = pytest.mark.looptime
+
+
+def prompts(count: int, prefix: str = "prompt") -> list[sa.TextToVideo]:
+    return [sa.TextToVideo(prompt=f"{prefix} {i}", duration=10) for i in range(count)]
+
+
+async def test_500_generations_stay_inside_the_limits() -> None:
+    """500 videos at the real limits: zero 429s, never over 60 requests in any 60-s window,
+    never over 10 unfinished tasks, one create per prompt, every video delivered."""
+    async with FakeApixo(generation_time=lognormal(180.0, 0.4), seed=3, balance=1e6) as fake:
+        async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
+            outcomes = [o async for o in client.generate_many(prompts(500))]
+        stats = fake.stats
+    assert len(outcomes) == 500
+    assert all(o.video is not None and o.error is None for o in outcomes)
+    assert stats.rate_limited == 0
+    assert stats.max_requests_in_window <= 60
+    assert stats.max_concurrent_tasks == 10  # every slot was used, none over
+    assert stats.creates == 500
+    assert set(stats.creates_per_prompt.values()) == {1}
+
+
+async def test_thousands_of_concurrent_callers_are_safe_and_fair(fake: FakeApixo) -> None:
+    """Many concurrent generate() calls: within limits, and tasks are created in call order."""
+    async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
+        requests = prompts(60, "caller")
+
+        async def call(request: sa.TextToVideo) -> sa.Video:
+            return await client.generate(request)
+
+        calls = []
+        for request in requests:
+            calls.append(asyncio.ensure_future(call(request)))
+            await asyncio.sleep(0)  # the calls start in order
+        videos = await asyncio.gather(*calls)
+    assert len({v.task_id for v in videos}) == 60
+    created = sorted(fake.tasks.values(), key=lambda task: task.created_at)
+    assert [task.prompt for task in created] == [r.prompt for r in requests]
+    assert fake.stats.rate_limited == 0
+    assert fake.stats.max_concurrent_tasks <= 10
+
+
+async def test_cancelled_caller_keeps_the_slot_until_the_task_ends(
+    fake: FakeApixo, client: sa.SoraClient
+) -> None:
+    """Cancelling an awaiting caller leaves the task tracked and its slot taken; its result
+    is still recorded and can be fetched by task id."""
+    caller = asyncio.ensure_future(client.generate(sa.TextToVideo(prompt="cancel me")))
+    await asyncio.sleep(10)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert client.governor.slots_in_use == 1
+    (task_id,) = fake.tasks
+    await asyncio.sleep(200)  # the task (120 s) ends; the scheduler sees it
+    assert client.governor.slots_in_use == 0
+    video = await client.wait(task_id)
+    assert video.task_id == task_id
+    assert fake.stats.requests_by_kind["status"] < 20
+
+
+async def test_cancelled_during_create_still_tracks_the_task(
+    fake: FakeApixo, client: sa.SoraClient
+) -> None:
+    """A caller cancelled while its create is in flight: the task is made once and tracked."""
+    fake.inject("slow", on="create", delay=5.0)
+    caller = asyncio.ensure_future(client.submit(sa.TextToVideo(prompt="in flight")))
+    await asyncio.sleep(1)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    await asyncio.sleep(10)  # the slow create reaches the server and answers
+    assert fake.stats.creates == 1
+    assert client.governor.slots_in_use == 1
+    await asyncio.sleep(300)
+    assert client.governor.slots_in_use == 0
+
+
+async def test_wait_deadline_raises_and_tracking_goes_on(client: sa.SoraClient) -> None:
+    """wait(timeout=...) raises TaskTimeoutError; a later wait still gets the video."""
+    task_id = await client.submit(sa.TextToVideo(prompt="slow one"))
+    with pytest.raises(sa.TaskTimeoutError):
+        await client.wait(task_id, timeout=30)
+    assert client.governor.slots_in_use == 1
+    video = await client.wait(task_id)
+    assert video.task_id == task_id
+
+
+async def test_failures_do_not_stop_the_batch(fake: FakeApixo, client: sa.SoraClient) -> None:
+    """Refused, failed and invalid items each get their Outcome; the rest still finish."""
+    items: list[sa.TextToVideo] = [
+        *prompts(5),
+        sa.TextToVideo(prompt="bad [violate]"),
+        sa.TextToVideo(prompt="fails [fail:NSFW]"),
+        *prompts(5, "more"),
+    ]
+    outcomes = {o.request.prompt: o async for o in client.generate_many(items)}
+    assert isinstance(outcomes["bad [violate]"].error, sa.ContentPolicyError)
+    failed = outcomes["fails [fail:NSFW]"].error
+    assert isinstance(failed, sa.TaskFailedError)
+    assert failed.fail_code == "NSFW"
+    assert sum(o.ok for o in outcomes.values()) == 10
+
+
+async def test_async_iterable_is_pulled_lazily(client: sa.SoraClient) -> None:
+    """generate_many pulls from an async source only as slots free (memory bounded)."""
+    pulled = 0
+
+    async def source() -> object:
+        nonlocal pulled
+        for request in prompts(40, "lazy"):
+            pulled += 1
+            yield request
+
+    seen = 0
+    async for outcome in client.generate_many(source()):  # type: ignore[arg-type]
+        seen += 1
+        assert outcome.ok
+        assert pulled <= seen + 11  # at most the slots (plus the one waiting) ahead
+    assert seen == 40
+
+
+async def test_a_second_program_on_the_key_is_survived() -> None:
+    """Another program takes 3 slots and 20 requests a minute: back-off and AIMD carry us
+    through, every video arrives, nothing is created twice, and 429s stay few."""
+    async with FakeApixo(generation_time=fixed(120.0), balance=1e6) as fake:
+        fake.add_neighbour(requests_per_minute=20, tasks=3)
+        async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
+            outcomes = [o async for o in client.generate_many(prompts(60))]
+        stats = fake.stats
+    assert all(o.ok for o in outcomes)
+    assert set(stats.creates_per_prompt.values()) == {1}
+    assert stats.max_concurrent_tasks <= 7
+    assert 0 < stats.rate_limited <= 40
+
+
+async def test_401_mid_batch_stops_everything_fast(fake: FakeApixo) -> None:
+    """The key is revoked mid-batch: generate_many raises AuthenticationError after at
+    most a handful of refused requests."""
+    async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
+        seen = 0
+        with pytest.raises(sa.AuthenticationError):
+            async for _ in client.generate_many(prompts(100)):
+                seen += 1
+                if seen == 12:
+                    fake.api_key = "revoked"
+        assert seen >= 12
+        creates_before = fake.stats.creates
+        await asyncio.sleep(600)
+    assert fake.stats.unauthorized <= 3
+    assert fake.stats.creates == creates_before
+
+
+async def test_running_out_of_credits_stops_creates(fake: FakeApixo) -> None:
+    """Credits for 12 videos: in-flight tasks finish and are yielded, then
+    InsufficientCreditsError is raised and no more creates are tried."""
+    fake.set_balance(12 * 3.0)  # 10 s at 0.3 USD/s per video
+    async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
+        outcomes = []
+        with pytest.raises(sa.InsufficientCreditsError):
+            async for outcome in client.generate_many(prompts(50)):
+                outcomes.append(outcome)
+    assert sum(o.ok for o in outcomes) == 12
+    assert fake.stats.creates == 12
+    assert fake.stats.requests_by_kind["create"] <= 12 + 10
