@@ -23,7 +23,7 @@ from ._http import (
     send_bytes,
 )
 from ._media import build_mp4
-from ._state import Neighbour, RateWindow, Stats, TaskRecord, fail_message
+from ._state import KeyLimits, Neighbour, Stats, TaskRecord, fail_message
 from ._timing import DEFAULT_EPOCH_MS, Clock, GenerationTime, lognormal
 from ._validate import InvalidBody, parse_create
 
@@ -71,7 +71,22 @@ class FakeApixo:
         violation_error_code: int = 400,
         retry_after: float | None = None,
     ) -> None:
-        """Configure the fake; nothing listens until :meth:`start`."""
+        """Configure the fake; nothing listens until :meth:`start`.
+
+        Args:
+            requests, period: at most ``requests`` admitted API calls in any trailing
+                ``period`` seconds; more get 429 (and are not admitted).
+            concurrent_tasks: creates beyond this many unfinished tasks get 429.
+            generation_time: seconds from create to end, drawn per task
+                (:func:`lognormal`, :func:`uniform`, :func:`fixed`, :func:`heavy_tailed`).
+            pending_time: seconds a task stays ``pending`` before ``processing``.
+            failure_rate, fail_code: share of tasks that end ``failed``, and their code.
+            seed: seeds generation times, failures and task ids.
+            balance, price_per_second: USD; a create costs price x seconds (12 official).
+            epoch_ms: wire time (ms) at start; later times add loop-time elapsed.
+            credits_error_code, violation_error_code: HTTP/envelope code of those 400s.
+            retry_after: if set, 429 answers carry ``Retry-After`` (seconds).
+        """
         if period <= 0 or requests < 0 or concurrent_tasks < 0:
             raise ValueError("limits must be positive")
         self.api_key = api_key
@@ -94,11 +109,9 @@ class FakeApixo:
         self._rng = random.Random(seed)
         self._ids = random.Random(f"task-ids-{seed}")
         self._clock = Clock(epoch_ms)
-        self._window = RateWindow(period)
+        self._limits = KeyLimits(period)
         self._faults = FaultPlan()
         self._tasks: dict[str, TaskRecord] = {}
-        self._live: dict[str, TaskRecord] = {}  # maybe unfinished; pruned on the clock
-        self._neighbours: list[Neighbour] = []
         self._media: dict[str, bytes] = {}
         self._runner: web.AppRunner | None = None
 
@@ -179,10 +192,7 @@ class FakeApixo:
 
     def unfinished_tasks(self) -> int:
         """Return our pending or processing tasks now (neighbours' slots not included)."""
-        now = self._clock.now()
-        for task_id in [tid for tid, rec in self._live.items() if rec.complete_at <= now]:
-            del self._live[task_id]
-        return len(self._live)
+        return self._limits.unfinished(self._clock.now())
 
     def finish(
         self,
@@ -209,7 +219,6 @@ class FakeApixo:
             record.fail_msg = fail_message(record.fail_code)
         else:
             record.fail_code = record.fail_msg = None
-        self._live.pop(task_id, None)
         return record
 
     def inject(
@@ -245,20 +254,14 @@ class FakeApixo:
         spend ``requests_per_minute`` requests evenly in the rate window."""
         if requests_per_minute < 0 or tasks < 0:
             raise ValueError("requests_per_minute and tasks must be >= 0")
-        self._neighbours.append(Neighbour(requests_per_minute, tasks, self._clock.now_us()))
+        neighbour = Neighbour(requests_per_minute, tasks, self._clock.now_us())
+        self._limits.neighbours.append(neighbour)
 
     def remove_neighbours(self) -> None:
         """Stop every neighbour: their slots free and their requests stop now."""
-        self._neighbours.clear()
+        self._limits.neighbours.clear()
 
     # -- limits ------------------------------------------------------------------------
-
-    def _phantom_requests(self, now_us: int) -> int:
-        period_us = self._window.period_us
-        return sum(n.requests_in_window(now_us, period_us) for n in self._neighbours)
-
-    def _phantom_tasks(self) -> int:
-        return sum(n.tasks for n in self._neighbours)
 
     def _too_many(self, kind: RequestKind, message: str, retry_after: float | None) -> web.Response:
         self.stats.rate_limited += 1
@@ -269,7 +272,8 @@ class FakeApixo:
         self, request: web.Request, kind: RequestKind, work: Handler
     ) -> web.StreamResponse:
         """Authenticate, count, rate-limit and fault one API request around ``work``."""
-        if request.headers.get("Authorization") != f"Bearer {self.api_key}":
+        scheme, _, key = request.headers.get("Authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer" or key.strip() != self.api_key:
             self.stats.unauthorized += 1
             return envelope(401, "Invalid or missing API key")
         self.stats.requests += 1
@@ -280,10 +284,9 @@ class FakeApixo:
             self.stats.faults[first.kind.value] += 1
             retry_after = first.retry_after if first.retry_after is not None else self.retry_after
             return self._too_many(kind, "Rate limit exceeded", retry_after)
-        now_us = self._clock.now_us()
-        if self._window.count(now_us) + self._phantom_requests(now_us) >= self.requests:
+        in_window = self._limits.admit(self._clock.now_us(), self.requests)
+        if in_window is None:
             return self._too_many(kind, "Rate limit exceeded", self.retry_after)
-        in_window = self._window.admit(now_us)
         self.stats.max_requests_in_window = max(self.stats.max_requests_in_window, in_window)
         fault = self._faults.take(kind)
         if fault is None:
@@ -320,7 +323,7 @@ class FakeApixo:
         cost = self.price_per_second * spec.duration
         if self._balance + 1e-9 < cost:
             return envelope(self.credits_error_code, "Insufficient credits")
-        if self.unfinished_tasks() + self._phantom_tasks() >= self.concurrent_tasks:
+        if self._limits.slots_taken(self._clock.now()) >= self.concurrent_tasks:
             self.stats.concurrency_limited += 1
             return self._too_many("create", "Concurrent task limit exceeded", self.retry_after)
         now = self._clock.now()
@@ -334,7 +337,7 @@ class FakeApixo:
             task_id, model, spec, now, cost, generation, self.pending_time, fail_code, self._clock
         )
         self._tasks[task_id] = record
-        self._live[task_id] = record
+        self._limits.track(record)
         self._balance = round(self._balance - cost, 9)
         self.stats.creates += 1
         self.stats.creates_per_prompt[spec.prompt] += 1

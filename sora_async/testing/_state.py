@@ -12,7 +12,15 @@ import msgspec
 from ._timing import Clock
 from ._validate import CreateSpec
 
-__all__ = ["Neighbour", "RateWindow", "Stats", "TaskRecord", "TaskState", "fail_message"]
+__all__ = [
+    "KeyLimits",
+    "Neighbour",
+    "RateWindow",
+    "Stats",
+    "TaskRecord",
+    "TaskState",
+    "fail_message",
+]
 
 TaskState = Literal["pending", "processing", "success", "failed"]
 
@@ -234,3 +242,35 @@ class Neighbour:
         lower = now_us - period_us - self.start_us
         first = 0 if lower < 0 else lower // interval + 1
         return max(0, last - first + 1)
+
+
+class KeyLimits:
+    """Hold one key's rate window and task slots, the neighbours' share included."""
+
+    def __init__(self, period: float) -> None:
+        """Make empty limits with a ``period``-second rate window."""
+        self.window = RateWindow(period)
+        self.neighbours: list[Neighbour] = []
+        self._live: dict[str, TaskRecord] = {}  # maybe unfinished; pruned on the clock
+
+    def admit(self, now_us: int, limit: int) -> int | None:
+        """Admit a request now if the window has room; return our count, or None for 429."""
+        period_us = self.window.period_us
+        phantom = sum(n.requests_in_window(now_us, period_us) for n in self.neighbours)
+        if self.window.count(now_us) + phantom >= limit:
+            return None
+        return self.window.admit(now_us)
+
+    def track(self, record: TaskRecord) -> None:
+        """Count ``record`` as holding a slot until its ``complete_at``."""
+        self._live[record.task_id] = record
+
+    def unfinished(self, now: float) -> int:
+        """Return our tasks still pending or processing at ``now``."""
+        for task_id in [tid for tid, rec in self._live.items() if rec.complete_at <= now]:
+            del self._live[task_id]
+        return len(self._live)
+
+    def slots_taken(self, now: float) -> int:
+        """Return the slots held at ``now``: our unfinished tasks plus the neighbours'."""
+        return self.unfinished(now) + sum(n.tasks for n in self.neighbours)
