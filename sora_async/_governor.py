@@ -30,6 +30,11 @@ RequestKind = Literal["create", "status", "balance"]
 _PRIORITY: dict[str, int] = {"create": 0, "balance": 1, "status": 2}
 # A wake-up computed from floats may land a hair early; never re-arm closer than this.
 _MIN_WAIT = 1e-3
+# AIMD after a 429: cut the rate by 30%, win it back 2.5% per `probe_after` successes,
+# so that a steady neighbour on the key costs a 429 every few minutes, not every few seconds.
+_RATE_DECREASE = 0.7
+_RATE_INCREASE = 0.025
+_MIN_RATE_FACTOR = 0.25
 
 
 @runtime_checkable
@@ -212,7 +217,7 @@ class LocalGovernor:
             ceiling = min(self._backoff_cap, self._backoff_base * 2 ** (self._consecutive_429 - 1))
             pause = ceiling * self._random.uniform(0.5, 1.0)
         self._not_before = max(self._not_before, now + pause)
-        self._rate_factor = max(0.25, self._rate_factor / 2)
+        self._rate_factor = max(_MIN_RATE_FACTOR, self._rate_factor * _RATE_DECREASE)
         if kind == "create":
             # The key holds fewer free slots than we thought: another program uses some.
             self._create_successes = 0
@@ -231,10 +236,10 @@ class LocalGovernor:
         self._successes += 1
         if self._successes >= self._probe_after and self._rate_factor < 1.0:
             self._successes = 0
-            self._rate_factor = min(1.0, self._rate_factor + 0.125)
+            self._rate_factor = min(1.0, self._rate_factor + _RATE_INCREASE)
         if kind == "create" and self._slot_limit < self.limits.concurrent_tasks:
             self._create_successes += 1
-            if self._create_successes >= max(1, self._probe_after // 2):
+            if self._create_successes >= self.limits.concurrent_tasks:
                 self._create_successes = 0
                 self._slot_limit += 1
                 self._hand_on_slots()

@@ -41,7 +41,7 @@ class PollPolicy:
     on, ``safety_interval`` is the slowest a task is polled.
     """
 
-    min_hazard: float = 0.05
+    min_hazard: float = 0.005
     min_interval: float = 2.0
     relative_interval: float = 0.02
     prior_mean: float = 180.0
