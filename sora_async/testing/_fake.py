@@ -5,12 +5,13 @@ from __future__ import annotations
 import random
 import re
 import types
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Literal
 
 import msgspec
 from aiohttp import web
 
+from ._callbacks import CallbackSender, check_callback_knobs
 from ._faults import Fault, FaultKind, FaultPlan, FaultSpec, RequestKind, Target
 from ._http import (
     API_PREFIX,
@@ -23,7 +24,7 @@ from ._http import (
     send_bytes,
 )
 from ._media import build_mp4
-from ._state import KeyLimits, Neighbour, Stats, TaskRecord, fail_message
+from ._state import KeyLimits, Neighbour, Stats, TaskRecord
 from ._timing import DEFAULT_EPOCH_MS, Clock, GenerationTime, lognormal
 from ._validate import InvalidBody, parse_create
 
@@ -70,6 +71,12 @@ class FakeApixo:
         credits_error_code: int = 400,
         violation_error_code: int = 400,
         retry_after: float | None = None,
+        callback_timeout: float = 30.0,
+        callback_retry_delays: Sequence[float] = (5.0, 15.0, 45.0),
+        callback_loss: float = 0.0,
+        callback_delay: float = 0.0,
+        callback_jitter: float = 0.0,
+        callback_duplicates: float = 0.0,
     ) -> None:
         """Configure the fake; nothing listens until :meth:`start`.
 
@@ -86,9 +93,17 @@ class FakeApixo:
             epoch_ms: wire time (ms) at start; later times add loop-time elapsed.
             credits_error_code, violation_error_code: HTTP/envelope code of those 400s.
             retry_after: if set, 429 answers carry ``Retry-After`` (seconds).
+            callback_timeout, callback_retry_delays: a callback POST not answered 200 in
+                time is retried after each delay, then given up (the task is lost).
+            callback_loss, callback_duplicates: probability a task's callback is never
+                sent; that a delivered one is sent again 1-10 s later.
+            callback_delay, callback_jitter: the first POST waits delay + U(0, jitter) s.
+            The ``callback_*`` knobs are attributes too, read when a task ends.
         """
         if period <= 0 or requests < 0 or concurrent_tasks < 0:
             raise ValueError("limits must be positive")
+        if callback_delay < 0 or callback_jitter < 0:
+            raise ValueError("callback_delay and callback_jitter must be >= 0")
         self.api_key = api_key
         self.requests = requests
         self.concurrent_tasks = concurrent_tasks
@@ -103,6 +118,14 @@ class FakeApixo:
         self.credits_error_code = credits_error_code
         self.violation_error_code = violation_error_code
         self.retry_after = retry_after
+        self.callback_retry_delays = check_callback_knobs(
+            callback_timeout, callback_retry_delays, callback_loss, callback_duplicates
+        )
+        self.callback_timeout = callback_timeout
+        self.callback_loss = callback_loss
+        self.callback_delay = callback_delay
+        self.callback_jitter = callback_jitter
+        self.callback_duplicates = callback_duplicates
         self.stats = Stats()
         self._period = period
         self._balance = float(balance)
@@ -114,6 +137,7 @@ class FakeApixo:
         self._tasks: dict[str, TaskRecord] = {}
         self._media: dict[str, bytes] = {}
         self._runner: web.AppRunner | None = None
+        self._callbacks = CallbackSender(self, seed)
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -136,9 +160,11 @@ class FakeApixo:
             raise
         self._runner = runner
         self.port = int(runner.addresses[0][1])
+        await self._callbacks.start()
 
     async def close(self) -> None:
-        """Stop listening and drop open connections; safe to call twice."""
+        """Stop listening, cancel pending callbacks, drop connections; safe to call twice."""
+        await self._callbacks.close()
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
@@ -207,19 +233,16 @@ class FakeApixo:
             ValueError: the task is already terminal, or ``state`` is not terminal.
         """
         record = self._tasks[task_id]
-        if state not in ("success", "failed"):
-            raise ValueError(f"state must be success or failed, not {state!r}")
-        if record.finished:
-            raise ValueError(f"{task_id} is already {record.state}")
-        record.complete_at = self._clock.now()
-        record.pending_until = min(record.pending_until, record.complete_at)
-        record.final_state = state
-        if state == "failed":
-            record.fail_code = fail_code or record.fail_code or self.fail_code
-            record.fail_msg = fail_message(record.fail_code)
-        else:
-            record.fail_code = record.fail_msg = None
+        record.end(self._clock.now(), state, fail_code or record.fail_code or self.fail_code)
+        self._callbacks.schedule(record)  # its callback is due now
         return record
+
+    async def forge_callback(self, url: str, body: bytes) -> int:
+        """POST ``body`` as JSON to ``url`` once, as anyone could (not counted in :attr:`stats`).
+
+        Return the HTTP status; raise what the request raises (``asyncio.TimeoutError``
+        after ``callback_timeout``)."""
+        return await self._callbacks.post(url, body, self.callback_timeout)
 
     def inject(
         self,
@@ -338,6 +361,7 @@ class FakeApixo:
         )
         self._tasks[task_id] = record
         self._limits.track(record)
+        self._callbacks.schedule(record)
         self._balance = round(self._balance - cost, 9)
         self.stats.creates += 1
         self.stats.creates_per_prompt[spec.prompt] += 1

@@ -21,6 +21,7 @@ __all__ = [
     "apply_fault",
     "drop_connection",
     "envelope",
+    "envelope_body",
     "invalid",
     "json_errors",
     "retry_headers",
@@ -44,6 +45,11 @@ STATUS_MESSAGES = {
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def envelope_body(code: int, message: str, data: Any = None) -> bytes:
+    """Return the JSON bytes of ``{"code", "message", "data"}``, as every answer encodes them."""
+    return msgspec.json.encode({"code": code, "message": message, "data": data})
+
+
 def envelope(
     code: int,
     message: str,
@@ -53,7 +59,7 @@ def envelope(
     headers: Mapping[str, str] | None = None,
 ) -> web.Response:
     """Return ``{"code", "message", "data"}`` as JSON; HTTP status = code unless given."""
-    body = msgspec.json.encode({"code": code, "message": message, "data": data})
+    body = envelope_body(code, message, data)
     return web.Response(
         status=code if http_status is None else http_status,
         body=body,

@@ -76,6 +76,17 @@ class Stats:
     downloads: int = 0
     #: Injected faults served, by fault name.
     faults: collections.Counter[str] = field(default_factory=collections.Counter)
+    #: Callback POSTs tried (first tries, retries and duplicates); = delivered + failed attempts.
+    callbacks_attempted: int = 0
+    #: Callback POSTs the receiver answered with HTTP 200 (duplicates included).
+    callbacks_delivered: int = 0
+    #: Callback POSTs that failed: not 200, connection error or ``callback_timeout``.
+    callbacks_failed_attempts: int = 0
+    #: Callback tasks whose callback never arrived: dropped by ``callback_loss`` or given
+    #: up after every retry failed.
+    callbacks_lost: int = 0
+    #: Extra copies of an already delivered callback sent (``callback_duplicates``).
+    callbacks_duplicated: int = 0
 
 
 @dataclass(eq=False)
@@ -108,7 +119,8 @@ class TaskRecord:
     fail_msg: str | None = None
     #: Status requests that asked about this task.
     polls: int = 0
-    #: When a status answer first showed this task terminal (detection time).
+    #: When a status answer first showed this task terminal, or a callback about it was
+    #: answered 200, whichever came first (detection time).
     first_seen_done_at: float | None = None
     _now: Callable[[], float] = field(default=lambda: 0.0, repr=False)
     _epoch_ms: int = field(default=0, repr=False)
@@ -148,6 +160,22 @@ class TaskRecord:
             _now=clock.now,
             _epoch_ms=clock.epoch_ms,
         )
+
+    def end(self, now: float, state: str, fail_code: str) -> None:
+        """End the task at server time ``now`` in ``state`` (failed with ``fail_code``).
+
+        Raises:
+            ValueError: the task is already terminal, or ``state`` is not terminal.
+        """
+        if state not in ("success", "failed"):
+            raise ValueError(f"state must be success or failed, not {state!r}")
+        if now >= self.complete_at:
+            raise ValueError(f"{self.task_id} is already {self.state_at(now)}")
+        self.complete_at = now
+        self.pending_until = min(self.pending_until, now)
+        self.final_state = "failed" if state == "failed" else "success"
+        self.fail_code = fail_code if state == "failed" else None
+        self.fail_msg = fail_message(fail_code) if state == "failed" else None
 
     def state_at(self, t: float) -> TaskState:
         """Return the state at server time ``t``."""
