@@ -24,11 +24,11 @@ __all__ = ["Governor", "LocalGovernor", "RequestKind"]
 
 logger = logging.getLogger("sora_async")
 
-RequestKind = Literal["create", "status", "balance"]
+# "confirm" is a status request checking a task a callback said had ended.
+RequestKind = Literal["create", "confirm", "status", "balance"]
 
 # Lower runs first: a create (which already holds a slot) never waits behind a poll.
-_PRIORITY: dict[str, int] = {"create": 0, "balance": 1, "status": 2}
-# A wake-up computed from floats may land a hair early; never re-arm closer than this.
+_PRIORITY: dict[str, int] = {"create": 0, "confirm": 1, "balance": 2, "status": 3}
 _MIN_WAIT = 1e-3
 # AIMD after a 429: cut the rate by 30%, win it back 2.5% per `probe_after` successes,
 # so that a steady neighbour on the key costs a 429 every few minutes, not every few seconds.
@@ -91,14 +91,17 @@ class _Ticket:
 class LocalGovernor:
     """Keep one process inside an API key's limits.
 
-    The request budget is an ``aiolimiter`` bucket of capacity one, refilled every
-    ``(period + jitter_margin) / (requests - 1)`` seconds: ``requests`` grants then
-    span at least ``period + jitter_margin`` seconds, so no ``period`` window of
-    arrivals at the server holds more than ``requests`` while network delays vary by
-    less than ``jitter_margin``. Waiters are served by priority (creates first),
-    then first come, first served. After a 429 every request pauses (``Retry-After``,
-    else exponential back-off with jitter) and the rate and slot count shrink
-    (multiplicative decrease), then probe back up with successes (additive increase).
+    The hard bound is a log of send times: no more than ``requests`` are sent in any
+    window of ``period + jitter_margin`` seconds, so no ``period`` window of arrivals
+    at the server holds more while network delays vary by less than
+    ``jitter_margin``. Polls are also paced by an ``aiolimiter`` bucket of capacity
+    one, refilled every ``(period + jitter_margin) / (requests - 1)`` seconds, so they
+    never use the window up in a burst: creates and confirmations, which are not
+    paced, find room within a pacing step, or at once when polls leave some. Waiters
+    are served by priority (creates first), then first come, first served. After a
+    429 every request pauses (``Retry-After``, else exponential back-off with jitter)
+    and the rate and slot count shrink (multiplicative decrease), then probe back up
+    with successes (additive increase).
 
     Example::
 
@@ -119,8 +122,9 @@ class LocalGovernor:
         self.limits = limits if limits is not None else Limits()
         if jitter_margin < 0:
             raise InputError("jitter_margin", "must be zero or more seconds")
-        self._spacing = (self.limits.period + jitter_margin) / (self.limits.requests - 1)
-        self._bucket = AsyncLimiter(1, self._spacing)
+        self._window = self.limits.period + jitter_margin
+        self._spacing = self._window / (self.limits.requests - 1)
+        self._pacer = AsyncLimiter(1, self._spacing)
         self._random = random.Random(seed)
         self._backoff_base = backoff_base
         self._backoff_cap = backoff_cap
@@ -128,12 +132,12 @@ class LocalGovernor:
         # Request side.
         self._queue: list[_Ticket] = []
         self._order = itertools.count()
-        self._last_grant: float | None = None
+        self._sent: collections.deque[float] = collections.deque()  # within the window
+        self._last_poll: float | None = None
         self._not_before = 0.0
         self._rate_factor = 1.0
         self._consecutive_429 = 0
         self._successes = 0
-        self._grants: collections.deque[float] = collections.deque()
         # Slot side.
         self._slot_limit = self.limits.concurrent_tasks
         self._in_use = 0
@@ -150,8 +154,8 @@ class LocalGovernor:
 
     def requests_in_window(self) -> int:
         """Return how many requests this governor granted in the last period."""
-        self._trim_grants(asyncio.get_running_loop().time())
-        return len(self._grants)
+        since = asyncio.get_running_loop().time() - self.limits.period
+        return sum(1 for sent in self._sent if sent > since)
 
     async def request(self, kind: RequestKind) -> None:
         """Wait until one request of ``kind`` may be sent, and spend it."""
@@ -164,11 +168,14 @@ class LocalGovernor:
                     ticket.waker = loop.create_future()
                     await ticket.waker
                     continue
-                delay = self._delay(loop.time())
+                paced = kind == "status"
+                delay = self._delay(loop.time(), paced=paced)
                 if delay <= 0:
-                    await self._bucket.acquire()  # it has capacity: returns at once
+                    if paced:
+                        await self._pacer.acquire()  # it has capacity: returns at once
+                        self._last_poll = loop.time()
                     heapq.heappop(self._queue)
-                    self._grant(loop.time())
+                    self._sent.append(loop.time())
                     return
                 await asyncio.sleep(delay)
         except BaseException:
@@ -183,28 +190,24 @@ class LocalGovernor:
                 if head is not None and not head.done():
                     head.set_result(None)
 
-    def _delay(self, now: float) -> float:
+    def _delay(self, now: float, *, paced: bool) -> float:
         """Return how long the head of the queue must still wait (<= 0: go now)."""
+        while self._sent and self._sent[0] + self._window <= now:
+            self._sent.popleft()
         wait = self._not_before - now
-        if self._last_grant is not None:
-            wait = max(wait, self._last_grant + self._spacing - now)
-        if wait <= 0 and not self._bucket.has_capacity():
-            # Float rounding left the bucket a hair short: wait a tick, never spin.
-            return _MIN_WAIT
+        limit = max(1, int(self.limits.requests * self._rate_factor))
+        if len(self._sent) >= limit:
+            # The send that must leave the window before one more may enter it.
+            wait = max(wait, self._sent[len(self._sent) - limit] + self._window - now)
+        if paced:
+            if self._last_poll is not None:
+                step = self._spacing / self._rate_factor
+                wait = max(wait, self._last_poll + step - now)
+            if wait <= 0 and not self._pacer.has_capacity():
+                # Float rounding left the bucket a hair short: wait a tick, never spin.
+                return _MIN_WAIT
+        # A wake-up computed from floats may land a hair early: never re-arm closer.
         return max(wait, _MIN_WAIT) if wait > 0 else wait
-
-    def _grant(self, now: float) -> None:
-        self._last_grant = now
-        self._grants.append(now)
-        self._trim_grants(now)
-        if self._rate_factor < 1.0:
-            # Adaptive slow-down on top of the bucket, which alone keeps the key's limit.
-            extra = self._spacing * (1.0 / self._rate_factor - 1.0)
-            self._not_before = max(self._not_before, now + extra)
-
-    def _trim_grants(self, now: float) -> None:
-        while self._grants and self._grants[0] <= now - self.limits.period:
-            self._grants.popleft()
 
     def rate_limited(self, kind: RequestKind, retry_after: float | None) -> None:
         """Pause every request and shrink rate (and slots, for a create) after a 429."""
