@@ -5,6 +5,14 @@ unfinished tasks), fills every task slot the moment it frees, and never pays twi
 for one prompt.
 """
 
+from ._batch import (
+    BatchDefaults,
+    BatchLineError,
+    BatchProgress,
+    BatchReport,
+    load_requests,
+    run_batch,
+)
 from ._client import Outcome, SoraClient
 from ._errors import (
     APIError,
@@ -25,6 +33,7 @@ from ._errors import (
     TransportError,
 )
 from ._governor import Governor, LocalGovernor
+from ._journal import ItemState
 from ._models import ImageToVideo, Limits, TaskState, TaskStatus, TextToVideo, Video, VideoRequest
 from ._scheduler import PollPolicy
 from ._transport import RetryPolicy
@@ -34,6 +43,10 @@ __version__ = "0.1.0"
 __all__ = [
     "APIError",
     "AuthenticationError",
+    "BatchDefaults",
+    "BatchLineError",
+    "BatchProgress",
+    "BatchReport",
     "ClientClosedError",
     "ContentPolicyError",
     "Governor",
@@ -41,6 +54,7 @@ __all__ = [
     "InputError",
     "InsufficientCreditsError",
     "InvalidRequestError",
+    "ItemState",
     "Limits",
     "LocalGovernor",
     "NotFoundError",
@@ -62,4 +76,6 @@ __all__ = [
     "Video",
     "VideoRequest",
     "__version__",
+    "load_requests",
+    "run_batch",
 ]

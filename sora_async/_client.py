@@ -7,11 +7,13 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+import secrets
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
 import anyio.abc
@@ -38,9 +40,13 @@ from ._models import (
     Video,
     VideoRequest,
     check_choice,
+    check_http_url,
 )
 from ._scheduler import PollPolicy, PollScheduler
 from ._transport import RetryPolicy, Transport
+
+if TYPE_CHECKING:
+    from ._batch import BatchReport
 
 __all__ = ["Outcome", "SoraClient"]
 
@@ -94,6 +100,9 @@ class SoraClient:
         uncertain_hold: float = 600.0,
         wait_timeout: float = 3600.0,
         download_concurrency: int = 4,
+        callback_url: str | None = None,
+        callback_secret: str | None = None,
+        confirm_callbacks: bool = True,
     ) -> None:
         key = api_key if api_key is not None else os.environ.get("APIXO_API_KEY")
         if not key:
@@ -104,6 +113,15 @@ class SoraClient:
         check_choice("on_uncertain", on_uncertain, ("raise", "resubmit"))
         if wait_timeout <= 0:
             raise InputError("wait_timeout", "must be a positive number of seconds")
+        if callback_url is not None:
+            check_http_url("callback_url", callback_url)
+        self.callback_url = callback_url
+        # A per-client secret in the callback URL's query lets the receiver tell the
+        # provider's callbacks from forged ones (the provider signs nothing).
+        if callback_url is not None and callback_secret is None:
+            callback_secret = secrets.token_urlsafe(32)
+        self.callback_secret = callback_secret or None
+        self.confirm_callbacks = confirm_callbacks
         self.base_url = base_url or os.environ.get("APIXO_BASE_URL") or DEFAULT_BASE_URL
         self.model = model
         self.limits = limits if limits is not None else Limits()
@@ -122,6 +140,7 @@ class SoraClient:
             governor=self.governor,
             poll=lambda model, task_id: self._transport.status(model, task_id, prepaid=True),
             policy=poll_policy,
+            callbacks=callback_url is not None,
         )
         self._state: Literal["new", "open", "closed"] = "new"
         self.download_concurrency = download_concurrency
@@ -192,24 +211,65 @@ class SoraClient:
                 "request",
                 f"must be sa.TextToVideo or sa.ImageToVideo, got {type(request).__name__}",
             )
+        if self.callback_url is None:
+            return CreateRequest(
+                input=request,
+                request_type="async",
+                provider=self.provider,  # type: ignore[arg-type]
+            )
         return CreateRequest(
             input=request,
-            request_type="async",
+            request_type="callback",
+            callback_url=self._callback_endpoint(),
             provider=self.provider,  # type: ignore[arg-type]
         )
 
-    async def submit(self, request: VideoRequest) -> str:
+    def _callback_endpoint(self) -> str:
+        assert self.callback_url is not None
+        if self.callback_secret is None:
+            return self.callback_url
+        parts = urlsplit(self.callback_url)
+        query = urlencode([*parse_qsl(parts.query), ("token", self.callback_secret)])
+        return urlunsplit(parts._replace(query=query))
+
+    async def submit(
+        self,
+        request: VideoRequest,
+        *,
+        before_create: Callable[[], Awaitable[None]] | None = None,
+    ) -> str:
         """Create a task for ``request`` and return its task id.
 
         Waits first come, first served for a task slot; the slot stays taken until
         the task is seen to end. Raises InputError before any request for a bad
         input, an APIError subclass when the service refuses, and
         SubmitUncertainError when a create may have made a task (``on_uncertain``).
+        ``before_create`` is awaited once the slot is taken, just before the create
+        is sent (a journal writes its row there).
         """
         self._check_open()
         body = self.create_request(request)
         await self.governor.acquire_slot()
+        if before_create is not None:
+            try:
+                await before_create()
+            except BaseException:
+                self.governor.release_slot()
+                raise
         return await self._create_with_slot(body)
+
+    async def adopt(self, task_id: str) -> None:
+        """Track a task made elsewhere (say, by a run that was killed) until it ends.
+
+        Takes a task slot for it, since it holds one on the server, and polls it at
+        once. ``wait(task_id)`` then returns its video.
+        """
+        self._check_open()
+        _check_task_id(task_id)
+        if self.scheduler.is_tracked(task_id):
+            return
+        await self.governor.acquire_slot()
+        self.scheduler.track(task_id, self.model, holds_slot=True, adopted=True)
 
     async def _create_with_slot(self, body: CreateRequest) -> str:
         """Create a task with a slot already taken; the slot is accounted for either way.
@@ -269,7 +329,9 @@ class SoraClient:
             if status.terminal:
                 return _video_or_raise(status)
             self.scheduler.track(task_id, self.model, holds_slot=False)
-        status = await self.scheduler.wait(task_id, timeout or self.wait_timeout)
+        status = await self.scheduler.wait(
+            task_id, self.wait_timeout if timeout is None else timeout
+        )
         return _video_or_raise(status)
 
     async def generate(self, request: VideoRequest, *, timeout: float | None = None) -> Video:
@@ -293,9 +355,26 @@ class SoraClient:
         as the file stem (made safe: it cannot leave ``dest``). Raises
         TransportError when the file cannot be fetched whole.
         """
+        return (await self.download_all(video, dest, name=name))[0]
+
+    async def download_all(
+        self, video: Video, dest: str | os.PathLike[str] = ".", *, name: str | None = None
+    ) -> list[Path]:
+        """Save every result URL of the video under ``dest`` (see download); return the paths."""
         self._check_open()
         assert self._downloader is not None
-        return (await self._downloader.download(video, dest, name))[0]
+        return await self._downloader.download(video, dest, name)
+
+    async def run_batch(
+        self,
+        source: str | os.PathLike[str],
+        out: str | os.PathLike[str],
+        **options: Any,
+    ) -> BatchReport:
+        """Run a durable batch from a file into folder ``out``: see :func:`sora_async.run_batch`."""
+        from ._batch import run_batch  # the batch layer sits above the client
+
+        return await run_batch(self, source, out, **options)
 
     # --- fan-out --------------------------------------------------------------------------
 

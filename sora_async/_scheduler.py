@@ -105,7 +105,16 @@ class GenerationTimes:
 class _Tracked:
     """One in-flight task as the scheduler sees it."""
 
-    __slots__ = ("done", "holds_slot", "last_seen", "model", "polling", "started", "task_id")
+    __slots__ = (
+        "done",
+        "holds_slot",
+        "last_seen",
+        "model",
+        "polling",
+        "started",
+        "task_id",
+        "urgent",
+    )
 
     def __init__(self, task_id: str, model: str, started: float, holds_slot: bool) -> None:
         self.task_id = task_id
@@ -114,6 +123,8 @@ class _Tracked:
         self.last_seen = started  # loop time of the last status known not terminal
         self.holds_slot = holds_slot
         self.polling = False
+        # Poll with the next request: "callback" (said it ended), "adopted" (unknown age).
+        self.urgent: str | None = None
         self.done: asyncio.Future[TaskStatus] = asyncio.get_running_loop().create_future()
 
 
@@ -127,8 +138,19 @@ class PollScheduler:
     scheduler has already paid for with ``governor.request("status")``.
     """
 
-    def __init__(self, *, governor: Governor, poll: Poll, policy: PollPolicy | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        governor: Governor,
+        poll: Poll,
+        policy: PollPolicy | None = None,
+        callbacks: bool = False,
+    ) -> None:
         self._governor = governor
+        self.callbacks = callbacks
+        # Terminal news by source, to learn how often callbacks go missing.
+        self._seen_by_callback = 0
+        self._seen_by_poll = 0
         self._poll = poll
         self.policy = policy if policy is not None else PollPolicy()
         self.times = GenerationTimes(self.policy)
@@ -145,29 +167,69 @@ class PollScheduler:
         """Return how many tasks are tracked and not yet seen terminal."""
         return len(self._active)
 
-    def track(self, task_id: str, model: str, *, holds_slot: bool) -> None:
-        """Start tracking a task (just created, or adopted by id)."""
+    def track(self, task_id: str, model: str, *, holds_slot: bool, adopted: bool = False) -> None:
+        """Start tracking a task: just created, or ``adopted`` from elsewhere (polled at once,
+        since its age is unknown)."""
         if task_id in self._active or task_id in self._finished:
             if holds_slot:
                 self._governor.release_slot()  # already accounted for
             return
         now = asyncio.get_running_loop().time()
-        self._active[task_id] = _Tracked(task_id, model, now, holds_slot)
+        tracked = _Tracked(task_id, model, now, holds_slot)
+        if adopted:
+            tracked.urgent = "adopted"
+        self._active[task_id] = tracked
         self._changed.set()
 
     def result(self, task_id: str) -> TaskStatus | None:
         """Return the terminal status of a task seen to end, if remembered."""
         return self._finished.get(task_id)
 
+    @property
+    def callback_loss(self) -> float:
+        """Return the estimated share of tasks whose end no callback announces.
+
+        1.0 without callbacks; with them, learned from how tasks were seen to end,
+        starting from a prior of 10% weighted as ten tasks.
+        """
+        if not self.callbacks:
+            return 1.0
+        return (self._seen_by_poll + 1.0) / (self._seen_by_poll + self._seen_by_callback + 10.0)
+
     def observe(self, status: TaskStatus) -> None:
-        """Take news of a task (a poll, a user's status call, a callback)."""
+        """Take news of a task from a poll or a user's status call."""
         tracked = self._active.get(status.task_id)
-        if tracked is None:
-            return
+        if tracked is not None:
+            self._observe(tracked, status, by_callback=tracked.urgent == "callback")
+
+    def _observe(self, tracked: _Tracked, status: TaskStatus, *, by_callback: bool) -> None:
         if not status.terminal:
             tracked.last_seen = asyncio.get_running_loop().time()
             return
+        if by_callback:
+            self._seen_by_callback += 1
+        else:
+            self._seen_by_poll += 1
         self._settle(tracked, status)
+
+    def announce(self, status: TaskStatus, *, trusted: bool) -> bool:
+        """Take a callback's news of a task; return whether the task is ours.
+
+        A trusted terminal status settles the task at once; an untrusted one only
+        makes the task the next one polled, so a forged callback cannot end it.
+        """
+        tracked = self._active.get(status.task_id)
+        if tracked is None:
+            return status.task_id in self._finished
+        if not status.terminal:
+            return True
+        if trusted:
+            self._seen_by_callback += 1
+            self._settle(tracked, status)
+        else:
+            tracked.urgent = "callback"
+            self._changed.set()
+        return True
 
     async def wait(self, task_id: str, timeout: float) -> TaskStatus:
         """Wait for a tracked task's terminal status.
@@ -212,7 +274,7 @@ class PollScheduler:
                     with anyio.move_on_after(delay if delay is not None else math.inf):
                         await self._changed.wait()
                     continue
-                await self._governor.request("status")
+                await self._governor.request("confirm" if candidate.urgent else "status")
                 # Things may have changed while we waited for the permit.
                 chosen, _ = self._choose(loop.time())
                 if chosen is None:
@@ -223,32 +285,50 @@ class PollScheduler:
                 polls.start_soon(self._poll_one, chosen)
 
     def _choose(self, now: float) -> tuple[_Tracked | None, float | None]:
-        """Return the task most likely to have ended unseen, or when one will be worth it."""
+        """Return the task most likely to have ended unseen, or when one will be worth it.
+
+        With callbacks, a task is unseen only if it ended and its callback was lost,
+        so the chance is weighed by the learned loss rate: polling becomes a slow
+        safety net where callbacks arrive, and speeds up where they go missing.
+        """
         best: _Tracked | None = None
         best_hazard = 0.0
         wake_at: float | None = None
         policy = self.policy
+        loss = self.callback_loss
+        # With callbacks a permit spent on a poll may delay a create or a confirmation
+        # that a callback just asked for, so the bar rises as callbacks prove reliable.
+        threshold = min(0.5, policy.min_hazard / loss)
         for tracked in self._active.values():
             if tracked.polling:
                 continue
+            if tracked.urgent:
+                return tracked, now
             age = now - tracked.started
-            seen_age = tracked.last_seen - tracked.started
             floor = max(policy.min_interval, policy.relative_interval * age)
             earliest = tracked.last_seen + floor
-            survived = self.times.survival(seen_age)
-            hazard = 1.0 if survived <= 0.0 else 1.0 - self.times.survival(age) / survived
-            if hazard >= policy.min_hazard and now >= earliest:
+            survived = self.times.survival(tracked.last_seen - tracked.started)
+            alive = self.times.survival(age)
+            ended_unseen = loss * (survived - alive)
+            unseen = alive + ended_unseen
+            hazard = 1.0 if unseen <= 0.0 else ended_unseen / unseen
+            if hazard >= threshold and now >= earliest:
                 if hazard > best_hazard:
                     best, best_hazard = tracked, hazard
                 continue
-            # When will this task be worth a poll?
-            target = self.times.age_at_survival(survived * (1.0 - policy.min_hazard))
-            due = max(earliest, tracked.started + target)
+            # The age at which the hazard reaches the threshold (solved for survival).
+            target_survival = (
+                loss * survived * (1 - threshold) / (threshold + loss * (1 - threshold))
+            )
+            due = max(earliest, tracked.started + self.times.age_at_survival(target_survival))
             wake_at = due if wake_at is None else min(wake_at, due)
         return best, wake_at
 
     async def _poll_one(self, tracked: _Tracked) -> None:
         self.polls += 1
+        # Cleared before sending: a callback arriving while this answer is in flight
+        # sets it again, since the answer may predate the end the callback announced.
+        reason, tracked.urgent = tracked.urgent, None
         try:
             status = await self._poll(tracked.model, tracked.task_id)
         except AuthenticationError as exc:
@@ -258,14 +338,17 @@ class PollScheduler:
             self._fail(tracked, exc)
             return
         except SoraError as exc:
-            # A passing fault: try again after the floor interval.
+            # A passing fault: try again after the floor interval (or at once, if a
+            # callback is waiting to be confirmed).
             logger.warning("poll of %s failed: %s", tracked.task_id, exc)
             tracked.last_seen = asyncio.get_running_loop().time()
+            tracked.urgent = tracked.urgent or reason
             return
         finally:
             tracked.polling = False
             self._changed.set()
-        self.observe(status)
+        if tracked.task_id in self._active:
+            self._observe(tracked, status, by_callback=reason == "callback")
 
     def _settle(self, tracked: _Tracked, status: TaskStatus) -> None:
         seconds = status.generation_seconds

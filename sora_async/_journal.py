@@ -1,0 +1,171 @@
+"""The batch journal: one SQLite row per item, written before each create and after
+each transition, so that a killed batch resumes without paying twice.
+
+SQLite in WAL mode; every call runs in the journal's own thread, off the event
+loop. One thread owns the connection, so calls are serialised without locks (and
+``run_in_executor`` keeps virtual-time test loops aware of the work in flight).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ItemState", "Journal", "JournalRow"]
+
+
+class ItemState(str, enum.Enum):
+    """Where a batch item stands."""
+
+    QUEUED = "queued"  # no task made for it
+    SUBMITTING = "submitting"  # a create was (maybe) sent: its fate is not known yet
+    RUNNING = "running"  # a task exists: its id is known
+    SUCCEEDED = "succeeded"  # the video is made, not yet on disk
+    FAILED = "failed"  # refused or failed: final
+    UNCERTAIN = "uncertain"  # a create may have made a task we cannot name
+    DOWNLOADED = "downloaded"  # the video is on disk: done
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    id TEXT PRIMARY KEY,
+    line INTEGER NOT NULL,
+    request TEXT NOT NULL,
+    state TEXT NOT NULL,
+    task_id TEXT,
+    result_urls TEXT,
+    files TEXT,
+    error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    seconds REAL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+)
+"""
+_COLUMNS = (
+    "id, line, request, state, task_id, result_urls, files, error, attempts, seconds, "
+    "created_at, updated_at"
+)
+
+
+@dataclass
+class JournalRow:
+    """One batch item as the journal holds it."""
+
+    id: str
+    line: int
+    request: str  # the request's JSON
+    state: ItemState
+    task_id: str | None = None
+    result_urls: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    error: str | None = None
+    attempts: int = 0
+    seconds: float | None = None
+
+    @classmethod
+    def from_sql(cls, row: tuple[Any, ...]) -> JournalRow:
+        """Build a row from a SELECT of _COLUMNS."""
+        return cls(
+            id=row[0],
+            line=row[1],
+            request=row[2],
+            state=ItemState(row[3]),
+            task_id=row[4],
+            result_urls=json.loads(row[5]) if row[5] else [],
+            files=json.loads(row[6]) if row[6] else [],
+            error=row[7],
+            attempts=row[8],
+            seconds=row[9],
+        )
+
+
+class Journal:
+    """A batch's durable state. Open with ``await Journal.open(path)``."""
+
+    def __init__(
+        self, connection: sqlite3.Connection, path: Path, thread: ThreadPoolExecutor
+    ) -> None:
+        self._db = connection
+        self.path = path
+        self._thread = thread
+
+    @classmethod
+    async def open(cls, path: Path) -> Journal:
+        """Open (or create) the journal at ``path``."""
+        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sora-async-journal")
+
+        def connect() -> sqlite3.Connection:
+            connection = sqlite3.connect(path, isolation_level=None)
+            connection.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode survives a killed process; only power loss may undo
+            # the last commits.
+            connection.execute("PRAGMA synchronous=NORMAL")
+            connection.execute(_SCHEMA)
+            return connection
+
+        try:
+            connection = await asyncio.get_running_loop().run_in_executor(thread, connect)
+        except BaseException:
+            thread.shutdown(wait=False)
+            raise
+        return cls(connection, path, thread)
+
+    async def _run(self, sql: str, params: Any = (), *, many: bool = False) -> list[Any]:
+        def work() -> list[Any]:
+            with self._db:  # one transaction
+                if many:
+                    self._db.executemany(sql, params)
+                    return []
+                return self._db.execute(sql, params).fetchall()
+
+        return await asyncio.get_running_loop().run_in_executor(self._thread, work)
+
+    async def add(self, items: list[tuple[str, int, str]]) -> None:
+        """Record new items (id, line, request JSON) as queued; known ids are kept as they are."""
+        now = time.time()
+        await self._run(
+            "INSERT OR IGNORE INTO items (id, line, request, state, created_at, updated_at) "
+            "VALUES (?, ?, ?, 'queued', ?, ?)",
+            [(item_id, line, request, now, now) for item_id, line, request in items],
+            many=True,
+        )
+
+    async def rows(self) -> list[JournalRow]:
+        """Return every item, in input order."""
+        found = await self._run(f"SELECT {_COLUMNS} FROM items ORDER BY line")
+        return [JournalRow.from_sql(row) for row in found]
+
+    async def update(self, row: JournalRow, state: ItemState, **changes: Any) -> None:
+        """Move ``row`` to ``state`` with ``changes`` (task_id, result_urls, files, ...)."""
+        row.state = state
+        for name, value in changes.items():
+            setattr(row, name, value)
+        await self._run(
+            "UPDATE items SET state=?, task_id=?, result_urls=?, files=?, error=?, attempts=?, "
+            "seconds=?, updated_at=? WHERE id=?",
+            (
+                row.state.value,
+                row.task_id,
+                json.dumps(row.result_urls),
+                json.dumps(row.files),
+                row.error,
+                row.attempts,
+                row.seconds,
+                time.time(),
+                row.id,
+            ),
+        )
+
+    def close(self) -> None:
+        """Close the database, after any write in flight (blocks for milliseconds, so it
+        also runs while a batch is being cancelled)."""
+        self._thread.submit(self._db.close)
+        self._thread.shutdown(wait=True)

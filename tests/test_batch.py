@@ -1,0 +1,252 @@
+"""Durable batches and downloads against the fake service, in virtual time."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+import sora_async as sa
+from sora_async.testing import FakeApixo, fixed, lognormal
+
+pytestmark = pytest.mark.looptime
+
+
+def write_prompts(path: Path, count: int, *, prefix: str = "prompt") -> Path:
+    path.write_text(
+        "".join(
+            json.dumps({"id": f"{prefix}-{i}", "prompt": f"{prefix} {i}"}) + "\n"
+            for i in range(count)
+        )
+    )
+    return path
+
+
+async def fake_file(fake: FakeApixo, task_id: str) -> bytes:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{fake.origin}/files/{task_id}.mp4") as response,
+    ):
+        return await response.read()
+
+
+def manifest(out: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+async def test_1000_prompts_end_as_1000_whole_files(tmp_path: Path) -> None:
+    """A 1,000-prompt batch: every video downloaded once, whole, one create per prompt,
+    inside the limits, with a manifest row per prompt."""
+    source = write_prompts(tmp_path / "prompts.jsonl", 1000)
+    out = tmp_path / "out"
+    async with FakeApixo(generation_time=lognormal(180, 0.4), balance=1e9) as fake:
+        async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
+            report = await client.run_batch(source, out)
+        assert report.ok
+        rows = manifest(out)
+        assert len(rows) == 1000
+        assert {row["state"] for row in rows} == {"downloaded"}
+        sample = random.Random(0).sample(rows, 5)
+        for row in sample:
+            (file,) = row["files"]  # type: ignore[misc]
+            assert Path(file).read_bytes() == await fake_file(fake, str(row["task_id"]))
+        stats = fake.stats
+    assert stats.creates == 1000
+    assert set(stats.creates_per_prompt.values()) == {1}
+    assert stats.rate_limited == 0
+    assert stats.max_requests_in_window <= 60
+    assert stats.downloads == 1000 + 5
+
+
+async def test_plain_text_lines_take_defaults(tmp_path: Path) -> None:
+    """A plain-text file is one prompt a line; blank lines and comments are skipped, and
+    the defaults fill the fields."""
+    source = tmp_path / "prompts.txt"
+    source.write_text("# my prompts\na fox in snow\n\na heron at dawn\n")
+    async with FakeApixo(generation_time=fixed(60), balance=1e6) as fake:
+        async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
+            report = await sa.run_batch(
+                client,
+                source,
+                tmp_path / "out",
+                defaults=sa.BatchDefaults(duration=15, size="720*1280"),
+            )
+        inputs = [task.input for task in fake.tasks.values()]
+    assert report.ok
+    assert sorted(i["prompt"] for i in inputs) == ["a fox in snow", "a heron at dawn"]
+    assert {(i["duration"], i["size"]) for i in inputs} == {(15, "720*1280")}
+
+
+async def test_bad_line_is_named_before_any_request(tmp_path: Path, fake: FakeApixo) -> None:
+    """A bad line raises BatchLineError naming file, line and field; nothing is sent."""
+    source = tmp_path / "prompts.jsonl"
+    source.write_text('{"prompt": "fine"}\n\n{"prompt": "bad", "duration": 7}\n')
+    async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
+        with pytest.raises(sa.BatchLineError) as caught:
+            await client.run_batch(source, tmp_path / "out")
+    assert str(caught.value).startswith(f"{source}:3: duration: must be one of")
+    assert fake.stats.requests == 0
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"prompt": "a"}\nnot json\n', ":2: line: is not JSON"),
+        ('{"prompt": "a", "colour": "red"}\n', ":1: line: Object contains unknown field `colour`"),
+        ('{"prompt": "same"}\n{"prompt": "same"}\n', ":2: id: "),
+        ('["a list"]\n', ":1: line: must be a JSON object"),
+        ('{"prompt": "x", "image_urls": ["ftp://a"]}\n', ":1: image_urls[0]: "),
+    ],
+)
+def test_load_requests_names_the_line(tmp_path: Path, content: str, message: str) -> None:
+    """Each malformed line is reported with its file and line number."""
+    source = tmp_path / "prompts.jsonl"
+    source.write_text(content)
+    with pytest.raises(sa.BatchLineError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        sa.load_requests(source)
+
+
+async def test_rerun_skips_finished_and_adopts_running(tmp_path: Path) -> None:
+    """A batch stopped mid-way is finished by running it again: finished items are
+    skipped, running tasks re-adopted, no prompt created twice, no video lost."""
+    source = write_prompts(tmp_path / "p.jsonl", 30)
+    out = tmp_path / "out"
+    async with FakeApixo(generation_time=lognormal(120, 0.3), balance=1e6) as fake:
+        async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
+            run = asyncio.ensure_future(client.run_batch(source, out))
+            await asyncio.sleep(400)
+            run.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await run
+        states = {row["state"] for row in manifest(out)}
+        assert "downloaded" in states
+        assert states & {"running", "queued"}
+        async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
+            report = await client.run_batch(source, out)
+        for row in report.rows:
+            assert Path(row.files[0]).read_bytes() == await fake_file(fake, str(row.task_id))
+        stats = fake.stats
+    assert report.ok
+    assert set(stats.creates_per_prompt.values()) == {1}
+    assert stats.creates == 30
+    assert len(list(out.glob("*.mp4"))) == 30
+
+
+@pytest.mark.parametrize("seed", range(12))
+async def test_stop_at_any_moment_never_pays_twice(tmp_path: Path, seed: int) -> None:
+    """Stopped at random moments and run again until done: every prompt is created at
+    most once and every item ends downloaded, or reported uncertain when a create was cut
+    off in flight (and then its prompt was never created twice)."""
+    rng = random.Random(seed)
+    source = write_prompts(tmp_path / "p.jsonl", 25)
+    out = tmp_path / "out"
+    async with FakeApixo(generation_time=lognormal(90, 0.4), seed=seed, balance=1e6) as fake:
+        for _ in range(rng.randint(1, 4)):
+            async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
+                run = asyncio.ensure_future(client.run_batch(source, out))
+                await asyncio.sleep(rng.uniform(0, 200))
+                run.cancel()
+                await asyncio.gather(run, return_exceptions=True)
+        async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
+            report = await client.run_batch(source, out)
+        stats = fake.stats
+    rows = manifest(out)
+    assert max(stats.creates_per_prompt.values()) == 1
+    for row in rows:
+        assert row["state"] in ("downloaded", "uncertain"), row
+        if row["state"] == "downloaded":
+            (file,) = row["files"]  # type: ignore[misc]
+            assert Path(file).stat().st_size > 0
+    assert report.ok == all(row["state"] == "downloaded" for row in rows)
+
+
+async def test_uncertain_items_are_reported_and_resubmitted_on_request(tmp_path: Path) -> None:
+    """A create whose answer was lost marks its item uncertain (not created again); with
+    resubmit_uncertain it is created again."""
+    source = write_prompts(tmp_path / "p.jsonl", 3)
+    out = tmp_path / "out"
+    async with FakeApixo(generation_time=fixed(60), balance=1e6) as fake:
+        fake.inject("reset_after_create", on="create")
+        async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
+            report = await client.run_batch(source, out)
+        assert not report.ok
+        assert [row.state for row in report.rows].count(sa.ItemState.UNCERTAIN) == 1
+        async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
+            again = await client.run_batch(source, out)
+        assert fake.stats.creates == 3  # not created again by default
+        assert not again.ok
+        async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
+            last = await client.run_batch(source, out, resubmit_uncertain=True)
+        assert last.ok
+        assert fake.stats.creates == 4
+
+
+async def test_failed_and_refused_items_are_recorded(tmp_path: Path, fake: FakeApixo) -> None:
+    """A failed task and a refused create end as failed rows with their errors; the rest finish."""
+    source = tmp_path / "p.jsonl"
+    source.write_text(
+        '{"id": "ok", "prompt": "fine"}\n{"id": "bad", "prompt": "x [violate]"}\n'
+        '{"id": "fails", "prompt": "y [fail:NSFW]"}\n'
+    )
+    async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
+        report = await client.run_batch(source, tmp_path / "out")
+    rows = {row["id"]: row for row in manifest(tmp_path / "out")}
+    assert rows["ok"]["state"] == "downloaded"
+    assert rows["bad"]["state"] == "failed"
+    assert "Content violates" in str(rows["bad"]["error"])
+    assert rows["fails"]["state"] == "failed"
+    assert str(rows["fails"]["error"]).startswith("NSFW")
+    assert not report.ok
+
+
+async def test_truncated_download_is_resumed_with_range(
+    tmp_path: Path, fake: FakeApixo, client: sa.SoraClient
+) -> None:
+    """A transfer cut off mid-file resumes with Range and ends whole; a 5xx is retried."""
+    video = await client.generate(sa.TextToVideo(prompt="a whole file"))
+    fake.inject("broken_json", on="file")  # half the bytes, then a reset
+    fake.inject("server_error", on="file", status=503)
+    path = await client.download(video, tmp_path)
+    assert path == tmp_path / f"{video.task_id}.mp4"
+    assert path.read_bytes() == await fake_file(fake, video.task_id)
+    assert not list(tmp_path.glob(".*.part"))
+    assert fake.stats.downloads == 3 + 1
+
+
+async def test_network_paths_never_escape_the_folder(
+    tmp_path: Path, fake: FakeApixo, client: sa.SoraClient
+) -> None:
+    """Task ids and item ids with path parts give files inside the output folder."""
+    real = await client.generate(sa.TextToVideo(prompt="escape"))
+    hostile = sa.Video(task_id="../../etc/passwd", urls=real.urls)
+    out = tmp_path / "out"
+    path = await client.download(hostile, out)
+    assert path.parent == out
+    assert path.name == "etc_passwd.mp4"
+    source = tmp_path / "p.jsonl"
+    source.write_text(
+        '{"id": "../../../outside", "prompt": "hostile id"}\n{"id": "..", "prompt": "dots"}\n'
+    )
+    report = await client.run_batch(source, out)
+    assert report.ok
+    for row in report.rows:
+        assert Path(row.files[0]).resolve().parent == out.resolve()
+    assert not (tmp_path / "outside.mp4").exists()
+    with pytest.raises(sa.InputError, match="urls"):
+        await client.download(sa.Video(task_id="t", urls=("file:///etc/passwd",)), out)
+
+
+async def test_unwritable_output_is_an_input_error(
+    tmp_path: Path, fake: FakeApixo, client: sa.SoraClient
+) -> None:
+    """An output folder that cannot be written is refused before any request."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    source = write_prompts(tmp_path / "p.jsonl", 2)
+    with pytest.raises(sa.InputError, match="output: cannot write"):
+        await client.run_batch(source, blocker / "out")
+    assert fake.stats.requests == 0
