@@ -6,7 +6,9 @@ baselines a user would write by hand:
 
 - recipe: the provider's advice (wait 120 s, then poll every 5 s) behind
   ``AsyncLimiter(60, 60)`` and a semaphore of 10;
-- poll-1s: fixed 1-s polling behind a correct limiter and a semaphore of 10.
+- poll-1s: fixed 1-s polling behind a correct limiter and a semaphore of 10;
+
+and by sora-async in callback mode, with every callback delivered and with 30% lost.
 
 Everything is measured on the fake server's side. Slot utilisation is the share of
 slot-time in which the server generates for us while prompts still wait for a slot
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -30,9 +33,11 @@ from typing import Any
 
 import aiohttp
 import looptime
+from aiohttp import web
 from aiolimiter import AsyncLimiter
 
 import sora_async as sa
+import sora_async.webhook
 from sora_async.testing import FakeApixo, GenerationTime, heavy_tailed, lognormal
 
 RESULTS = Path(__file__).parent / "results"
@@ -49,6 +54,37 @@ async def run_sora_async(fake: FakeApixo, prompts: list[str]) -> None:
         requests = [sa.TextToVideo(prompt=p, duration=10) for p in prompts]
         async for outcome in client.generate_many(requests):
             assert outcome.ok, outcome.error
+
+
+async def _with_callbacks(fake: FakeApixo, prompts: list[str], loss: float) -> None:
+    """sora-async in callback mode, its receiver on loopback; ``loss`` of callbacks dropped."""
+    fake.callback_loss = loss
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    client = sa.SoraClient(
+        api_key=fake.api_key,
+        base_url=fake.url,
+        callback_url=f"http://127.0.0.1:{port}/apixo/callback",
+    )
+    runner = web.AppRunner(sora_async.webhook.aiohttp_app(client))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with client:
+            requests = [sa.TextToVideo(prompt=p, duration=10) for p in prompts]
+            async for outcome in client.generate_many(requests):
+                assert outcome.ok, outcome.error
+    finally:
+        await runner.cleanup()
+
+
+async def run_callbacks(fake: FakeApixo, prompts: list[str]) -> None:
+    await _with_callbacks(fake, prompts, loss=0.0)
+
+
+async def run_callbacks_lossy(fake: FakeApixo, prompts: list[str]) -> None:
+    await _with_callbacks(fake, prompts, loss=0.3)
 
 
 async def _by_hand(
@@ -109,6 +145,8 @@ async def run_poll_1s(fake: FakeApixo, prompts: list[str]) -> None:
 
 CONTENDERS: dict[str, Contender] = {
     "sora-async": run_sora_async,
+    "sora-async callbacks": run_callbacks,
+    "sora-async callbacks, 30% lost": run_callbacks_lossy,
     "recipe 120s+5s": run_recipe,
     "poll-1s": run_poll_1s,
 }

@@ -1,0 +1,158 @@
+"""examples/fastapi_app.py served by uvicorn against the fake service, in real time.
+
+The fake makes videos in one second; the app's callback route receives the fake's
+callbacks; the test drives the app over HTTP like any user of it would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+import uvicorn
+
+import sora_async as sa
+from examples.fastapi_app import create_app
+from sora_async.testing import FakeApixo, fixed
+
+# Real time, but quick: the fake's window is generous and generations take 1 s.
+LIMITS = sa.Limits(requests=600, period=60.0, concurrent_tasks=10)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeApixo]:
+    """The fake service with one-second generations and a 600-a-minute key."""
+    async with FakeApixo(
+        generation_time=fixed(1.0), pending_time=0.1, requests=600, balance=1e6
+    ) as server:
+        yield server
+
+
+@pytest.fixture
+async def app_url(fake: FakeApixo) -> AsyncIterator[str]:
+    """Serve create_app() with uvicorn on a free loopback port, its client in callback mode."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    origin = f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    def client_factory() -> sa.SoraClient:
+        return sa.SoraClient(
+            api_key=fake.api_key,
+            base_url=fake.url,
+            limits=LIMITS,
+            callback_url=f"{origin}/apixo/callback",
+        )
+
+    config = uvicorn.Config(create_app(client_factory), log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    serving = asyncio.ensure_future(server.serve(sockets=[sock]))
+    try:
+        deadline = asyncio.get_running_loop().time() + 5
+        while not server.started:
+            assert not serving.done(), "uvicorn stopped during startup"
+            assert asyncio.get_running_loop().time() < deadline, "uvicorn did not start"
+            await asyncio.sleep(0.01)
+        yield origin
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, 10)
+        sock.close()
+
+
+@pytest.fixture
+async def http(app_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client for the app."""
+    async with httpx.AsyncClient(base_url=app_url, timeout=30) as session:
+        yield session
+
+
+async def test_post_then_get_returns_the_video_url(
+    fake: FakeApixo, http: httpx.AsyncClient
+) -> None:
+    """POST /videos answers a task id; GET /videos/{id} answers the video's URL as soon
+    as the fake's callback reached the app (one confirming status request, no polling)."""
+    created = await http.post(
+        "/videos", json={"prompt": "a red kite", "duration": 10, "size": "1280*720"}
+    )
+    assert created.status_code == 200, created.text
+    task_id = created.json()["task_id"]
+    assert fake.tasks[task_id].request_type == "callback"
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    got = await http.get(f"/videos/{task_id}", params={"timeout": 30})
+    assert got.status_code == 200, got.text
+    assert got.json() == {
+        "task_id": task_id,
+        "url": f"{fake.origin}/files/{task_id}.mp4",
+        "urls": [f"{fake.origin}/files/{task_id}.mp4"],
+    }
+    assert loop.time() - started < 5
+    assert fake.stats.callbacks_delivered >= 1
+    assert fake.tasks[task_id].polls == 1  # the confirmation of the callback
+
+
+async def test_bad_input_is_422_naming_the_field(fake: FakeApixo, http: httpx.AsyncClient) -> None:
+    """A bad duration or size, or a wrong type, is refused with 422 naming the field,
+    and no task is created."""
+    for body, field in [
+        ({"prompt": "kite", "duration": 7}, "duration"),
+        ({"prompt": "kite", "size": "640*480"}, "size"),
+        ({"prompt": "kite", "duration": "ten"}, "duration"),
+        ({"prompt": "   "}, "prompt"),
+        ({"duration": 10}, "prompt"),
+        ({"prompt": "kite", "sizes": "1280*720"}, "sizes"),
+    ]:
+        answer = await http.post("/videos", json=body)
+        assert answer.status_code == 422, (body, answer.text)
+        locations = [error["loc"] for error in answer.json()["detail"]]
+        assert any(location[-1] == field for location in locations), (body, answer.text)
+    assert fake.stats.creates == 0
+
+
+async def test_unknown_task_id_is_404(http: httpx.AsyncClient) -> None:
+    """GET /videos/{id} for a task id the service does not know answers 404."""
+    answer = await http.get("/videos/task_doesnotexist", params={"timeout": 5})
+    assert answer.status_code == 404, answer.text
+    assert answer.json()["detail"]["task_id"] == "task_doesnotexist"
+
+
+async def test_deadline_passed_is_504_and_the_task_goes_on(
+    fake: FakeApixo, http: httpx.AsyncClient
+) -> None:
+    """GET with a deadline shorter than the generation answers 504; the task keeps
+    running, and a later GET with time enough answers the video."""
+    fake.generation_time = fixed(3.0)
+    task_id = (await http.post("/videos", json={"prompt": "a slow one"})).json()["task_id"]
+    early = await http.get(f"/videos/{task_id}", params={"timeout": 0.2})
+    assert early.status_code == 504, early.text
+    assert early.json()["detail"]["task_id"] == task_id
+    later = await http.get(f"/videos/{task_id}", params={"timeout": 30})
+    assert later.status_code == 200, later.text
+    assert later.json()["url"] == f"{fake.origin}/files/{task_id}.mp4"
+
+
+async def test_failed_generation_is_502_with_the_fail_code(http: httpx.AsyncClient) -> None:
+    """A generation that fails answers 502 carrying the service's fail code."""
+    created = await http.post("/videos", json={"prompt": "a kite [fail:NSFW]", "duration": 10})
+    answer = await http.get(f"/videos/{created.json()['task_id']}", params={"timeout": 30})
+    assert answer.status_code == 502, answer.text
+    assert answer.json()["detail"]["fail_code"] == "NSFW"
+
+
+async def test_bad_timeout_is_422(http: httpx.AsyncClient) -> None:
+    """A timeout that is not a positive number of seconds is refused with 422."""
+    for timeout in ("0", "-1", "soon"):
+        answer = await http.get("/videos/task_x", params={"timeout": timeout})
+        assert answer.status_code == 422, answer.text
+
+
+async def test_callback_route_refuses_a_wrong_token(fake: FakeApixo, app_url: str) -> None:
+    """The app's callback route is mounted: it refuses a callback without the app's
+    secret (403) and one too large to be a callback (413)."""
+    body = b'{"code": 200, "data": {"taskId": "t", "state": "success"}}'
+    assert await fake.forge_callback(f"{app_url}/apixo/callback?token=guess", body) == 403
+    assert await fake.forge_callback(f"{app_url}/apixo/callback", body) == 403
+    assert await fake.forge_callback(f"{app_url}/apixo/callback", b"x" * 70_000) == 413
