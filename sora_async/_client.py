@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import secrets
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
@@ -20,14 +18,13 @@ import anyio.abc
 
 from ._download import Downloader
 from ._errors import (
-    AuthenticationError,
     ClientClosedError,
     InputError,
-    InsufficientCreditsError,
     SoraError,
     SubmitUncertainError,
     TaskFailedError,
 )
+from ._fanout import Outcome, fan_out
 from ._governor import Governor, LocalGovernor
 from ._models import (
     PROVIDERS,
@@ -54,21 +51,6 @@ logger = logging.getLogger("sora_async")
 
 DEFAULT_BASE_URL = "https://api.apixo.ai/api/v1"
 UncertainPolicy = Literal["raise", "resubmit"]
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What became of one request of a fan-out: exactly one of video / error is set."""
-
-    request: VideoRequest
-    video: Video | None = None
-    error: SoraError | None = None
-    task_id: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        """Return whether the request produced a video."""
-        return self.video is not None
 
 
 class SoraClient:
@@ -378,7 +360,7 @@ class SoraClient:
 
     # --- fan-out --------------------------------------------------------------------------
 
-    async def generate_many(
+    def generate_many(
         self,
         requests: Iterable[VideoRequest] | AsyncIterable[VideoRequest],
         *,
@@ -390,52 +372,20 @@ class SoraClient:
         never stops the rest, with two exceptions: AuthenticationError stops
         everything at once and is raised; InsufficientCreditsError stops new creates,
         lets in-flight tasks finish (their outcomes are yielded), then is raised.
+        ``timeout`` bounds each wait, as in wait().
         """
-        group = self._check_open()
-        send, receive = anyio.create_memory_object_stream[Outcome](math.inf)
-        fatal: list[SoraError] = []
-        batch = anyio.CancelScope()
 
-        async def work(request: VideoRequest, body: CreateRequest) -> None:
-            try:
-                task_id = await self._create_with_slot(body)
-                video = await self.wait(task_id, timeout=timeout)
-            except AuthenticationError as exc:
-                fatal.append(exc)
-                batch.cancel()
-            except InsufficientCreditsError as exc:
-                fatal.append(exc)  # the feeder sees it and stops creating
-                await send.send(Outcome(request=request, error=exc))
-            except SoraError as exc:
-                failed_id: str | None = getattr(exc, "task_id", None)
-                await send.send(Outcome(request=request, error=exc, task_id=failed_id))
-            else:
-                await send.send(Outcome(request=request, video=video, task_id=video.task_id))
+        async def run(body: CreateRequest) -> Video:
+            task_id = await self._create_with_slot(body)
+            return await self.wait(task_id, timeout=timeout)
 
-        async def feed() -> None:
-            with batch:
-                async with send, anyio.create_task_group() as workers:
-                    async for request in _aiter(requests):
-                        try:
-                            body = self.create_request(request)
-                        except InputError as exc:
-                            await send.send(Outcome(request=request, error=exc))
-                            continue
-                        await self.governor.acquire_slot()
-                        if fatal:
-                            self.governor.release_slot()
-                            break
-                        workers.start_soon(work, request, body)
-
-        group.start_soon(feed)
-        try:
-            async with receive:
-                async for outcome in receive:
-                    yield outcome
-        finally:
-            batch.cancel()
-        if fatal:
-            raise fatal[0]
+        return fan_out(
+            self._check_open(),
+            requests,
+            governor=self.governor,
+            prepare=self.create_request,
+            run=run,
+        )
 
 
 def _video_or_raise(status: TaskStatus) -> Video:
@@ -447,15 +397,3 @@ def _video_or_raise(status: TaskStatus) -> Video:
 def _check_task_id(task_id: object) -> None:
     if not isinstance(task_id, str) or not task_id.strip():
         raise InputError("task_id", "must be a non-empty string")
-
-
-async def _aiter(
-    items: Iterable[VideoRequest] | AsyncIterable[VideoRequest],
-) -> AsyncIterator[VideoRequest]:
-    if isinstance(items, AsyncIterable):
-        async for item in items:
-            yield item
-    else:
-        for item in items:
-            yield item
-            await asyncio.sleep(0)  # let other tasks run between pulls of a long list
