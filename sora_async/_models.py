@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from typing import Any, Final, Literal, Union
+from typing import Final, Literal, Union
 from urllib.parse import urlsplit
 
 import msgspec
@@ -318,9 +318,3 @@ def status_from_wire(wire: WireStatus) -> TaskStatus:
         complete_time=wire.complete_time,
         cost_time=wire.cost_time,
     )
-
-
-def to_builtins(request: VideoRequest) -> dict[str, Any]:
-    """Return the wire form of an input as plain Python objects."""
-    result: dict[str, Any] = msgspec.to_builtins(request)
-    return result
