@@ -37,8 +37,11 @@ class PollPolicy:
     reaches ``min_hazard``, and never more often than ``max(min_interval,
     relative_interval * age)`` seconds. ``prior_mean`` and ``prior_sigma`` (of the
     log of the generation time) describe generation times before any is seen;
-    ``prior_weight`` is how many observations the prior counts as. With callbacks
-    on, ``safety_interval`` is the slowest a task is polled.
+    ``prior_weight`` is how many observations the prior counts as; ``history``
+    how many finished tasks the model remembers; ``keep_results`` how many ended
+    tasks' statuses stay retrievable by id. With callbacks on, the chance is
+    weighed by the learned share of lost callbacks and the bar rises to
+    ``min_hazard / loss`` (at most 0.5), so polling becomes a safety net.
     """
 
     min_hazard: float = 0.005
