@@ -192,7 +192,7 @@ def _progress_line(progress: BatchProgress) -> str:
 
 
 def _summary(report: BatchReport) -> Table:
-    table = Table(title=f"batch finished in {report.seconds:.1f} s")
+    table = Table(caption=f"in {report.seconds:.1f} s", caption_justify="left")
     for column in ("state", "items"):
         table.add_column(column)
     for state in ItemState:
