@@ -295,7 +295,7 @@ class PollScheduler:
         safety net where callbacks arrive, and speeds up where they go missing.
         """
         best: _Tracked | None = None
-        best_hazard = 0.0
+        best_hazard = -1.0  # any eligible task beats none, even at a hazard of 0
         wake_at: float | None = None
         policy = self.policy
         loss = self.callback_loss

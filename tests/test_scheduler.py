@@ -174,3 +174,12 @@ async def test_running_out_of_credits_stops_creates(fake: FakeApixo) -> None:
     assert sum(o.ok for o in outcomes) == 12
     assert fake.stats.creates == 12
     assert fake.stats.requests_by_kind["create"] <= 12 + 10
+
+
+async def test_a_zero_hazard_threshold_still_polls(fake: FakeApixo) -> None:
+    """With min_hazard=0 (poll whenever the budget allows) a task whose chance of having
+    ended is exactly 0 is still polled later, never forgotten."""
+    policy = sa.PollPolicy(min_hazard=0.0, min_interval=0.0, prior_mean=0.01)
+    async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url, poll_policy=policy) as client:
+        video = await client.generate(sa.TextToVideo(prompt="zero hazard"), timeout=600)
+    assert video.urls
