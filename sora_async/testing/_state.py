@@ -22,6 +22,10 @@ __all__ = [
     "fail_message",
 ]
 
+# The clock counts whole microseconds: a task whose end is due within one tick has
+# ended, so that a status answer agrees with the callback its end just fired.
+_TICK = 1e-6
+
 TaskState = Literal["pending", "processing", "success", "failed"]
 
 _US = 1_000_000
@@ -169,7 +173,7 @@ class TaskRecord:
         """
         if state not in ("success", "failed"):
             raise ValueError(f"state must be success or failed, not {state!r}")
-        if now >= self.complete_at:
+        if self.ended_by(now):
             raise ValueError(f"{self.task_id} is already {self.state_at(now)}")
         self.complete_at = now
         self.pending_until = min(self.pending_until, now)
@@ -177,9 +181,13 @@ class TaskRecord:
         self.fail_code = fail_code if state == "failed" else None
         self.fail_msg = fail_message(fail_code) if state == "failed" else None
 
+    def ended_by(self, t: float) -> bool:
+        """Tell whether the task has ended by server time ``t`` (to the clock's tick)."""
+        return t >= self.complete_at - _TICK
+
     def state_at(self, t: float) -> TaskState:
         """Return the state at server time ``t``."""
-        if t >= self.complete_at:
+        if self.ended_by(t):
             return self.final_state
         if t < self.pending_until:
             return "pending"
@@ -193,7 +201,7 @@ class TaskRecord:
     @property
     def finished(self) -> bool:
         """Tell whether the task is terminal now."""
-        return self._now() >= self.complete_at
+        return self.ended_by(self._now())
 
     @property
     def create_time(self) -> int:
@@ -295,7 +303,7 @@ class KeyLimits:
 
     def unfinished(self, now: float) -> int:
         """Return our tasks still pending or processing at ``now``."""
-        for task_id in [tid for tid, rec in self._live.items() if rec.complete_at <= now]:
+        for task_id in [tid for tid, rec in self._live.items() if rec.ended_by(now)]:
             del self._live[task_id]
         return len(self._live)
 
