@@ -27,6 +27,10 @@ __all__ = ["GenerationTimes", "PollPolicy", "PollScheduler"]
 logger = logging.getLogger("sora_async")
 
 _STANDARD_NORMAL = NormalDist()
+# A status answer may lag the callback that announced the end: confirm again after
+# 1 s, 2 s and 3 s before treating the callback as early or forged.
+_RECHECKS = 3
+_RECHECK_DELAY = 1.0
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,7 @@ class _Tracked:
         "last_seen",
         "model",
         "polling",
+        "rechecks",
         "started",
         "task_id",
         "urgent",
@@ -126,8 +131,10 @@ class _Tracked:
         self.last_seen = started  # loop time of the last status known not terminal
         self.holds_slot = holds_slot
         self.polling = False
-        # Poll with the next request: "callback" (said it ended), "adopted" (unknown age).
+        # Poll with the next request: "callback" (said it ended), "adopted" (unknown
+        # age), or "recheck" (a callback said it ended, a status answer did not yet).
         self.urgent: str | None = None
+        self.rechecks = 0
         self.done: asyncio.Future[TaskStatus] = asyncio.get_running_loop().create_future()
 
 
@@ -305,6 +312,11 @@ class PollScheduler:
         for tracked in self._active.values():
             if tracked.polling:
                 continue
+            if tracked.urgent == "recheck":
+                due = tracked.last_seen + _RECHECK_DELAY * tracked.rechecks
+                if now < due:
+                    wake_at = due if wake_at is None else min(wake_at, due)
+                    continue
             if tracked.urgent:
                 return tracked, now
             age = now - tracked.started
@@ -350,8 +362,15 @@ class PollScheduler:
         finally:
             tracked.polling = False
             self._changed.set()
-        if tracked.task_id in self._active:
-            self._observe(tracked, status, by_callback=reason == "callback")
+        if tracked.task_id not in self._active:
+            return
+        self._observe(tracked, status, by_callback=reason in ("callback", "recheck"))
+        # The status may lag the callback (or the callback was forged): look again a
+        # little later, a few times, before falling back to normal polling.
+        claimed = reason in ("callback", "recheck") and not status.terminal
+        if claimed and tracked.urgent is None and tracked.rechecks < _RECHECKS:
+            tracked.rechecks += 1
+            tracked.urgent = "recheck"
 
     def _settle(self, tracked: _Tracked, status: TaskStatus) -> None:
         seconds = status.generation_seconds
