@@ -47,7 +47,8 @@ _CREATE_SAFE_STATUSES = frozenset({503})
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How calls are retried: ``attempts`` in all within ``deadline`` seconds.
+    """How calls are retried: ``attempts`` in all within ``deadline`` seconds (429s do
+    not count against ``attempts``: they are waited out until the deadline).
 
     Back-off is exponential from ``base`` up to ``cap`` seconds with full jitter;
     ``timeout`` bounds one attempt (connect, send and read).
@@ -206,17 +207,19 @@ class Transport:
     async def _with_retries(self, kind: RequestKind, attempt: Callable[[], Awaitable[T]]) -> T:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._retry.deadline
-        number = 0
+        number = 0  # failed attempts that count against RetryPolicy.attempts
         while True:
-            number += 1
             try:
                 return await attempt()
             except _Retry as retry:
                 cause = retry.cause
                 if isinstance(cause, RateLimitError):
-                    # The governor pauses everyone; the next permit waits for it.
+                    # A 429 is the key's traffic, not a fault of this call: the governor
+                    # pauses everyone and the next permit waits for it; only the
+                    # deadline bounds how long we keep asking.
                     wait = 0.0
                 else:
+                    number += 1
                     wait = self._retry.backoff(number, self._random)
                     if retry.wait is not None:
                         wait = max(wait, retry.wait)
