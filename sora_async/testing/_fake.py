@@ -23,7 +23,7 @@ from ._http import (
     retry_headers,
     send_bytes,
 )
-from ._media import build_mp4
+from ._media import cached_mp4
 from ._state import KeyLimits, Neighbour, Stats, TaskRecord
 from ._timing import DEFAULT_EPOCH_MS, Clock, GenerationTime, lognormal
 from ._validate import InvalidBody, parse_create
@@ -135,7 +135,6 @@ class FakeApixo:
         self._limits = KeyLimits(period)
         self._faults = FaultPlan()
         self._tasks: dict[str, TaskRecord] = {}
-        self._media: dict[str, bytes] = {}
         self._runner: web.AppRunner | None = None
         self._callbacks = CallbackSender(self, seed)
 
@@ -418,8 +417,5 @@ class FakeApixo:
         record = self._tasks.get(task_id)
         if record is None or record.state != "success":
             return envelope(404, "File not found")
-        data = self._media.get(task_id)
-        if data is None:
-            shape = (record.duration, record.width, record.height)
-            data = self._media[task_id] = build_mp4(task_id, *shape)
+        data = cached_mp4(task_id, record.duration, record.width, record.height)
         return await send_bytes(request, data, "video/mp4", truncate=truncate)

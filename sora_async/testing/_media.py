@@ -8,10 +8,11 @@ pseudo-random NAL units: the structure is right, the picture is noise.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 
-__all__ = ["build_mp4", "frame_size"]
+__all__ = ["build_mp4", "cached_mp4", "frame_size"]
 
 _TIMESCALE = 1000
 _SAMPLE_BYTES = 240
@@ -149,3 +150,10 @@ def build_mp4(key: str, seconds: int = 10, width: int = 1280, height: int = 720)
     moov = _moov(width, height, sizes, first_offset)
     mdat = _box(b"mdat", *samples)
     return ftyp + moov + mdat
+
+
+@functools.lru_cache(maxsize=256)
+def cached_mp4(task_id: str, duration: int, width: int, height: int) -> bytes:
+    """Return :func:`build_mp4` for a task, keeping only the recently served files
+    (a resumed download asks for the same bytes again; a long run must not keep all)."""
+    return build_mp4(task_id, duration, width, height)
