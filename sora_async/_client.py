@@ -95,6 +95,10 @@ class SoraClient:
         check_choice("on_uncertain", on_uncertain, ("raise", "resubmit"))
         if wait_timeout <= 0:
             raise InputError("wait_timeout", "must be a positive number of seconds")
+        if uncertain_hold < 0:
+            raise InputError("uncertain_hold", "must be zero or more seconds")
+        if isinstance(download_concurrency, bool) or download_concurrency < 1:
+            raise InputError("download_concurrency", "must be a whole number of at least 1")
         if callback_url is not None:
             check_http_url("callback_url", callback_url)
         self.callback_url = callback_url

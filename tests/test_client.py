@@ -217,6 +217,12 @@ def test_missing_key_is_an_input_error(monkeypatch: pytest.MonkeyPatch) -> None:
         sa.SoraClient()
     with pytest.raises(sa.InputError, match="provider"):
         sa.SoraClient(api_key="k", provider="cheapest")
+    with pytest.raises(sa.InputError, match="callback_url"):
+        sa.SoraClient(api_key="k", callback_url="ftp://host/cb")
+    with pytest.raises(sa.InputError, match="download_concurrency"):
+        sa.SoraClient(api_key="k", download_concurrency=0)
+    with pytest.raises(sa.InputError, match="wait_timeout"):
+        sa.SoraClient(api_key="k", wait_timeout=0)
 
 
 async def test_use_outside_the_context_raises(fake: FakeApixo) -> None:
