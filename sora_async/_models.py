@@ -298,6 +298,9 @@ class ResultJson(msgspec.Struct):
 
 
 _result_decoder = msgspec.json.Decoder(ResultJson)
+_status_decoder = msgspec.json.Decoder(WireStatus)
+#: The decoder of every response envelope (answers and callbacks alike).
+envelope_decoder = msgspec.json.Decoder(Envelope)
 
 
 def status_from_wire(wire: WireStatus) -> TaskStatus:
@@ -318,3 +321,11 @@ def status_from_wire(wire: WireStatus) -> TaskStatus:
         complete_time=wire.complete_time,
         cost_time=wire.cost_time,
     )
+
+
+def decode_status(data: bytes) -> TaskStatus:
+    """Decode an envelope's ``data`` (a status answer or a callback) into a TaskStatus.
+
+    Raises msgspec.DecodeError / ValidationError when it is not a valid status.
+    """
+    return status_from_wire(_status_decoder.decode(data))

@@ -25,7 +25,7 @@ from ._errors import (
     error_from_response,
 )
 from ._governor import Governor, RequestKind
-from ._models import CreatedTask, CreateRequest, Envelope, TaskStatus, WireStatus, status_from_wire
+from ._models import CreatedTask, CreateRequest, TaskStatus, decode_status, envelope_decoder
 
 __all__ = ["RetryPolicy", "Transport"]
 
@@ -33,9 +33,7 @@ logger = logging.getLogger("sora_async")
 
 T = TypeVar("T")
 
-_envelope_decoder = msgspec.json.Decoder(Envelope)
 _created_decoder = msgspec.json.Decoder(CreatedTask)
-_status_decoder = msgspec.json.Decoder(WireStatus)
 _balance_decoder = msgspec.json.Decoder(float)
 _encoder = msgspec.json.Encoder()
 _NULL = msgspec.Raw(b"null")
@@ -180,7 +178,7 @@ class Transport:
         async def attempt() -> TaskStatus:
             paid, first[0] = first[0], False
             raw = await self._send("status", "GET", url, params={"taskId": task_id}, prepaid=paid)
-            return self._decode(raw, lambda data: status_from_wire(_status_decoder.decode(data)))
+            return self._decode(raw, decode_status)
 
         return await self._with_retries("status", attempt)
 
@@ -266,7 +264,7 @@ class Transport:
             message = f"{type(exc).__name__}: {exc}".rstrip(": ")
             raise _Retry(_transport_error(message, exc)) from exc
         try:
-            envelope = _envelope_decoder.decode(payload)
+            envelope = envelope_decoder.decode(payload)
             code, message, data = envelope.code, envelope.message, envelope.data
         except msgspec.MsgspecError as exc:
             if status < 400:

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from ._client import SoraClient
-from ._models import Envelope, WireStatus, status_from_wire
+from ._models import decode_status, envelope_decoder
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -39,9 +39,6 @@ logger = logging.getLogger("sora_async")
 
 #: Callback bodies are a few hundred bytes; anything far larger is refused unread.
 MAX_CALLBACK_BYTES = 64 * 1024
-
-_envelope_decoder = msgspec.json.Decoder(Envelope)
-_status_decoder = msgspec.json.Decoder(WireStatus)
 
 
 def callback_path(client: SoraClient) -> str:
@@ -68,10 +65,10 @@ def handle_callback(client: SoraClient, body: bytes, token: str | None) -> int:
             return 403
         verified = True
     try:
-        envelope = _envelope_decoder.decode(body)
+        envelope = envelope_decoder.decode(body)
         if envelope.code != 200:
             raise ValueError(f"envelope code {envelope.code}")
-        status = status_from_wire(_status_decoder.decode(envelope.data))
+        status = decode_status(envelope.data)
     except (msgspec.MsgspecError, ValueError):
         logger.warning("callback refused: not a status envelope")
         return 400
