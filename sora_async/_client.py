@@ -161,6 +161,7 @@ class SoraClient:
         async with anyio.create_task_group() as group:
             self._task_group = group
             group.start_soon(self.scheduler.run)
+            group.start_soon(self.governor.run, _SchedulerNews(self.scheduler))
             ready.set()
 
     async def __aexit__(
@@ -255,6 +256,7 @@ class SoraClient:
         if self.scheduler.is_tracked(task_id):
             return
         await self.governor.acquire_slot()
+        self.governor.bind_slot(task_id, self.model)
         self.scheduler.track(task_id, self.model, holds_slot=True, adopted=True)
 
     async def _create_with_slot(self, body: CreateRequest) -> str:
@@ -285,6 +287,7 @@ class SoraClient:
                 except BaseException:
                     self.governor.release_slot()
                     raise
+                self.governor.bind_slot(task_id, self.model)
                 self.scheduler.track(task_id, self.model, holds_slot=True)
                 created.set_result(task_id)
                 return
@@ -390,6 +393,19 @@ class SoraClient:
             prepare=self.create_request,
             run=run,
         )
+
+
+class _SchedulerNews:
+    """Hand what the governor learns from other processes to the scheduler."""
+
+    def __init__(self, scheduler: PollScheduler) -> None:
+        self._scheduler = scheduler
+
+    def adopt(self, task_id: str, model: str) -> None:
+        self._scheduler.track(task_id, model, holds_slot=True, adopted=True)
+
+    def announce(self, status: TaskStatus, trusted: bool) -> None:
+        self._scheduler.announce(status, trusted=trusted)
 
 
 def _video_or_raise(status: TaskStatus) -> Video:

@@ -13,14 +13,15 @@ import heapq
 import itertools
 import logging
 import random
+from collections.abc import Awaitable, Callable
 from typing import Literal, Protocol, runtime_checkable
 
 from aiolimiter import AsyncLimiter
 
 from ._errors import InputError
-from ._models import Limits
+from ._models import Limits, TaskStatus
 
-__all__ = ["Governor", "LocalGovernor", "RequestKind"]
+__all__ = ["Governor", "LocalGovernor", "RequestKind", "RequestQueue", "TaskNews"]
 
 logger = logging.getLogger("sora_async")
 
@@ -37,9 +38,23 @@ _RATE_INCREASE = 0.025
 _MIN_RATE_FACTOR = 0.25
 
 
+class TaskNews(Protocol):
+    """What a governor tells its client about tasks it learned of elsewhere."""
+
+    def adopt(self, task_id: str, model: str) -> None:
+        """Track a dead process's task to its end; its slot is already held for it."""
+
+    def announce(self, status: TaskStatus, trusted: bool) -> None:
+        """Take news of a task that another process received (a callback, an adopted end)."""
+
+
 @runtime_checkable
 class Governor(Protocol):
-    """What the client needs from a governor (in process, or shared through Redis)."""
+    """What the client needs from a governor (in process, or shared through Redis).
+
+    Reports (429s, successes, slot changes) are plain calls: a shared governor
+    applies them locally at once and carries them to the others in the background.
+    """
 
     async def request(self, kind: RequestKind) -> None:
         """Wait until one request may be sent, and spend it."""
@@ -53,11 +68,17 @@ class Governor(Protocol):
     async def acquire_slot(self) -> None:
         """Wait, first come first served, for a task slot."""
 
-    def release_slot(self) -> None:
-        """Give back a task slot (its task ended, or its create certainly failed)."""
+    def bind_slot(self, task_id: str, model: str) -> None:
+        """Record that a slot taken by this process is now held by task ``task_id``."""
+
+    def release_slot(self, task_id: str | None = None) -> None:
+        """Give back the slot of ``task_id`` (it ended), or a slot with no task yet."""
 
     def release_slot_later(self, delay: float) -> None:
-        """Give back a task slot after ``delay`` seconds (an uncertain create)."""
+        """Give back a slot with no task after ``delay`` seconds (an uncertain create)."""
+
+    def share(self, status: TaskStatus, *, trusted: bool) -> None:
+        """Pass news of a task this process does not track to the process that does."""
 
     @property
     def slots_in_use(self) -> int:
@@ -69,6 +90,9 @@ class Governor(Protocol):
 
     def requests_in_window(self) -> int:
         """Return how many requests were sent in the last period."""
+
+    async def run(self, news: TaskNews) -> None:
+        """Do the governor's background work until cancelled (nothing, in process)."""
 
     async def aclose(self) -> None:
         """Cancel pending timers; waiters are not woken."""
@@ -86,6 +110,52 @@ class _Ticket:
 
     def __lt__(self, other: _Ticket) -> bool:
         return (self.priority, self.order) < (other.priority, other.order)
+
+
+class RequestQueue:
+    """The requests of one process in line: by priority (creates first), then first come.
+
+    Only the head of the line tries for a permit; whoever is first after it leaves
+    tries next. A governor supplies ``attempt``: spend a permit and return 0, or
+    return how many seconds the head must still wait.
+    """
+
+    def __init__(self) -> None:
+        self._line: list[_Ticket] = []
+        self._order = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._line)
+
+    async def serve(
+        self, kind: RequestKind, attempt: Callable[[RequestKind], Awaitable[float]]
+    ) -> None:
+        """Wait for the head of the line, then until ``attempt`` grants a permit."""
+        loop = asyncio.get_running_loop()
+        ticket = _Ticket(_PRIORITY[kind], next(self._order))
+        heapq.heappush(self._line, ticket)
+        try:
+            while True:
+                if self._line[0] is not ticket:
+                    ticket.waker = loop.create_future()
+                    await ticket.waker
+                    continue
+                delay = await attempt(kind)
+                if delay <= 0:
+                    heapq.heappop(self._line)
+                    return
+                await asyncio.sleep(delay)
+        except BaseException:
+            if ticket in self._line:
+                self._line.remove(ticket)
+                heapq.heapify(self._line)
+            raise
+        finally:
+            # Whoever is first now computes its own wait.
+            if self._line:
+                head = self._line[0].waker
+                if head is not None and not head.done():
+                    head.set_result(None)
 
 
 class LocalGovernor:
@@ -130,8 +200,7 @@ class LocalGovernor:
         self._backoff_cap = backoff_cap
         self._probe_after = probe_after
         # Request side.
-        self._queue: list[_Ticket] = []
-        self._order = itertools.count()
+        self._queue = RequestQueue()
         self._sent: collections.deque[float] = collections.deque()  # within the window
         self._last_poll: float | None = None
         self._not_before = 0.0
@@ -159,36 +228,18 @@ class LocalGovernor:
 
     async def request(self, kind: RequestKind) -> None:
         """Wait until one request of ``kind`` may be sent, and spend it."""
+        await self._queue.serve(kind, self._try_send)
+
+    async def _try_send(self, kind: RequestKind) -> float:
         loop = asyncio.get_running_loop()
-        ticket = _Ticket(_PRIORITY[kind], next(self._order))
-        heapq.heappush(self._queue, ticket)
-        try:
-            while True:
-                if self._queue[0] is not ticket:
-                    ticket.waker = loop.create_future()
-                    await ticket.waker
-                    continue
-                paced = kind == "status"
-                delay = self._delay(loop.time(), paced=paced)
-                if delay <= 0:
-                    if paced:
-                        await self._pacer.acquire()  # it has capacity: returns at once
-                        self._last_poll = loop.time()
-                    heapq.heappop(self._queue)
-                    self._sent.append(loop.time())
-                    return
-                await asyncio.sleep(delay)
-        except BaseException:
-            if ticket in self._queue:
-                self._queue.remove(ticket)
-                heapq.heapify(self._queue)
-            raise
-        finally:
-            # Whoever is first now computes its own wait.
-            if self._queue:
-                head = self._queue[0].waker
-                if head is not None and not head.done():
-                    head.set_result(None)
+        paced = kind == "status"
+        delay = self._delay(loop.time(), paced=paced)
+        if delay <= 0:
+            if paced:
+                await self._pacer.acquire()  # it has capacity: returns at once
+                self._last_poll = loop.time()
+            self._sent.append(loop.time())
+        return delay
 
     def _delay(self, now: float, *, paced: bool) -> float:
         """Return how long the head of the queue must still wait (<= 0: go now)."""
@@ -276,7 +327,10 @@ class LocalGovernor:
                 self._slot_waiters.remove(waiter)
             raise
 
-    def release_slot(self) -> None:
+    def bind_slot(self, task_id: str, model: str) -> None:
+        """Nothing to record in one process: a slot is a count here."""
+
+    def release_slot(self, task_id: str | None = None) -> None:
         """Give back a slot and hand it to the longest waiter."""
         if self._in_use <= 0:
             raise RuntimeError("release_slot() called with no slot taken")
@@ -301,6 +355,13 @@ class LocalGovernor:
             if not waiter.done():
                 self._in_use += 1
                 waiter.set_result(None)
+
+    def share(self, status: TaskStatus, *, trusted: bool) -> None:
+        """No other process to tell."""
+
+    async def run(self, news: TaskNews) -> None:
+        """Nothing runs in the background in one process: wait to be cancelled."""
+        await asyncio.Event().wait()
 
     async def aclose(self) -> None:
         """Cancel pending slot timers."""

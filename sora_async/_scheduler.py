@@ -113,6 +113,7 @@ class _Tracked:
     """One in-flight task as the scheduler sees it."""
 
     __slots__ = (
+        "adopted",
         "done",
         "holds_slot",
         "last_seen",
@@ -130,6 +131,7 @@ class _Tracked:
         self.started = started  # loop time the create returned (or adoption)
         self.last_seen = started  # loop time of the last status known not terminal
         self.holds_slot = holds_slot
+        self.adopted = False  # made elsewhere: its end is news for the other processes
         self.polling = False
         # Poll with the next request: "callback" (said it ended), "adopted" (unknown
         # age), or "recheck" (a callback said it ended, a status answer did not yet).
@@ -182,12 +184,13 @@ class PollScheduler:
         since its age is unknown)."""
         if task_id in self._active or task_id in self._finished:
             if holds_slot:
-                self._governor.release_slot()  # already accounted for
+                self._governor.release_slot(task_id)  # already accounted for
             return
         now = asyncio.get_running_loop().time()
         tracked = _Tracked(task_id, model, now, holds_slot)
         if adopted:
             tracked.urgent = "adopted"
+            tracked.adopted = True
         self._active[task_id] = tracked
         self._changed.set()
 
@@ -382,6 +385,9 @@ class PollScheduler:
             self._finished.popitem(last=False)
         if not tracked.done.done():
             tracked.done.set_result(status)
+        if tracked.adopted:
+            # Whoever awaits it may live in another process (a killed run's sibling).
+            self._governor.share(status, trusted=True)
         self._changed.set()
 
     def _fail(self, tracked: _Tracked, error: BaseException) -> None:
@@ -393,4 +399,4 @@ class PollScheduler:
     def _drop(self, tracked: _Tracked) -> None:
         if self._active.pop(tracked.task_id, None) is not None and tracked.holds_slot:
             tracked.holds_slot = False
-            self._governor.release_slot()
+            self._governor.release_slot(tracked.task_id)

@@ -74,7 +74,9 @@ def handle_callback(client: SoraClient, body: bytes, token: str | None) -> int:
         return 400
     trusted = verified and not client.confirm_callbacks
     if not client.scheduler.announce(status, trusted=trusted):
-        logger.info("callback for unknown task %s ignored", status.task_id)
+        # Another process sharing the key (through Redis) may track it.
+        client.governor.share(status, trusted=trusted)
+        logger.info("callback for task %s not tracked here: shared", status.task_id)
     return 200
 
 
