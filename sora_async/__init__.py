@@ -5,6 +5,8 @@ unfinished tasks), fills every task slot the moment it frees, and never pays twi
 for one prompt.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from ._batch import (
     BatchDefaults,
     BatchLineError,
@@ -25,6 +27,7 @@ from ._errors import (
     NotFoundError,
     PermissionDeniedError,
     RateLimitError,
+    RedisUnavailableError,
     ServerError,
     SoraError,
     SubmitUncertainError,
@@ -37,6 +40,9 @@ from ._journal import ItemState
 from ._models import ImageToVideo, Limits, TaskState, TaskStatus, TextToVideo, Video, VideoRequest
 from ._scheduler import PollPolicy
 from ._transport import RetryPolicy
+
+if TYPE_CHECKING:
+    from .redis_governor import RedisGovernor
 
 __version__ = "0.1.0"
 
@@ -62,6 +68,8 @@ __all__ = [
     "PermissionDeniedError",
     "PollPolicy",
     "RateLimitError",
+    "RedisGovernor",
+    "RedisUnavailableError",
     "RetryPolicy",
     "ServerError",
     "SoraClient",
@@ -79,3 +87,12 @@ __all__ = [
     "load_requests",
     "run_batch",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # RedisGovernor needs the "redis" extra: import it only when asked for.
+    if name == "RedisGovernor":
+        from .redis_governor import RedisGovernor
+
+        return RedisGovernor
+    raise AttributeError(f"module 'sora_async' has no attribute {name!r}")

@@ -15,6 +15,7 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
+    "RedisUnavailableError",
     "ServerError",
     "SoraError",
     "SubmitUncertainError",
@@ -114,6 +115,13 @@ class ServerError(APIError):
 
 class TransportError(SoraError):
     """The network failed, a call timed out, or a body could not be decoded."""
+
+
+class RedisUnavailableError(SoraError):
+    """Report that the shared governor's Redis could not be reached before the deadline.
+
+    No request was sent without a permit: the work waited, then gave up.
+    """
 
 
 class SubmitUncertainError(SoraError):

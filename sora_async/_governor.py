@@ -88,6 +88,10 @@ class Governor(Protocol):
     def slot_limit(self) -> int:
         """Return how many task slots may be taken now (shrinks after 429s)."""
 
+    @property
+    def rate_factor(self) -> float:
+        """Return the share of the nominal request rate in force (1.0 unless 429s were seen)."""
+
     def requests_in_window(self) -> int:
         """Return how many requests were sent in the last period."""
 

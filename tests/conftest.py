@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
 import sora_async as sa
-from sora_async.testing import FakeApixo, fixed
+from sora_async.testing import FakeApixo, RedisServer, fixed, redis_server_binary
 
 
 @pytest.fixture
@@ -22,3 +23,14 @@ async def client(fake: FakeApixo) -> AsyncIterator[sa.SoraClient]:
     """A client at the real limits, pointed at ``fake``."""
     async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as opened:
         yield opened
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port, for the whole session (no persistence)."""
+    if redis_server_binary() is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed; .ci/run installs it")
+        pytest.skip("redis-server not installed (Debian: apt-get install redis-server)")
+    with RedisServer() as server:
+        yield server

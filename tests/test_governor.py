@@ -1,10 +1,17 @@
-"""The governor alone: the window bound, priority, FIFO slots and back-off, in virtual time."""
+"""The governor alone: the window bound, priority, FIFO slots and back-off.
+
+The shared suite runs against both governors: LocalGovernor in virtual time, and
+RedisGovernor against a real redis-server in real time (Redis keeps the clock), with
+the same compressed limits.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import bisect
-from collections.abc import Coroutine
+import random
+import secrets
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import looptime
@@ -13,7 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sora_async as sa
-from sora_async._governor import RequestKind
+from sora_async._governor import Governor, RequestKind
+from sora_async._models import TaskStatus
+from sora_async.testing import RedisServer
 
 pytestmark = pytest.mark.looptime
 
@@ -101,16 +110,84 @@ async def test_full_bucket_limiter_would_break_the_window() -> None:
     assert len(ours) >= 110  # and it still uses nearly the whole budget
 
 
-async def test_creates_go_before_queued_polls() -> None:
+class NoNews:
+    """A client that tracks nothing: the governor's news goes nowhere."""
+
+    def adopt(self, task_id: str, model: str) -> None:
+        """Ignore an adopted task."""
+
+    def announce(self, status: TaskStatus, trusted: bool) -> None:
+        """Ignore shared news."""
+
+
+MakeGovernor = Callable[..., Governor]
+
+
+@pytest.fixture(params=["local", pytest.param("redis", marks=pytest.mark.looptime(False))])
+async def make_governor(request: pytest.FixtureRequest) -> AsyncIterator[MakeGovernor]:
+    """Build governors of one kind, their background work running; a Redis one on a fresh key."""
+    started: list[tuple[Governor, asyncio.Task[None]]] = []
+    server: RedisServer | None = None
+    if request.param == "redis":
+        server = request.getfixturevalue("redis_server")
+
+    def make(limits: sa.Limits, *, jitter_margin: float = 0.2, **options: Any) -> Governor:
+        governor: Governor
+        if server is None:
+            governor = sa.LocalGovernor(limits, jitter_margin=jitter_margin, **options)
+        else:
+            governor = sa.RedisGovernor(
+                server.url,
+                api_key=secrets.token_hex(8),
+                limits=limits,
+                jitter_margin=jitter_margin,
+                lease=1.0,
+                **options,
+            )
+        started.append((governor, asyncio.ensure_future(governor.run(NoNews()))))
+        return governor
+
+    yield make
+    for governor, background in started:
+        background.cancel()
+        await asyncio.gather(background, return_exceptions=True)
+        await governor.aclose()
+
+
+async def test_window_bound_holds_under_a_burst(make_governor: MakeGovernor) -> None:
+    """Thirty requests of every kind arriving in bursts: no 2-s window holds more than 10
+    grants, even when every other grant reaches the server the jitter margin late."""
+    margin = 0.2
+    governor = make_governor(sa.Limits(requests=10, period=2.0), jitter_margin=margin)
+    loop = asyncio.get_running_loop()
+    chance = random.Random(7)
+    kinds: list[RequestKind] = ["create", "status", "status", "confirm", "balance"]
+    granted: list[float] = []
+
+    async def caller(at: float, kind: RequestKind) -> None:
+        await asyncio.sleep(at)
+        await governor.request(kind)
+        granted.append(loop.time())
+
+    await asyncio.gather(
+        *(caller(chance.choice([0.0, 0.5, 2.5]), chance.choice(kinds)) for _ in range(30))
+    )
+    assert len(granted) == 30
+    assert max_in_window(granted, 2.0) <= 10
+    skewed = [t + (margin if i % 2 else 0.0) for i, t in enumerate(sorted(granted))]
+    assert max_in_window(skewed, 2.0) <= 10
+
+
+async def test_creates_go_before_queued_polls(make_governor: MakeGovernor) -> None:
     """A create never waits behind polls already queued."""
-    governor = sa.LocalGovernor(sa.Limits(requests=10, period=10.0))
+    governor = make_governor(sa.Limits(requests=10, period=2.0))
     order: list[str] = []
 
     async def ask(kind: RequestKind, label: str) -> None:
         await governor.request(kind)
         order.append(label)
 
-    await governor.request("status")  # the bucket is now empty: everyone queues
+    await governor.request("status")  # polls are paced now: everyone queues
     polls = [asyncio.ensure_future(ask("status", f"poll{i}")) for i in range(5)]
     await asyncio.sleep(0)
     create = asyncio.ensure_future(ask("create", "create"))
@@ -119,9 +196,9 @@ async def test_creates_go_before_queued_polls() -> None:
     assert order[1:] == [f"poll{i}" for i in range(5)]
 
 
-async def test_slots_are_first_come_first_served() -> None:
+async def test_slots_are_first_come_first_served(make_governor: MakeGovernor) -> None:
     """Slot waiters are served in arrival order, and a cancelled waiter loses nothing."""
-    governor = sa.LocalGovernor(sa.Limits(concurrent_tasks=2))
+    governor = make_governor(sa.Limits(concurrent_tasks=2))
     await governor.acquire_slot()
     await governor.acquire_slot()
     served: list[int] = []
@@ -130,42 +207,60 @@ async def test_slots_are_first_come_first_served() -> None:
         await governor.acquire_slot()
         served.append(index)
 
-    waiters = [asyncio.ensure_future(wait_for_slot(i)) for i in range(5)]
-    await asyncio.sleep(1)
+    waiters = []
+    for index in range(5):
+        waiters.append(asyncio.ensure_future(wait_for_slot(index)))
+        await asyncio.sleep(0.05)  # a definite order of arrival
+    await asyncio.sleep(0.3)
     waiters[1].cancel()
     for _ in range(4):
         governor.release_slot()
-        await asyncio.sleep(1)
+        await asyncio.sleep(0.3)
     assert served == [0, 2, 3, 4]
     assert governor.slots_in_use == 2
     await asyncio.gather(*waiters, return_exceptions=True)
 
 
-async def test_uncertain_hold_releases_later() -> None:
-    """A slot held for an uncertain create comes back after the hold period."""
-    governor = sa.LocalGovernor(sa.Limits(concurrent_tasks=1))
+async def test_uncertain_hold_releases_later(make_governor: MakeGovernor) -> None:
+    """A slot held for an uncertain create comes back after the hold period, not before."""
+    governor = make_governor(sa.Limits(concurrent_tasks=1))
     await governor.acquire_slot()
-    governor.release_slot_later(300)
+    governor.release_slot_later(1.5)
     loop = asyncio.get_running_loop()
     start = loop.time()
     await governor.acquire_slot()
-    assert loop.time() - start == pytest.approx(300, abs=0.01)
+    assert loop.time() - start == pytest.approx(1.5, abs=0.25)
 
 
-async def test_429_pauses_everyone_and_shrinks_then_recovers() -> None:
+async def test_a_bound_slot_is_released_by_its_task(make_governor: MakeGovernor) -> None:
+    """A slot bound to a task is freed when that task ends, not by another task's end."""
+    governor = make_governor(sa.Limits(concurrent_tasks=2))
+    await governor.acquire_slot()
+    governor.bind_slot("task_a", "sora-2-pro")
+    await governor.acquire_slot()
+    governor.bind_slot("task_b", "sora-2-pro")
+    governor.release_slot("task_a")
+    await asyncio.wait_for(governor.acquire_slot(), 2.0)
+    await asyncio.sleep(0.2)
+    assert governor.slots_in_use == 2
+
+
+async def test_429_pauses_everyone_and_shrinks_then_recovers(make_governor: MakeGovernor) -> None:
     """After a 429 all requests wait out Retry-After; rate and slots shrink, then probe up."""
-    governor = sa.LocalGovernor(sa.Limits(requests=60, period=60.0, concurrent_tasks=10))
+    governor = make_governor(sa.Limits(requests=60, period=60.0, concurrent_tasks=10))
     loop = asyncio.get_running_loop()
     for _ in range(6):
         await governor.acquire_slot()
     await governor.request("create")
-    governor.rate_limited("create", 30.0)
+    governor.rate_limited("create", 1.0)
+    await asyncio.sleep(0.2)  # a shared governor carries the report to Redis
     assert governor.slot_limit == 5  # the server refused a 7th task: 6 in use, minus one
     assert governor.rate_factor == pytest.approx(0.7)
     start = loop.time()
     await governor.request("status")
-    assert loop.time() - start >= 30.0
+    assert loop.time() - start >= 0.75
     for _ in range(200):
         governor.request_succeeded("create")
+    await asyncio.sleep(0.2)
     assert governor.rate_factor == 1.0
     assert governor.slot_limit == 10

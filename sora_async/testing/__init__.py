@@ -9,6 +9,7 @@ run it standalone.
 
 from ._fake import DEFAULT_MODELS, FakeApixo
 from ._faults import Fault, FaultSpec
+from ._redis import RedisServer, redis_server_binary
 from ._serve import main, serve
 from ._state import Stats, TaskRecord, TaskState
 from ._timing import GenerationTime, fixed, heavy_tailed, lognormal, uniform
@@ -19,6 +20,7 @@ __all__ = [
     "Fault",
     "FaultSpec",
     "GenerationTime",
+    "RedisServer",
     "Stats",
     "TaskRecord",
     "TaskState",
@@ -26,6 +28,7 @@ __all__ = [
     "heavy_tailed",
     "lognormal",
     "main",
+    "redis_server_binary",
     "serve",
     "uniform",
 ]

@@ -1,0 +1,238 @@
+"""The Lua scripts of the Redis governor: each decision one atomic step on Redis's clock."""
+
+from __future__ import annotations
+
+__all__ = ["ACQUIRE", "APPLY", "RATE_INCREASE", "RENEW", "REQUEST"]
+
+# AIMD, as in LocalGovernor: cut 30% per 429, win back 2.5% per `probe_after` successes.
+RATE_DECREASE = 0.7
+RATE_INCREASE = 0.025
+MIN_RATE_FACTOR = 0.25
+
+# Shared by every script: Redis's clock in milliseconds, exact number formatting (Lua's
+# tostring keeps 14 digits, too few for epoch milliseconds), and the epoch check.
+# The epoch names one life of the Redis data. A process that knew another epoch sees
+# that the data was lost: nobody knows what was sent in the last window or which
+# slots are held, so requests pause one window and slots wait for every live
+# process to re-register them (one lease).
+PRELUDE = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
+local function num(x) return string.format('%.3f', x) end
+local function getnum(key, default)
+  local v = redis.call('GET', key)
+  if v then return tonumber(v) end
+  return default
+end
+local function raise_to(key, value)
+  if value > getnum(key, 0) then redis.call('SET', key, num(value)) end
+end
+local function check_epoch(epoch_key, pause_key, recover_key, known, owner, window, lease)
+  local epoch = redis.call('GET', epoch_key)
+  if not epoch then
+    epoch = num(now) .. '/' .. owner
+    redis.call('SET', epoch_key, epoch)
+  end
+  if known ~= '' and epoch ~= known then
+    local born = tonumber(string.match(epoch, '^([%d%.]+)/'))
+    raise_to(pause_key, born + window)
+    raise_to(recover_key, born + lease)
+  end
+  return epoch
+end
+"""
+
+# KEYS: grants, pause, factor, last_poll, epoch, recover
+# ARGV: epoch, owner, member, window_ms, requests, reserve, paced, spacing_ms, lease_ms
+REQUEST = (
+    PRELUDE
+    + """
+local window = tonumber(ARGV[4])
+local epoch = check_epoch(KEYS[5], KEYS[2], KEYS[6], ARGV[1], ARGV[2], window, tonumber(ARGV[9]))
+local wait = getnum(KEYS[2], 0) - now
+local factor = getnum(KEYS[3], 1)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', num(now - window))
+local n = redis.call('ZCARD', KEYS[1])
+local limit = math.max(1, math.floor(tonumber(ARGV[5]) * factor + 1e-9))
+local paced = ARGV[7] == '1'
+local cap = limit
+if paced then cap = math.max(1, limit - tonumber(ARGV[6])) end
+if n >= cap then
+  -- the grant that must leave the window before one more may enter it
+  local leaving = redis.call('ZRANGE', KEYS[1], n - cap, n - cap, 'WITHSCORES')
+  wait = math.max(wait, tonumber(leaving[2]) + window - now)
+end
+if paced then
+  wait = math.max(wait, getnum(KEYS[4], -1e18) + tonumber(ARGV[8]) / factor - now)
+end
+if wait > 0 then return {0, num(wait), epoch, num(factor), n} end
+redis.call('ZADD', KEYS[1], num(now), ARGV[3])
+redis.call('PEXPIRE', KEYS[1], math.ceil(window) + 1000)
+if paced then redis.call('SET', KEYS[4], num(now), 'PX', math.ceil(window)) end
+return {1, '0', epoch, num(factor), n + 1}
+"""
+)
+
+# KEYS: slots, tickets, owners, seq, slot_limit, epoch, pause, recover
+# ARGV: epoch, owner, ticket, nominal, window_ms, lease_ms
+ACQUIRE = (
+    PRELUDE
+    + """
+local epoch = check_epoch(KEYS[6], KEYS[7], KEYS[8], ARGV[1], ARGV[2],
+                          tonumber(ARGV[5]), tonumber(ARGV[6]))
+local alive = redis.call('ZSCORE', KEYS[3], ARGV[2])
+if (not alive) or tonumber(alive) < now then return {-1, '0', epoch, 0} end
+local recover = getnum(KEYS[8], 0)
+if recover > now then return {0, num(recover - now), epoch, 0} end
+-- uncertain creates free their slots by time
+local next_free = -1
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local rec = cjson.decode(all[i + 1])
+  if rec.f > 0 then
+    if rec.f <= now then redis.call('HDEL', KEYS[1], all[i])
+    elseif next_free < 0 or rec.f < next_free then next_free = rec.f end
+  end
+end
+if not redis.call('ZSCORE', KEYS[2], ARGV[3]) then
+  redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[4]), ARGV[3])
+end
+local rank = redis.call('ZRANK', KEYS[2], ARGV[3])
+local used = redis.call('HLEN', KEYS[1])
+local limit = getnum(KEYS[5], tonumber(ARGV[4]))
+if rank < limit - used then
+  redis.call('ZREM', KEYS[2], ARGV[3])
+  redis.call('HSET', KEYS[1], ARGV[3],
+             cjson.encode({o = ARGV[2], t = '', m = '', s = now, f = 0}))
+  return {1, '0', epoch, used + 1}
+end
+if next_free > 0 then return {0, num(next_free - now), epoch, used} end
+return {0, '-1', epoch, used}
+"""
+)
+
+# KEYS: slots, tickets, pause, factor, slot_limit
+# ARGV: owner, channel, nominal, then groups of four: op, token, a, b
+APPLY = PRELUDE + (
+    """
+local owner = ARGV[1]
+local freed = false
+for i = 4, #ARGV, 4 do
+  local op, token, a, b = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  if op == 'bind' or op == 'hold' or op == 'free' then
+    local raw = redis.call('HGET', KEYS[1], token)
+    local rec = raw and cjson.decode(raw)
+    if rec and rec.o == owner then
+      if op == 'free' then
+        redis.call('HDEL', KEYS[1], token)
+        freed = true
+      else
+        if op == 'bind' then rec.t = a; rec.m = b else rec.f = now + tonumber(a) end
+        redis.call('HSET', KEYS[1], token, cjson.encode(rec))
+      end
+    end
+  elseif op == 'cancel' then
+    -- a waiter gave up: its ticket goes, and a slot granted just then is given back
+    redis.call('ZREM', KEYS[2], token)
+    local raw = redis.call('HGET', KEYS[1], token)
+    if raw and cjson.decode(raw).o == owner then redis.call('HDEL', KEYS[1], token) end
+    freed = true
+  elseif op == 'news' then
+    redis.call('PUBLISH', ARGV[2], a)
+  elseif op == 'limited' then
+    raise_to(KEYS[3], now + tonumber(a))
+    redis.call('SET', KEYS[4], num(math.max(@MIN_FACTOR@, getnum(KEYS[4], 1) * @DECREASE@)))
+    if b == 'create' then
+      local limit = getnum(KEYS[5], tonumber(ARGV[3]))
+      redis.call('SET', KEYS[5], math.max(1, math.min(limit, redis.call('HLEN', KEYS[1])) - 1))
+    end
+  elseif op == 'probe' then
+    redis.call('SET', KEYS[4], num(math.min(1, getnum(KEYS[4], 1) + @INCREASE@)))
+  elseif op == 'slot_probe' then
+    redis.call('SET', KEYS[5], math.min(tonumber(ARGV[3]), getnum(KEYS[5], tonumber(ARGV[3])) + 1))
+    freed = true
+  end
+end
+if freed then redis.call('PUBLISH', ARGV[2], '{"kind":"freed"}') end
+return {num(getnum(KEYS[4], 1)), getnum(KEYS[5], tonumber(ARGV[3])), redis.call('HLEN', KEYS[1])}
+""".replace("@MIN_FACTOR@", repr(MIN_RATE_FACTOR))
+    .replace("@DECREASE@", repr(RATE_DECREASE))
+    .replace("@INCREASE@", repr(RATE_INCREASE))
+)
+
+# KEYS: owners, slots, tickets, epoch, pause, recover, grants, factor, slot_limit
+# ARGV: epoch, owner, lease_ms, window_ms, hold_ms, channel, period_ms, nominal,
+#       then groups of four for each slot this process holds: token, task, model, hold_ms
+RENEW = (
+    PRELUDE
+    + """
+local owner = ARGV[2]
+local known = ARGV[1]
+local epoch = check_epoch(KEYS[4], KEYS[5], KEYS[6], known, owner,
+                          tonumber(ARGV[4]), tonumber(ARGV[3]))
+local data_lost = known ~= '' and epoch ~= known
+local lost = {}
+for i = 9, #ARGV, 4 do
+  local token = ARGV[i]
+  local raw = redis.call('HGET', KEYS[2], token)
+  local held = tonumber(ARGV[i + 3])
+  local mine = {o = owner, t = ARGV[i + 1], m = ARGV[i + 2], s = now, f = 0}
+  if held > 0 then mine.f = now + held end
+  if raw then
+    local rec = cjson.decode(raw)
+    if rec.o == owner then
+      mine.s = rec.s
+      redis.call('HSET', KEYS[2], token, cjson.encode(mine))
+    else
+      table.insert(lost, token)  -- adopted by another process while our lease had lapsed
+    end
+  elseif data_lost then
+    redis.call('HSET', KEYS[2], token, cjson.encode(mine))
+  else
+    table.insert(lost, token)
+  end
+end
+redis.call('ZADD', KEYS[1], num(now + tonumber(ARGV[3])), owner)
+-- A dead process's tasks still run and hold the key's slots: adopt them. Its slots
+-- with no task (a create in flight when it died) are held as uncertain, then freed.
+local alive = {}
+local function is_alive(o)
+  if alive[o] == nil then
+    local score = redis.call('ZSCORE', KEYS[1], o)
+    alive[o] = score ~= false and score ~= nil and tonumber(score) >= now
+  end
+  return alive[o]
+end
+local adopted = {}
+local freed = false
+local all = redis.call('HGETALL', KEYS[2])
+for i = 1, #all, 2 do
+  local token, rec = all[i], cjson.decode(all[i + 1])
+  if rec.f > 0 and rec.f <= now then
+    redis.call('HDEL', KEYS[2], token)
+    freed = true
+  elseif not is_alive(rec.o) then
+    if rec.t ~= '' then
+      rec.o = owner
+      table.insert(adopted, token); table.insert(adopted, rec.t); table.insert(adopted, rec.m)
+    elseif rec.f == 0 then
+      rec.f = now + tonumber(ARGV[5])
+    end
+    redis.call('HSET', KEYS[2], token, cjson.encode(rec))
+  end
+end
+for _, dead in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. num(now))) do
+  redis.call('ZREM', KEYS[1], dead)
+end
+for _, ticket in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
+  if not is_alive(string.match(ticket, '^([^:]*)')) then
+    redis.call('ZREM', KEYS[3], ticket)
+    freed = true
+  end
+end
+if freed then redis.call('PUBLISH', ARGV[6], '{"kind":"freed"}') end
+local in_window = redis.call('ZCOUNT', KEYS[7], num(now - tonumber(ARGV[7])), '+inf')
+return {epoch, lost, adopted, redis.call('HLEN', KEYS[2]),
+        getnum(KEYS[9], tonumber(ARGV[8])), num(getnum(KEYS[8], 1)), in_window}
+"""
+)

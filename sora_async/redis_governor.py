@@ -1,0 +1,604 @@
+"""The governor on Redis: one API key's limits shared by every process and host using it.
+
+Install the extra (``pip install "sora-async[redis]"``) and give every process the
+same Redis::
+
+    governor = sa.RedisGovernor("redis://cache:6379/0")   # or SORA_ASYNC_REDIS_URL
+    async with sa.SoraClient(governor=governor) as client: ...
+
+Each decision is one Lua script, atomic on Redis and timed by Redis's own clock
+(``TIME``), so hosts whose clocks disagree still share one window. See the README's
+"Many processes, one key" for the clock, lease and failure model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import json
+import logging
+import os
+import random
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ._errors import InputError, RedisUnavailableError
+from ._governor import RequestKind, RequestQueue, TaskNews
+from ._models import Limits, TaskStatus
+from ._redis_scripts import ACQUIRE, APPLY, RATE_INCREASE, RENEW, REQUEST
+
+__all__ = ["RedisGovernor"]
+
+logger = logging.getLogger("sora_async")
+
+_T = TypeVar("_T")
+_MIN_WAIT = 1e-3
+
+
+@dataclass
+class _Slot:
+    """A slot this process holds, as it knows it (the truth it re-registers after a loss)."""
+
+    task_id: str = ""
+    model: str = ""
+    free_at: float | None = None  # loop time an uncertain hold ends
+
+
+_status_encoder = msgspec.json.Encoder()
+_status_decoder = msgspec.json.Decoder(TaskStatus)
+
+
+class RedisGovernor:
+    """Keep every process and host using one API key inside the key's limits, through Redis.
+
+    Requests: a sliding log of grants on Redis's clock, so that no window of
+    ``period + jitter_margin`` holds more than ``requests`` grants from all
+    processes together; polls are paced and may not take the last
+    ``create_reserve`` places of a window, which stay for creates and callback
+    confirmations. A 429 seen by any process pauses all of them and shrinks a shared
+    rate factor (AIMD). Slots: a lease semaphore with first-come-first-served
+    tickets. Each slot records the task that holds it; when a process dies its
+    tasks are adopted by a live process, polled to their end, and only then freed.
+    When Redis cannot be reached nothing is sent: work waits up to ``redis_timeout``
+    seconds, then raises :class:`RedisUnavailableError`.
+
+    Key names carry a hash of the API key and the model, never the key itself.
+    Raises :class:`InputError` for a bad URL, key or setting.
+
+    Example::
+
+        governor = sa.RedisGovernor("redis://localhost:6379/0")
+        async with sa.SoraClient(governor=governor) as client: ...
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        api_key: str | None = None,
+        model: str = "sora-2-pro",
+        limits: Limits | None = None,
+        jitter_margin: float = 1.0,
+        create_reserve: int = 2,
+        lease: float = 15.0,
+        uncertain_hold: float = 600.0,
+        redis_timeout: float = 120.0,
+        backoff_base: float = 1.0,
+        backoff_cap: float = 60.0,
+        probe_after: int = 10,
+        seed: int | None = None,
+    ) -> None:
+        self.url = url or os.environ.get("SORA_ASYNC_REDIS_URL") or ""
+        if not self.url.startswith(("redis://", "rediss://", "unix://")):
+            raise InputError(
+                "url", "must be a redis://, rediss:// or unix:// URL (or set SORA_ASYNC_REDIS_URL)"
+            )
+        key = api_key if api_key is not None else os.environ.get("APIXO_API_KEY")
+        if not key:
+            raise InputError("api_key", "is required: pass api_key= or set APIXO_API_KEY")
+        self.limits = limits if limits is not None else Limits()
+        if jitter_margin < 0:
+            raise InputError("jitter_margin", "must be zero or more seconds")
+        if not 0 <= create_reserve < self.limits.requests:
+            raise InputError("create_reserve", "must be at least 0 and below limits.requests")
+        if lease <= 0 or redis_timeout <= 0 or uncertain_hold < 0:
+            raise InputError("lease", "lease and redis_timeout must be positive seconds")
+        self.model = model
+        # Who shares: a hash of the key and the model. The braces keep every key of one
+        # budget in one Redis Cluster slot, as multi-key scripts need.
+        identity = hashlib.sha256(f"{key}\0{model}".encode()).hexdigest()[:16]
+        self.prefix = f"sora-async:{{{identity}}}"
+        self.owner = secrets.token_hex(8)  # this process's name in Redis
+        self.lease = lease
+        self.uncertain_hold = uncertain_hold
+        self.redis_timeout = redis_timeout
+        self._window = self.limits.period + jitter_margin
+        self._spacing = self._window / (self.limits.requests - 1)
+        self._reserve = create_reserve
+        self._random = random.Random(seed)
+        self._backoff_base = backoff_base
+        self._backoff_cap = backoff_cap
+        self._probe_after = probe_after
+        self._redis: aioredis.Redis | None = None
+        self._scripts: dict[str, Any] = {}
+        self._epoch = ""
+        self._queue = RequestQueue()
+        self._members = itertools.count()
+        self._not_before = 0.0  # a 429 seen here pauses this process at once
+        self._consecutive_429 = 0
+        self._successes = 0
+        self._create_successes = 0
+        # The key's figures as last read from Redis.
+        self._rate_factor = 1.0
+        self._slot_limit = self.limits.concurrent_tasks
+        self._slots_in_use = 0
+        self._in_window = 0
+        # Slots: what this process holds, and what it must still tell Redis.
+        self._mine: dict[str, _Slot] = {}
+        self._outbox: list[str] = []
+        self._outbox_ready = asyncio.Event()
+        self._registered = asyncio.Event()
+        self._slots_freed = asyncio.Event()
+        self._renewed_at: float | None = None
+        self.round_trips = 0  # scripts run, for the benchmark's round trips per request
+
+    def __repr__(self) -> str:
+        return f"RedisGovernor(prefix={self.prefix!r}, owner={self.owner!r})"
+
+    # --- Redis access -------------------------------------------------------------------
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}:{name}"
+
+    @property
+    def _channel(self) -> str:
+        return self._key("news")
+
+    def _client(self) -> aioredis.Redis:
+        if self._redis is None:
+            self._redis = aioredis.from_url(
+                self.url,
+                decode_responses=True,
+                socket_connect_timeout=2.0,
+                socket_timeout=5.0,
+                health_check_interval=10,
+            )
+            for name, lua in (
+                ("request", REQUEST),
+                ("acquire", ACQUIRE),
+                ("apply", APPLY),
+                ("renew", RENEW),
+            ):
+                self._scripts[name] = self._redis.register_script(lua)
+        return self._redis
+
+    async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """Run one script, waiting out a Redis outage up to ``redis_timeout``."""
+        return await self._patiently(lambda: self._scripts[name](keys=keys, args=args))
+
+    async def _patiently(self, call: Callable[[], Awaitable[_T]]) -> _T:
+        self._client()
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
+        attempt = 0
+        while True:
+            try:
+                result = await call()
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                now = loop.time()
+                if deadline is None:
+                    deadline = now + self.redis_timeout
+                    logger.warning("Redis unreachable (%s): waiting, nothing is sent", exc)
+                if now >= deadline:
+                    raise RedisUnavailableError(
+                        f"Redis at {_safe_url(self.url)} unreachable for "
+                        f"{self.redis_timeout:g} s: {exc}"
+                    ) from exc
+                attempt += 1
+                pause = min(2.0, 0.05 * 2**attempt) * self._random.uniform(0.5, 1.0)
+                await asyncio.sleep(min(pause, max(deadline - now, _MIN_WAIT)))
+                continue
+            except RedisError as exc:
+                raise RedisUnavailableError(f"Redis refused a governor script: {exc}") from exc
+            self.round_trips += 1
+            if deadline is not None:
+                logger.warning("Redis reachable again")
+            return result
+
+    # --- request budget -----------------------------------------------------------------
+
+    @property
+    def rate_factor(self) -> float:
+        """Return the key's share of the nominal rate in force (1.0 unless 429s were seen)."""
+        return self._rate_factor
+
+    def requests_in_window(self) -> int:
+        """Return how many requests all processes were granted in the last window, as last read."""
+        return self._in_window
+
+    async def request(self, kind: RequestKind) -> None:
+        """Wait until one request of ``kind`` may be sent by this process, and spend it."""
+        await self._queue.serve(kind, self._try_send)
+
+    async def _try_send(self, kind: RequestKind) -> float:
+        now = asyncio.get_running_loop().time()
+        if self._not_before > now:
+            return self._not_before - now
+        paced = kind == "status"
+        granted, wait_ms, epoch, factor, in_window = await self._script(
+            "request",
+            [
+                self._key("grants"),
+                self._key("pause"),
+                self._key("factor"),
+                self._key("last_poll"),
+                self._key("epoch"),
+                self._key("recover"),
+            ],
+            [
+                self._epoch,
+                self.owner,
+                f"{self.owner}:{next(self._members)}",
+                self._window * 1000,
+                self.limits.requests,
+                self._reserve,
+                1 if paced else 0,
+                self._spacing * 1000,
+                self.lease * 1000,
+            ],
+        )
+        self._note_epoch(epoch)
+        self._rate_factor = float(factor)
+        self._in_window = int(in_window)
+        if int(granted):
+            return 0.0
+        wait = max(float(wait_ms) / 1000, _MIN_WAIT)
+        # Jitter: processes woken by one event must not all arrive in the same instant.
+        return wait + self._random.uniform(0, min(0.05, wait / 10))
+
+    def rate_limited(self, kind: RequestKind, retry_after: float | None) -> None:
+        """Pause every process and shrink the key's rate (and slots, for a create)."""
+        now = asyncio.get_running_loop().time()
+        self._consecutive_429 += 1
+        self._successes = 0
+        if retry_after is not None and retry_after >= 0:
+            pause = retry_after
+        else:
+            ceiling = min(self._backoff_cap, self._backoff_base * 2 ** (self._consecutive_429 - 1))
+            pause = ceiling * self._random.uniform(0.5, 1.0)
+        self._not_before = max(self._not_before, now + pause)
+        if kind == "create":
+            self._create_successes = 0
+        self._send("limited", "", f"{pause * 1000:.3f}", kind)
+        logger.warning("429 on %s: pausing every process %.1f s", kind, pause)
+
+    def request_succeeded(self, kind: RequestKind) -> None:
+        """Count a success; after enough of them, raise the key's rate and slots one step."""
+        self._consecutive_429 = 0
+        self._successes += 1
+        if self._successes >= self._probe_after and self._rate_factor < 1.0:
+            self._successes = 0
+            self._rate_factor = min(1.0, self._rate_factor + RATE_INCREASE)
+            self._send("probe")
+        if kind == "create" and self._slot_limit < self.limits.concurrent_tasks:
+            self._create_successes += 1
+            if self._create_successes >= self.limits.concurrent_tasks:
+                self._create_successes = 0
+                self._slot_limit += 1
+                self._send("slot_probe")
+
+    # --- task slots ---------------------------------------------------------------------
+
+    @property
+    def slots_in_use(self) -> int:
+        """Return how many of the key's slots all processes hold, as last read."""
+        return self._slots_in_use
+
+    @property
+    def slot_limit(self) -> int:
+        """Return how many slots the key may hold now (shrinks after 429s on creates)."""
+        return self._slot_limit
+
+    @property
+    def slots_held_here(self) -> int:
+        """Return how many slots this process holds."""
+        return len(self._mine)
+
+    async def acquire_slot(self) -> None:
+        """Wait, first come first served across every process, for a task slot."""
+        ticket = f"{self.owner}:t{next(self._members)}"
+        granted = False
+        try:
+            while True:
+                await self._wait_registered()
+                freed = self._slots_freed
+                result, wait_ms, epoch, used = await self._script(
+                    "acquire",
+                    [
+                        self._key("slots"),
+                        self._key("tickets"),
+                        self._key("owners"),
+                        self._key("seq"),
+                        self._key("slot_limit"),
+                        self._key("epoch"),
+                        self._key("pause"),
+                        self._key("recover"),
+                    ],
+                    [
+                        self._epoch,
+                        self.owner,
+                        ticket,
+                        self.limits.concurrent_tasks,
+                        self._window * 1000,
+                        self.lease * 1000,
+                    ],
+                )
+                self._note_epoch(epoch)
+                if int(used):
+                    self._slots_in_use = int(used)
+                if int(result) == 1:
+                    granted = True
+                    self._mine[ticket] = _Slot()
+                    return
+                if int(result) == -1:
+                    # Our lease lapsed (a long pause, a partition): re-register first.
+                    self._registered.clear()
+                    self._outbox_ready.set()
+                    continue
+                # Wake when any process frees a slot, or when the next hold runs out;
+                # a slow look now and then covers a lost message.
+                timeout = float(wait_ms) / 1000 if float(wait_ms) > 0 else self.lease / 3
+                with anyio.move_on_after(min(timeout, self.lease / 3)):
+                    await freed.wait()
+                await asyncio.sleep(self._random.uniform(0, 0.005))
+        finally:
+            if not granted:
+                self._send("cancel", ticket)
+
+    async def _wait_registered(self) -> None:
+        if self._registered.is_set():
+            return
+        self._outbox_ready.set()
+        with anyio.move_on_after(self.redis_timeout + self.lease):
+            await self._registered.wait()
+            return
+        raise RedisUnavailableError(
+            f"could not register with Redis at {_safe_url(self.url)} "
+            f"within {self.redis_timeout + self.lease:g} s"
+        )
+
+    def bind_slot(self, task_id: str, model: str) -> None:
+        """Record that a slot of this process is held by ``task_id`` (adopted if we die)."""
+        for token, slot in self._mine.items():
+            if not slot.task_id and slot.free_at is None:
+                slot.task_id, slot.model = task_id, model
+                self._send("bind", token, task_id, model)
+                return
+
+    def release_slot(self, task_id: str | None = None) -> None:
+        """Give back the slot of ``task_id`` (or one with no task) to every process."""
+        token = self._find(task_id) if task_id else None
+        if token is None:
+            token = self._find("")
+        if token is None:
+            return  # adopted by another process while our lease had lapsed: theirs now
+        del self._mine[token]
+        self._send("free", token)
+
+    def release_slot_later(self, delay: float) -> None:
+        """Hold a slot with no task for ``delay`` seconds (an uncertain create), then free it."""
+        token = self._find("")
+        if token is None:
+            return
+        self._mine[token].free_at = asyncio.get_running_loop().time() + delay
+        self._send("hold", token, f"{delay * 1000:.3f}")
+
+    def _find(self, task_id: str) -> str | None:
+        for token, slot in self._mine.items():
+            if slot.task_id == task_id and slot.free_at is None:
+                return token
+        return None
+
+    # --- news between processes -----------------------------------------------------------
+
+    def share(self, status: TaskStatus, *, trusted: bool) -> None:
+        """Publish news of a task to every process; the one tracking it takes it."""
+        payload = json.dumps(
+            {
+                "kind": "news",
+                "trusted": trusted,
+                "status": json.loads(_status_encoder.encode(status)),
+            }
+        )
+        self._send("news", "", payload)
+
+    def _send(self, op: str, token: str = "", a: str = "", b: str = "") -> None:
+        self._outbox += [op, token, a, b]
+        self._outbox_ready.set()
+
+    # --- background work ------------------------------------------------------------------
+
+    async def run(self, news: TaskNews) -> None:
+        """Renew this process's lease, adopt dead processes' tasks, carry reports and news."""
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._listen, news)
+            await self._maintain(news)
+
+    async def _maintain(self, news: TaskNews) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.lease / 3
+        while True:
+            try:
+                await self._flush()
+                if (
+                    self._renewed_at is None
+                    or loop.time() - self._renewed_at >= interval
+                    or (not self._registered.is_set())
+                ):
+                    await self._renew(news)
+            except RedisUnavailableError as exc:
+                # Keep the reports; callers waiting for permits raise on their own deadline.
+                logger.warning("shared governor: %s", exc)
+            if self._renewed_at is not None and loop.time() - self._renewed_at > self.lease:
+                self._registered.clear()  # the lease may have lapsed: no creates until renewed
+            due = (
+                interval if self._renewed_at is None else self._renewed_at + interval - loop.time()
+            )
+            self._outbox_ready.clear()
+            if not self._outbox:
+                with anyio.move_on_after(max(due, _MIN_WAIT)):
+                    await self._outbox_ready.wait()
+
+    async def _flush(self) -> None:
+        while self._outbox:
+            ops, self._outbox = self._outbox, []
+            try:
+                factor, slot_limit, used = await self._script(
+                    "apply",
+                    [
+                        self._key("slots"),
+                        self._key("tickets"),
+                        self._key("pause"),
+                        self._key("factor"),
+                        self._key("slot_limit"),
+                    ],
+                    [self.owner, self._channel, self.limits.concurrent_tasks, *ops],
+                )
+            except BaseException:
+                self._outbox[:0] = ops  # sent again once Redis answers
+                raise
+            self._rate_factor = float(factor)
+            self._slot_limit = int(slot_limit)
+            self._slots_in_use = int(used)
+
+    async def _renew(self, news: TaskNews) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        held: list[Any] = []
+        for token, slot in list(self._mine.items()):
+            hold_ms = 0.0
+            if slot.free_at is not None:
+                hold_ms = (slot.free_at - now) * 1000
+                if hold_ms <= 0:
+                    del self._mine[token]  # Redis frees it by its own clock
+                    continue
+            held += [token, slot.task_id, slot.model, f"{hold_ms:.3f}"]
+        epoch, lost, adopted, used, slot_limit, factor, in_window = await self._script(
+            "renew",
+            [
+                self._key("owners"),
+                self._key("slots"),
+                self._key("tickets"),
+                self._key("epoch"),
+                self._key("pause"),
+                self._key("recover"),
+                self._key("grants"),
+                self._key("factor"),
+                self._key("slot_limit"),
+            ],
+            [
+                self._epoch,
+                self.owner,
+                self.lease * 1000,
+                self._window * 1000,
+                self.uncertain_hold * 1000,
+                self._channel,
+                self.limits.period * 1000,
+                self.limits.concurrent_tasks,
+                *held,
+            ],
+        )
+        if self._epoch and epoch != self._epoch:
+            logger.warning("Redis lost the governor's data: slots re-registered, one window paused")
+        self._note_epoch(epoch)
+        self._renewed_at = now
+        self._registered.set()
+        for token in lost:
+            self._mine.pop(token, None)
+        for token, task_id, model in zip(adopted[::3], adopted[1::3], adopted[2::3], strict=True):
+            logger.warning("adopting task %s of a process that stopped", task_id)
+            self._mine[token] = _Slot(task_id=task_id, model=model)
+            news.adopt(task_id, model)
+        self._slots_in_use = int(used)
+        self._slot_limit = int(slot_limit)
+        self._rate_factor = float(factor)
+        self._in_window = int(in_window)
+
+    def _note_epoch(self, epoch: str) -> None:
+        if self._epoch and epoch != self._epoch:
+            # The data was lost: re-register our slots before anyone creates.
+            self._registered.clear()
+            self._outbox_ready.set()
+        self._epoch = epoch
+
+    async def _listen(self, news: TaskNews) -> None:
+        """Follow the news channel: freed slots wake waiters, task news goes to the client."""
+        attempt = 0
+        while True:
+            pubsub = self._client().pubsub()
+            try:
+                await pubsub.subscribe(self._channel)
+                attempt = 0
+                self._wake_slot_waiters()  # anything freed while we were away
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
+                    if message is not None:
+                        self._take(message.get("data"), news)
+            except (RedisError, OSError):
+                attempt += 1
+                await asyncio.sleep(min(2.0, 0.05 * 2**attempt) * self._random.uniform(0.5, 1.0))
+            finally:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _take(self, data: object, news: TaskNews) -> None:
+        try:
+            message = json.loads(data) if isinstance(data, str) else None
+            if not isinstance(message, dict):
+                return
+            if message.get("kind") == "freed":
+                self._wake_slot_waiters()
+            elif message.get("kind") == "news":
+                status = _status_decoder.decode(json.dumps(message["status"]))
+                news.announce(status, bool(message.get("trusted")))
+        except (ValueError, KeyError, TypeError, msgspec.MsgspecError, RecursionError):
+            logger.warning("ignored a malformed message on %s", self._channel)
+
+    def _wake_slot_waiters(self) -> None:
+        self._slots_freed.set()
+        self._slots_freed = asyncio.Event()
+
+    async def aclose(self) -> None:
+        """Hand this process's tasks to the others at once, and close the connection.
+
+        Their tasks still run on the service: a live process adopts and polls them.
+        """
+        if self._redis is None:
+            return
+        try:
+            with anyio.move_on_after(2.0):
+                await self._flush()
+                await self._redis.zadd(self._key("owners"), {self.owner: 0})
+        except (RedisError, OSError, RedisUnavailableError):
+            logger.warning("could not tell Redis that this process stopped; its lease will lapse")
+        finally:
+            await self._redis.aclose()
+            self._redis = None
+
+
+def _safe_url(url: str) -> str:
+    """Return the URL without a password."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"
