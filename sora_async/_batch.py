@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ __all__ = [
     "BatchProgress",
     "BatchReport",
     "load_requests",
+    "parse_shard",
     "run_batch",
 ]
 
@@ -159,6 +161,27 @@ def load_requests(path: Path, defaults: BatchDefaults | None = None) -> list[Bat
         seen[item_id] = number
         items.append(BatchItem(item_id, number, request))
     return items
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """Parse ``"K/N"`` (the K-th of N shares, 1 <= K <= N) into ``(K, N)``.
+
+    Raises InputError naming ``shard`` when it is not of that form.
+    """
+    k, slash, n = text.partition("/")
+    if not slash or not k.strip().isdigit() or not n.strip().isdigit():
+        raise InputError("shard", f"must be K/N such as 2/8, got {text!r}")
+    share = (int(k), int(n))
+    if not 1 <= share[0] <= share[1]:
+        raise InputError("shard", f"must have 1 <= K <= N, got {text!r}")
+    return share
+
+
+def in_shard(item_id: str, shard: tuple[int, int]) -> bool:
+    """Return whether an item belongs to shard ``(K, N)``: by a hash of its id, so that
+    every host that reads the same file agrees, whatever order it reads it in."""
+    k, n = shard
+    return int(hashlib.sha256(item_id.encode()).hexdigest()[:12], 16) % n == k - 1
 
 
 @dataclass(frozen=True)
@@ -322,12 +345,17 @@ class _Runner:
         await self.set(row, ItemState.DOWNLOADED, files=[str(p) for p in paths], error=None)
 
 
+def _named_for(name: str, suffix: str) -> str:
+    stem, dot, extension = name.rpartition(".")
+    return f"{stem}{suffix}{dot}{extension}"
+
+
 def _check_output(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".sora-async-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        # A probe of its own: shards of one batch may check one folder at once.
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".sora-async-write-test-"):
+            pass
     except OSError as exc:
         raise InputError("output", f"cannot write to {out}: {exc.strerror or exc}") from exc
 
@@ -361,6 +389,7 @@ async def run_batch(
     defaults: BatchDefaults | None = None,
     resubmit_uncertain: bool = False,
     on_progress: Callable[[BatchProgress], None] | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> BatchReport:
     """Generate every request of ``source`` into folder ``out``, durably.
 
@@ -370,15 +399,26 @@ async def run_batch(
     again after any stop: finished items are skipped, running tasks re-adopted, and
     no item is created twice. Raises AuthenticationError (everything stops) and
     InsufficientCreditsError (after in-flight tasks finish).
+
+    ``shard=(K, N)`` takes only the K-th of N shares of the file (by a hash of each
+    id), for several hosts sharing one file and one key (with a RedisGovernor); its
+    journal and manifest are named for the shard, so shards may share a folder.
     """
     started = time.monotonic()
     items = load_requests(Path(source), defaults)
+    suffix = ""
+    if shard is not None:
+        parse_shard(f"{shard[0]}/{shard[1]}")  # the same rule as the command line's
+        items = [item for item in items if in_shard(item.id, shard)]
+        suffix = f"-{shard[0]}of{shard[1]}"
     folder = Path(out)
     _check_output(folder)
-    journal_path = Path(journal) if journal is not None else folder / JOURNAL_NAME
+    journal_path = (
+        Path(journal) if journal is not None else folder / _named_for(JOURNAL_NAME, suffix)
+    )
     book = await Journal.open(journal_path)
     runner: _Runner | None = None
-    manifest = folder / MANIFEST_NAME
+    manifest = folder / _named_for(MANIFEST_NAME, suffix)
     try:
         await book.add([(item.id, item.line, item.request_json) for item in items])
         wanted = {item.id for item in items}

@@ -11,10 +11,10 @@ MIN_RATE_FACTOR = 0.25
 
 # Shared by every script: Redis's clock in milliseconds, exact number formatting (Lua's
 # tostring keeps 14 digits, too few for epoch milliseconds), and the epoch check.
-# The epoch names one life of the Redis data. A process that knew another epoch sees
-# that the data was lost: nobody knows what was sent in the last window or which
-# slots are held, so requests pause one window and slots wait for every live
-# process to re-register them (one lease).
+# The epoch names one life of the Redis data. A Redis that holds nothing for the key
+# (first use, or restarted without its data) cannot tell what was sent in the last
+# window or which tasks run: requests pause one window and slots wait one lease, in
+# which every live process re-registers its slots, unless told to trust it.
 PRELUDE = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
@@ -28,13 +28,18 @@ local function raise_to(key, value)
   if value > getnum(key, 0) then redis.call('SET', key, num(value)) end
 end
 local function check_epoch(epoch_key, pause_key, recover_key, known, owner, window, lease)
+  -- known: the epoch this process saw last; '' before its first answer, '*' if it was
+  -- told to trust a Redis that holds nothing for the key.
   local epoch = redis.call('GET', epoch_key)
+  local born = nil
   if not epoch then
     epoch = num(now) .. '/' .. owner
     redis.call('SET', epoch_key, epoch)
+    if known ~= '*' then born = now end
+  elseif known ~= '' and known ~= '*' and epoch ~= known then
+    born = tonumber(string.match(epoch, '^([%d%.]+)/'))
   end
-  if known ~= '' and epoch ~= known then
-    local born = tonumber(string.match(epoch, '^([%d%.]+)/'))
+  if born then
     raise_to(pause_key, born + window)
     raise_to(recover_key, born + lease)
   end
@@ -161,8 +166,10 @@ return {num(getnum(KEYS[4], 1)), getnum(KEYS[5], tonumber(ARGV[3])), redis.call(
 )
 
 # KEYS: owners, slots, tickets, epoch, pause, recover, grants, factor, slot_limit
-# ARGV: epoch, owner, lease_ms, window_ms, hold_ms, channel, period_ms, nominal,
+# ARGV: epoch, owner, lease_ms, window_ms, hold_ms, channel, period_ms, nominal, readd,
 #       then groups of four for each slot this process holds: token, task, model, hold_ms
+# A process is taken for dead one lease after its lease ran out: after a Redis restart
+# that kept the data, live processes renew within that grace, and keep their tasks.
 RENEW = (
     PRELUDE
     + """
@@ -170,9 +177,9 @@ local owner = ARGV[2]
 local known = ARGV[1]
 local epoch = check_epoch(KEYS[4], KEYS[5], KEYS[6], known, owner,
                           tonumber(ARGV[4]), tonumber(ARGV[3]))
-local data_lost = known ~= '' and epoch ~= known
+local data_lost = (known ~= '' and known ~= '*' and epoch ~= known) or ARGV[9] == '1'
 local lost = {}
-for i = 9, #ARGV, 4 do
+for i = 10, #ARGV, 4 do
   local token = ARGV[i]
   local raw = redis.call('HGET', KEYS[2], token)
   local held = tonumber(ARGV[i + 3])
@@ -199,7 +206,7 @@ local alive = {}
 local function is_alive(o)
   if alive[o] == nil then
     local score = redis.call('ZSCORE', KEYS[1], o)
-    alive[o] = score ~= false and score ~= nil and tonumber(score) >= now
+    alive[o] = score ~= false and tonumber(score) >= now - tonumber(ARGV[3])
   end
   return alive[o]
 end
@@ -221,7 +228,8 @@ for i = 1, #all, 2 do
     redis.call('HSET', KEYS[2], token, cjson.encode(rec))
   end
 end
-for _, dead in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. num(now))) do
+local dead_before = '(' .. num(now - tonumber(ARGV[3]))
+for _, dead in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', dead_before)) do
   redis.call('ZREM', KEYS[1], dead)
 end
 for _, ticket in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do

@@ -22,10 +22,10 @@ from rich.live import Live
 from rich.table import Table
 
 from . import _models
-from ._batch import BatchDefaults, BatchProgress, BatchReport, run_batch
+from ._batch import BatchDefaults, BatchProgress, BatchReport, parse_shard, run_batch
 from ._client import SoraClient
 from ._errors import APIError, InputError, SoraError
-from ._governor import LocalGovernor
+from ._governor import Governor, LocalGovernor
 from ._journal import ItemState
 from ._models import ImageToVideo, Limits, TextToVideo, VideoRequest
 from ._scheduler import PollPolicy
@@ -42,14 +42,38 @@ def _fail(message: str, code: int = 2) -> NoReturn:
     sys.exit(code)
 
 
-def scaled_client_options(scale: float) -> dict[str, Any]:
-    """Return SoraClient options with every timing divided by ``scale``."""
+def scaled_client_options(
+    scale: float, *, redis_url: str | None = None, api_key: str | None = None, model: str = ""
+) -> dict[str, Any]:
+    """Return SoraClient options with every timing divided by ``scale``.
+
+    With ``redis_url`` the governor is a RedisGovernor shared by every process using
+    the key. The jitter margin is not cut below 0.1 s: network delays do not scale.
+    """
     limits = Limits(period=60.0 / scale)
+    timings: dict[str, Any] = {
+        "jitter_margin": max(1.0 / scale, 0.1) if scale != 1.0 else 1.0,
+        "backoff_base": 1.0 / scale,
+        "backoff_cap": 60.0 / scale,
+    }
+    governor: Governor
+    if redis_url:
+        from .redis_governor import RedisGovernor
+
+        governor = RedisGovernor(
+            redis_url,
+            api_key=api_key,
+            model=model or "sora-2-pro",
+            limits=limits,
+            lease=max(15.0 / scale, 3.0),
+            uncertain_hold=600.0 / scale,
+            **timings,
+        )
+    else:
+        governor = LocalGovernor(limits, **timings)
     return {
         "limits": limits,
-        "governor": LocalGovernor(
-            limits, jitter_margin=1.0 / scale, backoff_base=1.0 / scale, backoff_cap=60.0 / scale
-        ),
+        "governor": governor,
         "poll_policy": PollPolicy(prior_mean=180.0 / scale, min_interval=2.0 / scale),
         "retry": RetryPolicy(
             base=0.5 / scale, cap=30.0 / scale, deadline=300.0 / scale, timeout=60.0 / scale
@@ -63,7 +87,11 @@ def scaled_client_options(scale: float) -> dict[str, Any]:
 async def _client(params: dict[str, Any]) -> AsyncIterator[SoraClient]:
     """Open a client on the real service, or on an in-process fake with ``--simulate``."""
     scale = params["time_scale"]
-    options: dict[str, Any] = scaled_client_options(scale) if scale != 1.0 else {}
+    options: dict[str, Any] = {}
+    if scale != 1.0 or params["redis_url"]:
+        options = scaled_client_options(
+            scale, redis_url=params["redis_url"], api_key=params["api_key"], model=params["model"]
+        )
     if not params["simulate"]:
         async with SoraClient(
             api_key=params["api_key"], base_url=params["base_url"], model=params["model"], **options
@@ -116,6 +144,12 @@ def _common(function: Callable[..., Any]) -> Callable[..., Any]:
             help="Divide every timing by this (default 20 with --simulate, else 1).",
         ),
         click.option("--json", "as_json", is_flag=True, help="Machine-readable output."),
+        click.option(
+            "--redis-url",
+            envvar="SORA_ASYNC_REDIS_URL",
+            help="Share the key's limits with every process using this Redis "
+            "[env SORA_ASYNC_REDIS_URL].",
+        ),
     ]
     for option in reversed(options):
         function = option(function)
@@ -124,7 +158,8 @@ def _common(function: Callable[..., Any]) -> Callable[..., Any]:
 
 def _params(kwargs: dict[str, Any]) -> dict[str, Any]:
     scale = kwargs.pop("time_scale")
-    params = {k: kwargs.pop(k) for k in ("api_key", "base_url", "model", "simulate", "as_json")}
+    names = ("api_key", "base_url", "model", "simulate", "as_json", "redis_url")
+    params = {k: kwargs.pop(k) for k in names}
     params["time_scale"] = scale if scale is not None else (20.0 if params["simulate"] else 1.0)
     if not params["simulate"] and not params["api_key"]:
         _fail("no API key: set APIXO_API_KEY or pass --api-key (or try --simulate)")
@@ -210,9 +245,19 @@ def _summary(report: BatchReport) -> Table:
 @click.option(
     "--resubmit-uncertain", is_flag=True, help="Create again items whose create may have succeeded."
 )
+@click.option(
+    "--shard",
+    metavar="K/N",
+    help="Take only the K-th of N shares of FILE (hosts sharing one file and one key).",
+)
 @_common
 def batch(
-    file: Path, out: Path, journal: Path | None, resubmit_uncertain: bool, **kwargs: Any
+    file: Path,
+    out: Path,
+    journal: Path | None,
+    resubmit_uncertain: bool,
+    shard: str | None,
+    **kwargs: Any,
 ) -> None:
     """Generate every prompt of FILE (JSONL, or one prompt a line) into the output folder.
 
@@ -220,6 +265,10 @@ def batch(
     """
     params = _params(kwargs)
     defaults = BatchDefaults(**{k: kwargs.pop(k) for k in ("duration", "size", "resolution")})
+    try:
+        share = parse_shard(shard) if shard is not None else None
+    except InputError as exc:
+        _fail(str(exc))
 
     async def work(client: SoraClient) -> int:
         interactive = _err.is_terminal and not params["as_json"]
@@ -242,6 +291,7 @@ def batch(
                 defaults=defaults,
                 resubmit_uncertain=resubmit_uncertain,
                 on_progress=show,
+                shard=share,
             )
         if params["as_json"]:
             summary = {"ok": report.ok, "counts": report.counts, "manifest": str(report.manifest)}

@@ -70,7 +70,11 @@ class RedisGovernor:
     tickets. Each slot records the task that holds it; when a process dies its
     tasks are adopted by a live process, polled to their end, and only then freed.
     When Redis cannot be reached nothing is sent: work waits up to ``redis_timeout``
-    seconds, then raises :class:`RedisUnavailableError`.
+    seconds, then raises :class:`RedisUnavailableError`. A Redis that holds nothing for
+    the key (its first use, or a restart that lost the data) cannot tell what was sent
+    in the last window or which tasks still run, so requests wait one window and
+    creates one ``lease`` while live processes re-register their tasks; pass
+    ``trust_empty_redis=True`` where nothing else can have used the key (tests).
 
     Key names carry a hash of the API key and the model, never the key itself.
     Raises :class:`InputError` for a bad URL, key or setting.
@@ -96,6 +100,7 @@ class RedisGovernor:
         backoff_base: float = 1.0,
         backoff_cap: float = 60.0,
         probe_after: int = 10,
+        trust_empty_redis: bool = False,
         seed: int | None = None,
     ) -> None:
         self.url = url or os.environ.get("SORA_ASYNC_REDIS_URL") or ""
@@ -132,6 +137,8 @@ class RedisGovernor:
         self._redis: aioredis.Redis | None = None
         self._scripts: dict[str, Any] = {}
         self._epoch = ""
+        self._trust_empty = trust_empty_redis
+        self._reregister = False  # Redis lost its data: write our slots back
         self._queue = RequestQueue()
         self._members = itertools.count()
         self._not_before = 0.0  # a 429 seen here pauses this process at once
@@ -246,7 +253,7 @@ class RedisGovernor:
                 self._key("recover"),
             ],
             [
-                self._epoch,
+                self._known_epoch,
                 self.owner,
                 f"{self.owner}:{next(self._members)}",
                 self._window * 1000,
@@ -335,7 +342,7 @@ class RedisGovernor:
                         self._key("recover"),
                     ],
                     [
-                        self._epoch,
+                        self._known_epoch,
                         self.owner,
                         ticket,
                         self.limits.concurrent_tasks,
@@ -507,7 +514,7 @@ class RedisGovernor:
                 self._key("slot_limit"),
             ],
             [
-                self._epoch,
+                self._known_epoch,
                 self.owner,
                 self.lease * 1000,
                 self._window * 1000,
@@ -515,12 +522,14 @@ class RedisGovernor:
                 self._channel,
                 self.limits.period * 1000,
                 self.limits.concurrent_tasks,
+                "1" if self._reregister else "0",
                 *held,
             ],
         )
-        if self._epoch and epoch != self._epoch:
+        if self._reregister or (self._epoch and epoch != self._epoch):
             logger.warning("Redis lost the governor's data: slots re-registered, one window paused")
-        self._note_epoch(epoch)
+        self._reregister = False
+        self._epoch = epoch
         self._renewed_at = now
         self._registered.set()
         for token in lost:
@@ -534,9 +543,14 @@ class RedisGovernor:
         self._rate_factor = float(factor)
         self._in_window = int(in_window)
 
+    @property
+    def _known_epoch(self) -> str:
+        return self._epoch or ("*" if self._trust_empty else "")
+
     def _note_epoch(self, epoch: str) -> None:
         if self._epoch and epoch != self._epoch:
             # The data was lost: re-register our slots before anyone creates.
+            self._reregister = True
             self._registered.clear()
             self._outbox_ready.set()
         self._epoch = epoch

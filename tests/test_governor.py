@@ -142,6 +142,7 @@ async def make_governor(request: pytest.FixtureRequest) -> AsyncIterator[MakeGov
                 limits=limits,
                 jitter_margin=jitter_margin,
                 lease=1.0,
+                trust_empty_redis=True,  # a fresh key in every test
                 **options,
             )
         started.append((governor, asyncio.ensure_future(governor.run(NoNews()))))

@@ -93,11 +93,11 @@ class RedisServer:
             time.sleep(0.02)
         raise RuntimeError(f"redis-server did not start on port {self.port}")
 
-    def stop(self) -> None:
-        """Stop the server (saving its data first when ``persist``)."""
+    def stop(self, *, keep_data: bool = True) -> None:
+        """Stop the server, saving its data first when ``persist`` (unless not ``keep_data``)."""
         if self._process is None:
             return
-        if self.persist:
+        if self.persist and keep_data:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=2) as conn:
                     conn.sendall(b"SAVE\r\n")
@@ -107,10 +107,15 @@ class RedisServer:
         self._process.kill()
         self._process.wait()
         self._process = None
+        if not keep_data:
+            (self._dir / "dump.rdb").unlink(missing_ok=True)
 
-    def restart(self, *, down_for: float = 0.0) -> None:
-        """Stop the server, stay down ``down_for`` seconds, and start it on the same port."""
-        self.stop()
+    def restart(self, *, down_for: float = 0.0, keep_data: bool = True) -> None:
+        """Stop the server, stay down ``down_for`` seconds, and start it on the same port.
+
+        The data survives when ``persist`` and ``keep_data`` are both true.
+        """
+        self.stop(keep_data=keep_data)
         time.sleep(down_for)
         self.start()
 

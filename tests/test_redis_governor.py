@@ -1,0 +1,185 @@
+"""The Redis governor in one process: settings, key names, Redis outages, shared news.
+
+Real time against a real redis-server (Redis keeps the clock). The claims about
+several OS processes are proven in test_shared_key.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+
+import sora_async as sa
+import sora_async.webhook
+from sora_async.testing import FakeApixo, RedisServer, fixed
+
+pytestmark = [pytest.mark.looptime(False), pytest.mark.timeout(60)]
+
+
+@pytest.fixture
+async def service() -> AsyncIterator[FakeApixo]:
+    """The fake service at the real limits; generations take one second."""
+    async with FakeApixo(generation_time=fixed(1.0), pending_time=0.05) as fake:
+        yield fake
+
+
+def governor_for(url: str, fake: FakeApixo, **options: Any) -> sa.RedisGovernor:
+    """A Redis governor for the fake's key; every test has a fake of its own, a key no
+    one else used, so an empty Redis can be trusted."""
+    options.setdefault("lease", 1.0)
+    return sa.RedisGovernor(url, api_key=fake.api_key, trust_empty_redis=True, **options)
+
+
+def client_for(fake: FakeApixo, governor: sa.RedisGovernor, **options: Any) -> sa.SoraClient:
+    """A client of ``fake`` through ``governor``, expecting one-second generations."""
+    options.setdefault("poll_policy", sa.PollPolicy(prior_mean=1.0, min_interval=0.2))
+    return sa.SoraClient(api_key=fake.api_key, base_url=fake.url, governor=governor, **options)
+
+
+@pytest.mark.parametrize(
+    ("url", "options", "field"),
+    [
+        ("http://localhost:6379", {}, "url"),
+        ("", {}, "url"),
+        ("redis://localhost", {"create_reserve": 60}, "create_reserve"),
+        ("redis://localhost", {"lease": 0}, "lease"),
+    ],
+)
+def test_bad_settings_are_refused_naming_the_field(
+    url: str, options: dict[str, Any], field: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bad URL or setting raises InputError naming it, before anything connects."""
+    monkeypatch.delenv("SORA_ASYNC_REDIS_URL", raising=False)
+    with pytest.raises(sa.InputError) as caught:
+        sa.RedisGovernor(url, api_key="k", **options)
+    assert caught.value.field == field
+
+
+def test_no_key_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key's identity is required: without a key there is nothing to share."""
+    monkeypatch.delenv("APIXO_API_KEY", raising=False)
+    with pytest.raises(sa.InputError, match="api_key"):
+        sa.RedisGovernor("redis://localhost")
+
+
+async def test_key_names_carry_a_hash_of_the_key_never_the_key(
+    service: FakeApixo, redis_server: RedisServer
+) -> None:
+    """After a generation, every Redis key of the governor starts with its prefix, a hash
+    of the API key and the model; the key appears in no key name, value or repr."""
+    governor = governor_for(redis_server.url, service)
+    async with client_for(service, governor) as client:
+        await client.generate(sa.TextToVideo(prompt="a red kite", duration=10), timeout=20)
+        connection = aioredis.from_url(redis_server.url, decode_responses=True)
+        try:
+            names = [name async for name in connection.scan_iter(f"{governor.prefix}*")]
+            values = [await connection.dump(name) for name in names]
+        finally:
+            await connection.aclose()
+    assert names
+    assert all(service.api_key not in name for name in names)
+    assert all(service.api_key.encode() not in (value or b"") for value in values)
+    assert service.api_key not in repr(governor)
+    other_model = sa.RedisGovernor(redis_server.url, api_key=service.api_key, model="sora-2")
+    assert other_model.prefix != governor.prefix
+
+
+async def test_unreachable_redis_sends_nothing_and_raises_after_the_deadline(
+    service: FakeApixo,
+) -> None:
+    """With Redis down, a generation waits for its permit, then raises
+    RedisUnavailableError: the fake service saw no request at all."""
+    server = RedisServer()  # never started: nothing listens on its port
+    governor = governor_for(server.url, service, lease=0.5, redis_timeout=1.0)
+    async with client_for(service, governor) as client:
+        with pytest.raises(sa.RedisUnavailableError, match="Redis"):
+            await client.generate(sa.TextToVideo(prompt="a red kite", duration=10))
+    assert service.stats.requests == 0
+    server.close()
+
+
+async def test_work_resumes_when_redis_comes_back(service: FakeApixo) -> None:
+    """A generation that waits on a stopped Redis goes on when Redis starts again,
+    and its video is made exactly once."""
+    server = RedisServer()
+    governor = governor_for(server.url, service, lease=0.5, redis_timeout=30)
+    try:
+        async with client_for(service, governor) as client:
+            generation = asyncio.ensure_future(
+                client.generate(sa.TextToVideo(prompt="a red kite", duration=10), timeout=30)
+            )
+            await asyncio.sleep(1.0)
+            assert service.stats.requests == 0
+            await asyncio.to_thread(server.start)
+            video = await generation
+    finally:
+        server.close()
+    assert video.urls
+    assert service.stats.creates == 1
+
+
+async def test_an_empty_redis_makes_the_first_requests_wait_one_window(
+    service: FakeApixo, redis_server: RedisServer
+) -> None:
+    """Redis holds nothing for the key: requests may have been sent in the last window
+    by processes it no longer knows, so the first request waits one window; trusted
+    (nothing else used the key), it goes at once."""
+    limits = sa.Limits(requests=10, period=1.0)
+    cautious = sa.RedisGovernor(redis_server.url, api_key=secrets.token_hex(8), limits=limits)
+    trusting = governor_for(redis_server.url, service, limits=limits)
+    loop = asyncio.get_running_loop()
+    for governor, least, most in ((cautious, 1.9, 10.0), (trusting, 0.0, 0.5)):
+        start = loop.time()
+        await governor.request("create")
+        assert least <= loop.time() - start <= most
+        await governor.aclose()
+
+
+@contextlib.asynccontextmanager
+async def receiver(client: sa.SoraClient, sock: socket.socket) -> AsyncIterator[None]:
+    """Serve ``client``'s callback receiver on ``sock``."""
+    runner = web.AppRunner(
+        sora_async.webhook.aiohttp_app(client), access_log=None, handle_signals=False
+    )
+    await runner.setup()
+    try:
+        await web.SockSite(runner, sock).start()
+        yield
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_callback_received_by_another_client_wakes_the_waiter(
+    redis_server: RedisServer,
+) -> None:
+    """The provider's callback lands on a client that does not track the task; through
+    Redis the client that does is told at once, confirms with one status request and
+    wakes its waiter, long before its own polling would have looked."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/apixo/callback"
+    secret = secrets.token_urlsafe(16)
+    async with FakeApixo(generation_time=fixed(1.0), pending_time=0.05) as fake:
+
+        def client(poll_policy: sa.PollPolicy) -> sa.SoraClient:
+            governor = governor_for(redis_server.url, fake)
+            return client_for(
+                fake, governor, callback_url=url, callback_secret=secret, poll_policy=poll_policy
+            )
+
+        # The waiter would not poll for minutes: only the shared callback can wake it.
+        slow = sa.PollPolicy(prior_mean=600.0, min_interval=60.0)
+        async with client(slow) as waiter, client(slow) as other, receiver(other, sock):
+            video = await waiter.generate(sa.TextToVideo(prompt="a kite", duration=10), timeout=20)
+        assert video.urls
+        assert fake.stats.callbacks_delivered >= 1
+        assert fake.stats.requests_by_kind["status"] == 1  # the confirmation, no poll
+    sock.close()
