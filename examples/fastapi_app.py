@@ -17,20 +17,31 @@ Routes:
 
 Environment: ``APIXO_API_KEY`` (required), ``APIXO_BASE_URL`` (default: the public
 service), ``APIXO_CALLBACK_URL`` (optional: without it the client polls),
-``APIXO_CALLBACK_SECRET`` and ``APIXO_WORKERS`` (see below).
+``APIXO_CALLBACK_SECRET``, ``SORA_ASYNC_REDIS_URL`` and ``APIXO_WORKERS`` (see below),
+``APIXO_LIMITS`` (the key's limits as ``requests/period/concurrent_tasks``, default
+``60/60/10``: set it if your plan differs, or to test against a time-compressed fake)
+and ``APIXO_POLL_INTERVAL`` (the least seconds between two polls of one task, default
+2; with callbacks on, polling is only a safety net and may be slower).
 
 Running several workers (``uvicorn --workers N``, gunicorn, several pods): the key's
-limits (60 requests a minute, 10 unfinished tasks) are per API key, not per
-process. N workers each with its own LocalGovernor would together send N times too
-many requests and hold N times too many tasks, and earn 429s. Run one worker (one
-asyncio process serves thousands of waiting requests), or give each worker 1/N of
-the limits, ``sa.Limits(requests=60 // N, concurrent_tasks=10 // N)`` (set
-``APIXO_WORKERS=N`` and this app does so), until the Redis governor shares one
-budget between them. The callback secret must then be the same for every worker:
-set ``APIXO_CALLBACK_SECRET``, or each worker makes up its own and refuses (403) the
-callbacks of tasks its siblings created. A callback lands on whichever worker the
-load balancer picks; a worker that does not track the task answers 200 and ignores
-it, and the owning worker's polling safety net finds the end a little later.
+limits (60 requests a minute, 10 unfinished tasks) are per API key, not per process.
+N workers each governing alone would together send N times too many requests, hold N
+times too many tasks, and earn 429s. Set ``SORA_ASYNC_REDIS_URL=redis://host:6379/0``
+(and install ``sora-async[redis]``): every worker then takes its requests and task
+slots from one budget in Redis (``sa.RedisGovernor``), any worker may use every slot,
+and the tasks of a worker that dies are adopted by another. Without Redis, run one
+worker (one asyncio process serves thousands of waiting requests), or give each of N
+workers 1/N of the limits (set ``APIXO_WORKERS=N``; ``10 // 4`` leaves 2 slots a
+worker, 8 of 10 in all, and an idle worker's share is wasted).
+
+Callbacks with several workers: a callback lands on whichever worker the load balancer
+picks, and ``GET /videos/{id}`` may wait in another one than the worker that created
+the task. The callback secret must be the same for every worker: set
+``APIXO_CALLBACK_SECRET``, or each worker makes up its own and refuses (403) the
+callbacks of tasks its siblings created (with Redis this app refuses to start without
+it). With Redis, the worker that receives a callback publishes it, and the worker
+whose caller waits wakes at once; without Redis a worker that does not track the task
+answers 200 and ignores it, and the waiter's polling safety net finds the end later.
 """
 
 from __future__ import annotations
@@ -59,20 +70,49 @@ ClientFactory = Callable[[], sa.SoraClient]
 
 def client_from_env() -> sa.SoraClient:
     """Build the client from the environment (see the module docstring)."""
-    workers = int(os.environ.get("APIXO_WORKERS") or "1")
-    if workers < 1:
-        raise ValueError("APIXO_WORKERS must be at least 1")
-    defaults = sa.Limits()
-    limits = sa.Limits(
-        requests=max(2, defaults.requests // workers),
-        period=defaults.period,
-        concurrent_tasks=max(1, defaults.concurrent_tasks // workers),
-    )
+    limits = _limits_from_env()
+    poll_interval = float(os.environ.get("APIXO_POLL_INTERVAL") or "2")
     callback_url = os.environ.get("APIXO_CALLBACK_URL") or None
     secret = os.environ.get("APIXO_CALLBACK_SECRET") or None
-    if callback_url is not None and secret is None and workers > 1:
-        logger.warning("APIXO_CALLBACK_SECRET is unset: each worker will refuse the others'")
-    return sa.SoraClient(limits=limits, callback_url=callback_url, callback_secret=secret)
+    redis_url = os.environ.get("SORA_ASYNC_REDIS_URL") or None
+    governor: sa.Governor | None = None
+    if redis_url is not None:
+        if callback_url is not None and secret is None:
+            raise ValueError("APIXO_CALLBACK_SECRET is required with SORA_ASYNC_REDIS_URL")
+        # One budget for every worker: each may use all of the key's limits.
+        governor = sa.RedisGovernor(redis_url, limits=limits)
+    else:
+        workers = int(os.environ.get("APIXO_WORKERS") or "1")
+        if workers < 1:
+            raise ValueError("APIXO_WORKERS must be at least 1")
+        limits = sa.Limits(
+            requests=max(2, limits.requests // workers),
+            period=limits.period,
+            concurrent_tasks=max(1, limits.concurrent_tasks // workers),
+        )
+        if callback_url is not None and secret is None and workers > 1:
+            logger.warning("APIXO_CALLBACK_SECRET is unset: each worker will refuse the others'")
+    return sa.SoraClient(
+        limits=limits,
+        governor=governor,
+        poll_policy=sa.PollPolicy(min_interval=poll_interval),
+        callback_url=callback_url,
+        callback_secret=secret,
+    )
+
+
+def _limits_from_env() -> sa.Limits:
+    """Read ``APIXO_LIMITS`` (``requests/period/concurrent_tasks``), default sa.Limits()."""
+    text = os.environ.get("APIXO_LIMITS")
+    if not text:
+        return sa.Limits()
+    try:
+        requests, period, slots = text.split("/")
+        return sa.Limits(requests=int(requests), period=float(period), concurrent_tasks=int(slots))
+    except ValueError as exc:
+        raise ValueError(
+            f"APIXO_LIMITS must be requests/period/concurrent_tasks, like 60/60/10: {exc}"
+        ) from exc
 
 
 class VideoIn(BaseModel):

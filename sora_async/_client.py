@@ -405,7 +405,7 @@ class _SchedulerNews:
         self._scheduler.track(task_id, model, holds_slot=True, adopted=True)
 
     def announce(self, status: TaskStatus, trusted: bool) -> None:
-        self._scheduler.announce(status, trusted=trusted)
+        self._scheduler.announce(status, trusted=trusted, relayed=True)
 
 
 def _video_or_raise(status: TaskStatus) -> Video:

@@ -113,7 +113,6 @@ class _Tracked:
     """One in-flight task as the scheduler sees it."""
 
     __slots__ = (
-        "adopted",
         "done",
         "holds_slot",
         "last_seen",
@@ -131,7 +130,6 @@ class _Tracked:
         self.started = started  # loop time the create returned (or adoption)
         self.last_seen = started  # loop time of the last status known not terminal
         self.holds_slot = holds_slot
-        self.adopted = False  # made elsewhere: its end is news for the other processes
         self.polling = False
         # Poll with the next request: "callback" (said it ended), "adopted" (unknown
         # age), or "recheck" (a callback said it ended, a status answer did not yet).
@@ -190,7 +188,6 @@ class PollScheduler:
         tracked = _Tracked(task_id, model, now, holds_slot)
         if adopted:
             tracked.urgent = "adopted"
-            tracked.adopted = True
         self._active[task_id] = tracked
         self._changed.set()
 
@@ -225,11 +222,12 @@ class PollScheduler:
             self._seen_by_poll += 1
         self._settle(tracked, status)
 
-    def announce(self, status: TaskStatus, *, trusted: bool) -> bool:
+    def announce(self, status: TaskStatus, *, trusted: bool, relayed: bool = False) -> bool:
         """Take a callback's news of a task; return whether the task is ours.
 
         A trusted terminal status settles the task at once; an untrusted one only
         makes the task the next one polled, so a forged callback cannot end it.
+        ``relayed``: the news came from another process, which already shared it.
         """
         tracked = self._active.get(status.task_id)
         if tracked is None:
@@ -238,7 +236,7 @@ class PollScheduler:
             return True
         if trusted:
             self._seen_by_callback += 1
-            self._settle(tracked, status)
+            self._settle(tracked, status, relayed=relayed)
         else:
             tracked.urgent = "callback"
             self._changed.set()
@@ -375,7 +373,7 @@ class PollScheduler:
             tracked.rechecks += 1
             tracked.urgent = "recheck"
 
-    def _settle(self, tracked: _Tracked, status: TaskStatus) -> None:
+    def _settle(self, tracked: _Tracked, status: TaskStatus, *, relayed: bool = False) -> None:
         seconds = status.generation_seconds
         if seconds is not None:
             self.times.observe(seconds)
@@ -385,8 +383,10 @@ class PollScheduler:
             self._finished.popitem(last=False)
         if not tracked.done.done():
             tracked.done.set_result(status)
-        if tracked.adopted:
-            # Whoever awaits it may live in another process (a killed run's sibling).
+        if not relayed:
+            # Processes sharing the key may also track it: one awaits it (a web worker
+            # the GET reached), another holds its slot (the creator, or the adopter of a
+            # dead process's task). Tell them all; a local governor tells nobody.
             self._governor.share(status, trusted=True)
         self._changed.set()
 

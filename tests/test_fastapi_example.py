@@ -15,7 +15,7 @@ import pytest
 import uvicorn
 
 import sora_async as sa
-from examples.fastapi_app import create_app
+from examples.fastapi_app import client_from_env, create_app
 from sora_async.testing import FakeApixo, fixed
 
 # Real time, but quick: the fake's window is generous and generations take 1 s.
@@ -156,3 +156,30 @@ async def test_callback_route_refuses_a_wrong_token(fake: FakeApixo, app_url: st
     assert await fake.forge_callback(f"{app_url}/apixo/callback?token=guess", body) == 403
     assert await fake.forge_callback(f"{app_url}/apixo/callback", body) == 403
     assert await fake.forge_callback(f"{app_url}/apixo/callback", b"x" * 70_000) == 413
+
+
+def test_environment_picks_the_shared_or_the_split_governor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With SORA_ASYNC_REDIS_URL every worker governs the whole key through Redis;
+    without it APIXO_WORKERS=N gives each 1/N of APIXO_LIMITS. Bad settings are refused
+    naming the variable."""
+    for name in ("APIXO_CALLBACK_URL", "APIXO_CALLBACK_SECRET", "SORA_ASYNC_REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("APIXO_API_KEY", "test-key")
+    monkeypatch.setenv("APIXO_LIMITS", "30/6/8")
+    monkeypatch.setenv("APIXO_WORKERS", "4")
+    split = client_from_env()
+    assert isinstance(split.governor, sa.LocalGovernor)
+    assert split.limits == sa.Limits(requests=7, period=6.0, concurrent_tasks=2)
+    monkeypatch.setenv("SORA_ASYNC_REDIS_URL", "redis://127.0.0.1:6379/0")
+    shared = client_from_env()
+    assert isinstance(shared.governor, sa.RedisGovernor)
+    assert shared.governor.limits == sa.Limits(requests=30, period=6.0, concurrent_tasks=8)
+    monkeypatch.setenv("APIXO_CALLBACK_URL", "http://127.0.0.1:8000/apixo/callback")
+    with pytest.raises(ValueError, match="APIXO_CALLBACK_SECRET"):
+        client_from_env()
+    for limits in ("60/60", "60/minute/10", "1/60/10"):
+        monkeypatch.setenv("APIXO_LIMITS", limits)
+        with pytest.raises(ValueError, match="APIXO_LIMITS"):
+            client_from_env()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 
 import pytest
 
 import sora_async as sa
-from sora_async.testing import FakeApixo, fixed, lognormal
+from sora_async.testing import FakeApixo, RedisServer, fixed, lognormal
 
 pytestmark = pytest.mark.looptime
 
@@ -183,3 +184,34 @@ async def test_a_zero_hazard_threshold_still_polls(fake: FakeApixo) -> None:
     async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url, poll_policy=policy) as client:
         video = await client.generate(sa.TextToVideo(prompt="zero hazard"), timeout=600)
     assert video.urls
+
+
+@pytest.mark.looptime(False)
+async def test_an_end_one_process_sees_wakes_a_waiter_in_another(
+    redis_server: RedisServer,
+) -> None:
+    """Two clients sharing one key through Redis (two web workers): one creates and polls
+    the task, the other awaits it and never polls; the creator's poll that sees the end
+    wakes the other's waiter, which spends no request of its own after its first look."""
+    async with FakeApixo(
+        api_key=secrets.token_hex(8), generation_time=fixed(1.0), pending_time=0.1
+    ) as fake:
+
+        def client(governor: sa.RedisGovernor, poll_policy: sa.PollPolicy) -> sa.SoraClient:
+            return sa.SoraClient(
+                api_key=fake.api_key, base_url=fake.url, governor=governor, poll_policy=poll_policy
+            )
+
+        creator_governor = sa.RedisGovernor(redis_server.url, api_key=fake.api_key)
+        creator = client(creator_governor, sa.PollPolicy(prior_mean=1.0, min_interval=0.2))
+        waiter = client(
+            sa.RedisGovernor(redis_server.url, api_key=fake.api_key),
+            sa.PollPolicy(min_interval=600.0),
+        )
+        async with creator, waiter:
+            task_id = await creator.submit(sa.TextToVideo(prompt="seen elsewhere"))
+            video = await waiter.wait(task_id, timeout=20)
+            assert creator_governor.slots_held_here == 0  # given back when its poll saw the end
+    assert video.task_id == task_id
+    assert waiter.scheduler.polls == 0
+    assert fake.tasks[task_id].polls == creator.scheduler.polls + 1  # the waiter's one look
