@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 
+import sora_async as sa
 from sora_async.testing import FakeApixo, RedisServer, fixed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,6 +97,16 @@ async def test_four_workers_share_one_key_and_wake_each_other(
         pending_time=0.2,
         balance=1e6,
     ) as fake:
+        # The operator's Redis has served this key before: the workers find its budget
+        # there and start at once (an empty Redis would make them wait out one window).
+        seed = sa.RedisGovernor(
+            redis_server.url,
+            api_key=fake.api_key,
+            limits=sa.Limits(requests=REQUESTS, period=PERIOD, concurrent_tasks=SLOTS),
+            trust_empty_redis=True,
+        )
+        await seed.request("balance")
+        await seed.aclose()
         env = {
             key: value
             for key, value in os.environ.items()

@@ -202,10 +202,12 @@ async def test_an_end_one_process_sees_wakes_a_waiter_in_another(
                 api_key=fake.api_key, base_url=fake.url, governor=governor, poll_policy=poll_policy
             )
 
-        creator_governor = sa.RedisGovernor(redis_server.url, api_key=fake.api_key)
+        creator_governor = sa.RedisGovernor(
+            redis_server.url, api_key=fake.api_key, trust_empty_redis=True
+        )
         creator = client(creator_governor, sa.PollPolicy(prior_mean=1.0, min_interval=0.2))
         waiter = client(
-            sa.RedisGovernor(redis_server.url, api_key=fake.api_key),
+            sa.RedisGovernor(redis_server.url, api_key=fake.api_key, trust_empty_redis=True),
             sa.PollPolicy(min_interval=600.0),
         )
         async with creator, waiter:
