@@ -183,3 +183,38 @@ async def test_a_callback_received_by_another_client_wakes_the_waiter(
         assert fake.stats.callbacks_delivered >= 1
         assert fake.stats.requests_by_kind["status"] == 1  # the confirmation, no poll
     sock.close()
+
+
+async def test_a_create_finds_room_while_another_process_floods_polls(
+    redis_server: RedisServer,
+) -> None:
+    """One process keeps polling as fast as it may; another's create still goes at once:
+    polls are paced across processes and never take the window's last places, which
+    stay for creates and confirmations."""
+    key = secrets.token_hex(8)
+    limits = sa.Limits(requests=10, period=2.0)
+
+    def governor() -> sa.RedisGovernor:
+        return sa.RedisGovernor(
+            redis_server.url, api_key=key, limits=limits, jitter_margin=0.2, trust_empty_redis=True
+        )
+
+    poller, creator = governor(), governor()
+    loop = asyncio.get_running_loop()
+
+    async def poll_forever() -> None:
+        while True:
+            await poller.request("status")
+
+    flood = asyncio.ensure_future(poll_forever())
+    try:
+        await asyncio.sleep(3.0)  # the window is as full as polls may make it
+        start = loop.time()
+        await creator.request("create")
+        waited = loop.time() - start
+    finally:
+        flood.cancel()
+        await asyncio.gather(flood, return_exceptions=True)
+        await poller.aclose()
+        await creator.aclose()
+    assert waited < 0.2  # a poll would wait for the window to roll: up to 2.2 s
