@@ -27,7 +27,7 @@ import anyio.to_thread
 import msgspec
 
 from ._client import SoraClient
-from ._download import safe_stem
+from ._download import file_stem
 from ._errors import (
     APIError,
     AuthenticationError,
@@ -112,6 +112,10 @@ def _item_id(row: dict[str, Any], request: VideoRequest) -> str:
         return hashlib.sha256(_encoder.encode(request)).hexdigest()[:16]
     if isinstance(given, bool) or not isinstance(given, (str, int)) or not str(given).strip():
         raise InputError("id", "must be a non-empty string or a number")
+    try:
+        str(given).encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate (\ud800) cannot be journaled
+        raise InputError("id", "must be valid Unicode text (it holds a lone surrogate)") from exc
     return str(given)
 
 
@@ -130,7 +134,11 @@ def load_requests(path: Path, defaults: BatchDefaults | None = None) -> list[Bat
     jsonl = path.suffix in (".jsonl", ".json", ".ndjson")
     items: list[BatchItem] = []
     seen: dict[str, int] = {}
-    for number, raw in enumerate(text.splitlines(), start=1):
+    # Case-folded: on macOS and Windows "Intro.mp4" and "intro.mp4" are one file.
+    files: dict[str, tuple[int, str]] = {}
+    # Lines end at "\n" only: str.splitlines() would also cut a JSON string at U+2028 or
+    # U+0085, which JSON allows raw.
+    for number, raw in enumerate(text.split("\n"), start=1):
         line = raw.strip()
         if not line or (not jsonl and line.startswith("#")):
             continue
@@ -159,6 +167,17 @@ def load_requests(path: Path, defaults: BatchDefaults | None = None) -> list[Bat
                 f"{item_id!r} repeats line {seen[item_id]}; give each an id",
             )
         seen[item_id] = number
+        stem = file_stem(item_id).casefold()
+        if stem in files:
+            other_line, other_id = files[stem]
+            raise BatchLineError(
+                str(path),
+                number,
+                "id",
+                f"{item_id!r} would share a file name with {other_id!r} (line {other_line})"
+                " on a case-insensitive disk; give each a distinct id",
+            )
+        files[stem] = (number, item_id)
         items.append(BatchItem(item_id, number, request))
     return items
 
@@ -210,16 +229,6 @@ class BatchReport:
     def ok(self) -> bool:
         """Return whether every item is downloaded."""
         return all(row.state is ItemState.DOWNLOADED for row in self.rows)
-
-
-def file_stem(item_id: str) -> str:
-    """Return a file stem for an item id: the id itself when safe, else a safe form plus
-    a hash (so two unsafe ids never share a file)."""
-    stem = safe_stem(item_id) if item_id.strip("._") else ""
-    if stem == item_id:
-        return stem
-    digest = hashlib.sha256(item_id.encode()).hexdigest()[:8]
-    return f"{stem}-{digest}" if stem else digest
 
 
 class _Runner:
@@ -338,7 +347,7 @@ class _Runner:
         assert row.task_id is not None
         video = Video(task_id=row.task_id, urls=tuple(row.result_urls))
         try:
-            paths = await self.client.download_all(video, self.out, name=file_stem(row.id))
+            paths = await self.client.download_all(video, self.out, name=row.id)
         except (TransportError, InputError) as exc:
             await self.set(row, ItemState.SUCCEEDED, error=f"download: {exc}")
             return
@@ -360,6 +369,9 @@ def _check_output(out: Path) -> None:
         raise InputError("output", f"cannot write to {out}: {exc.strerror or exc}") from exc
 
 
+_LINE_BREAKS = {ord(c): f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"}
+
+
 def _manifest_line(row: JournalRow) -> str:
     request = json.loads(row.request)
     entry = {
@@ -368,10 +380,12 @@ def _manifest_line(row: JournalRow) -> str:
         "task_id": row.task_id,
         "state": row.state.value,
         "files": row.files,
+        "urls": row.result_urls,
         "error": row.error,
         "seconds": row.seconds,
     }
-    return json.dumps(entry, ensure_ascii=False) + "\n"
+    # Readable UTF-8, but no character that a line splitter might take for a line end.
+    return json.dumps(entry, ensure_ascii=False).translate(_LINE_BREAKS) + "\n"
 
 
 def _write_manifest(path: Path, rows: list[JournalRow]) -> None:

@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import tempfile
 from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 import sora_async as sa
 from sora_async.testing import FakeApixo, fixed, lognormal
@@ -226,7 +230,7 @@ async def test_network_paths_never_escape_the_folder(
     out = tmp_path / "out"
     path = await client.download(hostile, out)
     assert path.parent == out
-    assert path.name == "etc_passwd.mp4"
+    assert path.name.startswith("etc_passwd-")
     source = tmp_path / "p.jsonl"
     source.write_text(
         '{"id": "../../../outside", "prompt": "hostile id"}\n{"id": "..", "prompt": "dots"}\n'
@@ -250,3 +254,129 @@ async def test_unwritable_output_is_an_input_error(
     with pytest.raises(sa.InputError, match="output: cannot write"):
         await client.run_batch(source, blocker / "out")
     assert fake.stats.requests == 0
+
+
+_ids = st.one_of(
+    st.text(min_size=1, max_size=40),
+    st.text(alphabet="aé日/._-~\x00 ", min_size=1, max_size=8),
+    st.sampled_from(["..", ".", "/", "~", "\x00", "ééé", "日本語", "CON", "a/../../b"]),
+    # long ids sharing a prefix: a stem cut short must keep them apart
+    st.builds(lambda tail: "x" * 219 + tail, st.text(min_size=1, max_size=3)),
+).filter(lambda item_id: bool(item_id.strip()))
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ids=st.lists(_ids, min_size=1, max_size=10, unique_by=str.casefold))
+@example(ids=["ééé", "日本語", "~", "0\x85", "a\u2028b"])
+@example(ids=["x" * 219 + "a", "x" * 219 + "b"])
+async def test_every_batch_id_gets_its_own_file(ids: list[str]) -> None:
+    """Any ids the batch accepts (any unicode, any length, shared prefixes, ``..``, ``/``,
+    NUL) give every video its own whole file inside the output folder, and the manifest
+    maps each id to its file."""
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder) / "p.jsonl"
+        source.write_text(
+            "".join(
+                json.dumps({"id": i, "prompt": f"p {n}"}, ensure_ascii=False) + "\n"
+                for n, i in enumerate(ids)
+            ),
+            encoding="utf-8",
+        )
+        out = Path(folder) / "out"
+        async with FakeApixo(generation_time=fixed(60), balance=1e6) as fake:
+            async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
+                report = await client.run_batch(source, out)
+            assert report.ok
+            rows = {row["id"]: row for row in manifest(out)}
+            assert sorted(rows) == sorted(ids)
+            files = [Path(row["files"][0]) for row in rows.values()]  # type: ignore[index]
+            assert len({f.name.casefold() for f in files}) == len(ids)
+            for row, file in zip(rows.values(), files, strict=True):
+                assert file.resolve().parent == out.resolve()
+                assert file.read_bytes() == await fake_file(fake, str(row["task_id"]))
+        assert len(list(out.glob("*.mp4"))) == len(ids)
+
+
+@pytest.mark.parametrize(
+    ("ids", "message"),
+    [
+        (["Intro", "intro"], ":2: id: 'intro' would share a file name with 'Intro'"),
+        (["ok", "\ud800"], ":2: id: must be valid Unicode text"),
+    ],
+)
+def test_ids_that_cannot_have_their_own_file_are_refused(
+    tmp_path: Path, ids: list[str], message: str
+) -> None:
+    """Ids that would share a file on a case-insensitive disk, or cannot be written down,
+    are refused with their line before any request."""
+    source = tmp_path / "p.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "prompt": i}) + "\n" for i in ids))
+    with pytest.raises(sa.BatchLineError, match=message):
+        sa.load_requests(source)
+
+
+async def _endless(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "video/mp4"})
+    await response.prepare(request)
+    while True:
+        await response.write(b"\0" * 65536)
+
+
+async def _announces_too_much(request: web.Request) -> web.Response:
+    return web.Response(body=b"\0" * 10, headers={"Content-Length": "10"}, content_type="video/mp4")
+
+
+@pytest.mark.parametrize(
+    ("handler", "message"), [(_endless, "streams on past"), (_announces_too_much, "announces")]
+)
+async def test_download_is_capped_and_leaves_no_partial_file(
+    tmp_path: Path, handler: object, message: str
+) -> None:
+    """A result URL that streams without end (or announces more than the cap) is stopped
+    at the cap with a clear error, and no partial file is left."""
+    app = web.Application()
+    app.router.add_get("/video.mp4", handler)  # type: ignore[arg-type]
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    url = f"http://127.0.0.1:{port}/video.mp4"
+    cap = 1_000_000 if handler is _endless else 5
+    try:
+        async with (
+            FakeApixo() as fake,
+            sa.SoraClient(
+                api_key=fake.api_key, base_url=fake.url, max_download_bytes=cap
+            ) as client,
+        ):
+            with pytest.raises(sa.TransportError, match=message):
+                await client.download(sa.Video(task_id="t1", urls=(url,)), tmp_path)
+    finally:
+        await runner.cleanup()
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_a_refused_download_keeps_task_id_and_url_in_the_manifest(tmp_path: Path) -> None:
+    """When a batch cannot save a video, its manifest row keeps the task id and the result
+    URL (the video is paid for and can still be fetched), and the run exits not ok."""
+    source = write_prompts(tmp_path / "p.jsonl", 1)
+    async with (
+        FakeApixo(generation_time=fixed(60)) as fake,
+        sa.SoraClient(api_key=fake.api_key, base_url=fake.url, max_download_bytes=100) as client,
+    ):
+        report = await client.run_batch(source, tmp_path / "out")
+    assert not report.ok
+    (row,) = manifest(tmp_path / "out")
+    assert row["state"] == "succeeded"
+    assert row["task_id"]
+    assert row["urls"] == [f"{fake.origin}/files/{row['task_id']}.mp4"]
+    assert "past the cap of 100 bytes" in str(row["error"])
+    assert not list((tmp_path / "out").glob("*.mp4"))
+    assert not list((tmp_path / "out").glob(".*.part"))
+
+
+def test_max_download_bytes_is_checked() -> None:
+    """A cap below one byte is refused as an InputError naming the field."""
+    with pytest.raises(sa.InputError, match="max_download_bytes"):
+        sa.SoraClient(api_key="k", max_download_bytes=0)
