@@ -20,6 +20,7 @@ from sora_async.testing import FakeApixo, fixed
 
 # Real time, but quick: the fake's window is generous and generations take 1 s.
 LIMITS = sa.Limits(requests=600, period=60.0, concurrent_tasks=10)
+SECRET = "the-app-callback-secret"
 
 
 @pytest.fixture
@@ -44,6 +45,7 @@ async def app_url(fake: FakeApixo) -> AsyncIterator[str]:
             base_url=fake.url,
             limits=LIMITS,
             callback_url=f"{origin}/apixo/callback",
+            callback_secret=SECRET,
         )
 
     config = uvicorn.Config(create_app(client_factory), log_level="warning", lifespan="on")
@@ -183,3 +185,11 @@ def test_environment_picks_the_shared_or_the_split_governor(
         monkeypatch.setenv("APIXO_LIMITS", limits)
         with pytest.raises(ValueError, match="APIXO_LIMITS"):
             client_from_env()
+
+
+async def test_callback_route_refuses_deeply_nested_json(fake: FakeApixo, app_url: str) -> None:
+    """A callback body nested thousands of levels deep is refused with 400, not a 500."""
+    deep = b"[" * 3000 + b"]" * 3000
+    for body in (deep, b'{"code": 200, "message": "", "data": ' + deep + b"}"):
+        url = f"{app_url}/apixo/callback?token={SECRET}"
+        assert await fake.forge_callback(url, body) == 400
