@@ -8,15 +8,15 @@ never creates again an item whose create may have succeeded (it is reported as
 
 from __future__ import annotations
 
+import asyncio
 import collections
-import functools
 import hashlib
 import json
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,11 +224,16 @@ class BatchReport:
     journal: Path
     seconds: float
     counts: dict[str, int] = field(default_factory=dict)
+    stopped: bool = False  # ended early by ``stop``: run again to finish
 
     @property
     def ok(self) -> bool:
         """Return whether every item is downloaded."""
         return all(row.state is ItemState.DOWNLOADED for row in self.rows)
+
+
+class _Stopped(Exception):
+    """The batch was asked to stop before this create was sent."""
 
 
 class _Runner:
@@ -247,6 +252,10 @@ class _Runner:
         self.on_progress = on_progress
         self.counts = collections.Counter(row.state.value for row in rows)
         self.stop_creates: InsufficientCreditsError | None = None
+        self.stopping = False  # asked to stop: no create is sent any more
+        self.sending = 0  # creates between their journal row and their answer
+        self.quiet = asyncio.Event()  # set while no create is being sent
+        self.quiet.set()
 
     async def set(self, row: JournalRow, state: ItemState, **changes: Any) -> None:
         self.counts[row.state.value] -= 1
@@ -272,37 +281,84 @@ class _Runner:
             )
         )
 
-    async def run(self, resubmit_uncertain: bool) -> None:
+    async def run(
+        self, resubmit_uncertain: bool, retry_failed: bool, stop: asyncio.Event | None
+    ) -> None:
         self.report()
-        async with anyio.create_task_group() as group:
-            for row in self.rows:
-                if row.state is ItemState.SUBMITTING or (
-                    row.state is ItemState.UNCERTAIN and resubmit_uncertain
-                ):
-                    if resubmit_uncertain:
-                        await self.set(row, ItemState.QUEUED, error=None)
-                    else:
-                        reason = (
-                            "a create was cut off (the run was stopped): it may have made a task"
-                        )
-                        await self.set(row, ItemState.UNCERTAIN, error=reason)
-            for row in self.rows:
-                if row.state is ItemState.RUNNING:
-                    assert row.task_id is not None
-                    await self.client.adopt(row.task_id)
-                    group.start_soon(self.follow, row)
-                elif row.state is ItemState.SUCCEEDED:
-                    group.start_soon(self.fetch, row)
-            for row in self.rows:
-                if row.state is ItemState.QUEUED and not await self.create(row, group):
-                    break
+        async with anyio.create_task_group() as watch:
+            async with anyio.create_task_group() as group:
+                if stop is not None:
+                    watch.start_soon(self.stop_on, stop, group.cancel_scope)
+                await self.run_items(group, resubmit_uncertain, retry_failed)
+            watch.cancel_scope.cancel()
+
+    async def run_items(
+        self, group: anyio.abc.TaskGroup, resubmit_uncertain: bool, retry_failed: bool
+    ) -> None:
+        for row in self.rows:
+            if row.state is ItemState.FAILED and retry_failed:
+                await self.set(row, ItemState.QUEUED, error=None, task_id=None)
+            if row.state is ItemState.SUBMITTING or (
+                row.state is ItemState.UNCERTAIN and resubmit_uncertain
+            ):
+                if resubmit_uncertain:
+                    await self.set(row, ItemState.QUEUED, error=None)
+                else:
+                    reason = "a create was cut off (the run was stopped): it may have made a task"
+                    await self.set(row, ItemState.UNCERTAIN, error=reason)
+        for row in self.rows:
+            if row.state is ItemState.RUNNING:
+                assert row.task_id is not None
+                await self.client.adopt(row.task_id)
+                group.start_soon(self.follow, row)
+            elif row.state is ItemState.SUCCEEDED:
+                group.start_soon(self.fetch, row)
+        for row in self.rows:
+            if row.state is ItemState.QUEUED and not await self.create(row, group):
+                break
+
+    async def stop_on(self, stop: asyncio.Event, scope: anyio.CancelScope) -> None:
+        """Once ``stop`` is set, send no more creates, let those already sent get their
+        answer (so that their task ids are journaled), then cancel the run: running
+        tasks stay in the journal for the next run to adopt."""
+        await stop.wait()
+        self.stopping = True
+        await self.quiet.wait()
+        scope.cancel()
 
     async def create(self, row: JournalRow, group: anyio.abc.TaskGroup) -> bool:
         """Create the item's task; return False when no more creates should be tried."""
         if self.stop_creates is not None:
             return False
+        marked = False
+
+        async def mark() -> None:
+            # Called with the slot taken, just before the create is sent.
+            nonlocal marked
+            if self.stopping:
+                raise _Stopped
+            marked = True
+            self.sending += 1
+            self.quiet.clear()
+            await self.set(row, ItemState.SUBMITTING, attempts=row.attempts + 1)
+
+        try:
+            return await self._create(row, group, mark)
+        except _Stopped:
+            return False
+        finally:
+            if marked:
+                self.sending -= 1
+                if not self.sending:
+                    self.quiet.set()
+
+    async def _create(
+        self,
+        row: JournalRow,
+        group: anyio.abc.TaskGroup,
+        mark: Callable[[], Awaitable[None]],
+    ) -> bool:
         request = _request_decoder.decode(row.request)
-        mark = functools.partial(self.set, row, ItemState.SUBMITTING, attempts=row.attempts + 1)
         try:
             task_id = await self.client.submit(request, before_create=mark)
         except SubmitUncertainError as exc:
@@ -402,8 +458,10 @@ async def run_batch(
     journal: str | os.PathLike[str] | None = None,
     defaults: BatchDefaults | None = None,
     resubmit_uncertain: bool = False,
+    retry_failed: bool = False,
     on_progress: Callable[[BatchProgress], None] | None = None,
     shard: tuple[int, int] | None = None,
+    stop: asyncio.Event | None = None,
 ) -> BatchReport:
     """Generate every request of ``source`` into folder ``out``, durably.
 
@@ -411,8 +469,13 @@ async def run_batch(
     any request is sent), journals every item (default ``out/.sora-async-journal.sqlite``),
     downloads each video as it finishes and writes ``out/manifest.jsonl``. Run it
     again after any stop: finished items are skipped, running tasks re-adopted, and
-    no item is created twice. Raises AuthenticationError (everything stops) and
-    InsufficientCreditsError (after in-flight tasks finish).
+    no item is created twice. ``retry_failed`` queues failed items again;
+    ``resubmit_uncertain`` creates again items whose create may have made a task
+    (which may pay twice). Setting ``stop`` ends the run early and cleanly: no more
+    creates are sent, those already sent get their answer and are journaled, and the
+    report (``stopped=True``) leaves running tasks to the next run. Raises
+    AuthenticationError (everything stops), InsufficientCreditsError (after in-flight
+    tasks finish) and InputError (a bad file, output folder or journal path).
 
     ``shard=(K, N)`` takes only the K-th of N shares of the file (by a hash of each
     id), for several hosts sharing one file and one key (with a RedisGovernor); its
@@ -438,7 +501,7 @@ async def run_batch(
         wanted = {item.id for item in items}
         rows = [row for row in await book.rows() if row.id in wanted]
         runner = _Runner(client, book, folder, rows, on_progress)
-        await runner.run(resubmit_uncertain)
+        await runner.run(resubmit_uncertain, retry_failed, stop)
     finally:
         # Synchronous on purpose: this must also run when the batch is being cancelled,
         # and it takes milliseconds.
@@ -448,4 +511,5 @@ async def run_batch(
     if runner.stop_creates is not None:
         raise runner.stop_creates
     counts = {k: v for k, v in runner.counts.items() if v}
-    return BatchReport(runner.rows, manifest, journal_path, time.monotonic() - started, counts)
+    seconds = time.monotonic() - started
+    return BatchReport(runner.rows, manifest, journal_path, seconds, counts, runner.stopping)

@@ -380,3 +380,51 @@ def test_max_download_bytes_is_checked() -> None:
     """A cap below one byte is refused as an InputError naming the field."""
     with pytest.raises(sa.InputError, match="max_download_bytes"):
         sa.SoraClient(api_key="k", max_download_bytes=0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_stop_ends_the_run_cleanly_and_the_rerun_finishes(tmp_path: Path, seed: int) -> None:
+    """Setting ``stop`` at any moment ends the run soon with a manifest: creates already
+    sent get their answer and are journaled (so no item is ever left uncertain), running
+    tasks are adopted by the rerun, and no prompt is created twice."""
+    rng = random.Random(seed)
+    source = write_prompts(tmp_path / "p.jsonl", 25)
+    out = tmp_path / "out"
+    async with FakeApixo(generation_time=lognormal(90, 0.4), seed=seed, balance=1e6) as fake:
+        async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
+            stop = asyncio.Event()
+            run = asyncio.ensure_future(client.run_batch(source, out, stop=stop))
+            await asyncio.sleep(rng.uniform(0, 300))
+            stop.set()
+            loop = asyncio.get_running_loop()
+            asked = loop.time()
+            report = await run
+            assert loop.time() - asked < 120  # bounded by one create's answer
+        assert report.stopped or report.ok
+        states = {row["state"] for row in manifest(out)}
+        assert not states & {"uncertain", "submitting"}
+        async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
+            again = await client.run_batch(source, out)
+        stats = fake.stats
+    assert again.ok
+    assert not again.stopped
+    assert stats.creates == 25
+    assert set(stats.creates_per_prompt.values()) == {1}
+
+
+async def test_retry_failed_queues_failed_items_again(tmp_path: Path) -> None:
+    """A rerun leaves failed items failed; with retry_failed they are created again."""
+    source = tmp_path / "p.jsonl"
+    source.write_text(
+        '{"id": "ok", "prompt": "fine"}\n{"id": "fails", "prompt": "y [fail:NSFW]"}\n'
+    )
+    out = tmp_path / "out"
+    async with FakeApixo(generation_time=fixed(60), balance=1e6) as fake:
+        for retry_failed in (False, False, True):
+            async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
+                report = await client.run_batch(source, out, retry_failed=retry_failed)
+            assert not report.ok
+        assert fake.stats.creates_per_prompt == {"fine": 1, "y [fail:NSFW]": 2}
+    rows = {row["id"]: row for row in manifest(out)}
+    assert rows["fails"]["state"] == "failed"
+    assert rows["ok"]["state"] == "downloaded"
