@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ import anyio.to_thread
 import msgspec
 
 from ._client import SoraClient
-from ._download import file_stem
+from ._download import check_folder, file_stem
 from ._errors import (
     APIError,
     AuthenticationError,
@@ -415,14 +414,16 @@ def _named_for(name: str, suffix: str) -> str:
     return f"{stem}{suffix}{dot}{extension}"
 
 
-def _check_output(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        # A probe of its own: shards of one batch may check one folder at once.
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".sora-async-write-test-"):
-            pass
-    except OSError as exc:
-        raise InputError("output", f"cannot write to {out}: {exc.strerror or exc}") from exc
+def journal_path(
+    out: str | os.PathLike[str],
+    journal: str | os.PathLike[str] | None = None,
+    shard: tuple[int, int] | None = None,
+) -> Path:
+    """Return where a batch into ``out`` keeps its journal (``journal`` when given)."""
+    if journal is not None:
+        return Path(journal)
+    suffix = f"-{shard[0]}of{shard[1]}" if shard is not None else ""
+    return Path(out) / _named_for(JOURNAL_NAME, suffix)
 
 
 _LINE_BREAKS = {ord(c): f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"}
@@ -489,11 +490,9 @@ async def run_batch(
         items = [item for item in items if in_shard(item.id, shard)]
         suffix = f"-{shard[0]}of{shard[1]}"
     folder = Path(out)
-    _check_output(folder)
-    journal_path = (
-        Path(journal) if journal is not None else folder / _named_for(JOURNAL_NAME, suffix)
-    )
-    book = await Journal.open(journal_path)
+    check_folder(folder)
+    book_path = journal_path(folder, journal, shard)
+    book = await Journal.open(book_path)
     runner: _Runner | None = None
     manifest = folder / _named_for(MANIFEST_NAME, suffix)
     try:
@@ -512,4 +511,4 @@ async def run_batch(
         raise runner.stop_creates
     counts = {k: v for k, v in runner.counts.items() if v}
     seconds = time.monotonic() - started
-    return BatchReport(runner.rows, manifest, journal_path, seconds, counts, runner.stopping)
+    return BatchReport(runner.rows, manifest, book_path, seconds, counts, runner.stopping)

@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import re
+import tempfile
 import unicodedata
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
@@ -21,7 +22,7 @@ import aiohttp
 from ._errors import InputError, TransportError
 from ._models import Video, check_http_url
 
-__all__ = ["DEFAULT_MAX_DOWNLOAD_BYTES", "Downloader", "file_stem"]
+__all__ = ["DEFAULT_MAX_DOWNLOAD_BYTES", "Downloader", "check_folder", "file_stem"]
 
 logger = logging.getLogger("sora_async")
 
@@ -55,6 +56,21 @@ def file_stem(name: str) -> str:
     whole = name.encode("utf-8", "surrogatepass")
     digest = hashlib.sha256(whole).hexdigest()[:_HASH_CHARS]
     return f"{stem}-{digest}" if stem else digest
+
+
+def check_folder(folder: Path, field: str = "output") -> None:
+    """Make ``folder`` if need be and check that a file can be written in it.
+
+    Raises InputError naming ``field``, the folder and the reason. Run it before a
+    create, so that a video is never paid for with nowhere to save it.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        # A probe of its own: shards of one batch may check one folder at once.
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".sora-async-write-test-"):
+            pass
+    except OSError as exc:
+        raise InputError(field, f"cannot write to {folder}: {exc.strerror or exc}") from exc
 
 
 def _suffix(url: str) -> str:

@@ -87,10 +87,19 @@ async def test_failed_item_gives_exit_code_1(tmp_path: Path) -> None:
         (["batch", "{good}", "-o", "{blocked}/out", "--simulate"], "output: cannot write to"),
         (["batch", "{missing}", "-o", "{out}", "--simulate"], "file: cannot read"),
         (["generate", "x", "--duration", "7", "--simulate"], "duration: must be one of"),
+        (
+            ["batch", "{good}", "-o", "{out}", "--journal", "/proc/no/journal.db", "--simulate"],
+            "journal: cannot open /proc/no/journal.db: ",
+        ),
+        (["generate", "x", "-o", "{blocked}/out", "--simulate"], "output: cannot write to"),
+        (["status", "task_1", "--simulate"], "--simulate starts an empty fake service"),
+        (["balance", "--simulate"], "--simulate starts an empty fake service"),
+        (["download", "task_1", "--simulate"], "--simulate starts an empty fake service"),
     ],
 )
 async def test_clear_one_line_errors(tmp_path: Path, args: list[str], message: str) -> None:
-    """Bad input, a missing key and an unwritable folder give one clear line and exit 2."""
+    """Bad input, a missing key, an unwritable folder or journal, and --simulate where a
+    fresh fake cannot answer give one clear line and exit 2."""
     (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"prompt": "x", "duration": 7}\n')
     (tmp_path / "good.jsonl").write_text('{"prompt": "ok"}\n')
     (tmp_path / "blocked").write_text("a file, not a folder")
@@ -165,4 +174,134 @@ async def test_killed_batch_resumes_without_paying_twice(tmp_path: Path, seed: i
                 if row["state"] == "downloaded":
                     async with session.get(f"{fake.origin}/files/{row['task_id']}.mp4") as response:
                         assert Path(row["files"][0]).read_bytes() == await response.read()
+        assert (code == 0) == all(row["state"] == "downloaded" for row in rows)
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "exit_code"),
+    [
+        (["generate", "x", "--duration", "7", "--simulate"], "InputError", 2),
+        (["generate", "x", "--size", "3", "--simulate"], "UsageError", 2),
+        (["generate", "x"], "InputError", 2),
+        (["batch", "{missing}", "-o", "{out}", "--simulate"], "InputError", 2),
+        (["balance", "--simulate"], "InputError", 2),
+    ],
+)
+async def test_json_errors_are_one_json_object(
+    tmp_path: Path, args: list[str], error: str, exit_code: int
+) -> None:
+    """With --json every error is one JSON object on stdout with the documented shape:
+    ok, exit_code, error, message (and context such as the field)."""
+    names = {"missing": tmp_path / "missing.jsonl", "out": tmp_path / "out"}
+    code, stdout, stderr = await run_cli(*(arg.format(**names) for arg in args), "--json")
+    assert code == exit_code
+    outcome = json.loads(stdout)
+    assert outcome["ok"] is False
+    assert outcome["exit_code"] == exit_code
+    assert outcome["error"] == error
+    assert outcome["message"]
+    assert "Traceback" not in stderr
+
+
+async def test_simulate_help_names_the_command() -> None:
+    """`sora-async simulate --help` shows the command's own name in its usage."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "from sora_async.cli import main; main()",
+        "simulate",
+        "--help",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), 60)
+    assert out.decode().startswith("usage: sora-async simulate")
+    assert "python -m" not in out.decode()
+
+
+async def test_generate_checks_the_folder_first_and_never_loses_a_made_video(
+    tmp_path: Path,
+) -> None:
+    """generate -o into a folder that cannot be written fails before any create; when the
+    video is made but cannot be saved, the task id and result URL are printed (exit 1),
+    and `sora-async download TASK_ID` then saves it."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    async with FakeApixo(generation_time=lognormal(180 / SCALE, 0.3), period=60 / SCALE) as fake:
+        env = {"APIXO_API_KEY": fake.api_key, "APIXO_BASE_URL": fake.url}
+        scale = ["--time-scale", str(SCALE)]
+        code, _, stderr = await run_cli("generate", "kite", "-o", str(blocker / "x"), env=env)
+        assert code == 2
+        assert "output: cannot write to" in stderr
+        assert fake.stats.requests == 0
+        fake.inject("server_error", on="file", status=404)  # the CDN refuses the file
+        code, stdout, stderr = await run_cli(
+            "generate", "kite", "-o", str(tmp_path / "v"), *scale, "--json", env=env
+        )
+        assert code == 1, stderr
+        outcome = json.loads(stdout)
+        assert outcome["error"] == "NotSaved"
+        task_id = outcome["task_id"]
+        assert outcome["urls"] == [f"{fake.origin}/files/{task_id}.mp4"]
+        assert "sora-async download" in outcome["message"]
+        fake.inject("server_error", on="file", status=404)
+        code, _, stderr = await run_cli(
+            "generate", "kite", "-o", str(tmp_path / "v"), *scale, env=env
+        )
+        assert code == 1
+        assert len(stderr.strip().splitlines()) == 1
+        other = stderr.split("task ")[1].split(",")[0]
+        assert f"{fake.origin}/files/{other}.mp4" in stderr
+        assert fake.stats.creates == 2
+        for made in (task_id, other):
+            code, stdout, _ = await run_cli("download", made, "-o", str(tmp_path / "v"), env=env)
+            assert code == 0
+            assert (tmp_path / "v" / f"{made}.mp4").read_bytes()[4:8] == b"ftyp"
+        assert fake.stats.creates == 2
+        code, stdout, _ = await run_cli("download", "task_nope", "--json", env=env)
+        assert code == 1
+        assert json.loads(stdout)["error"] == "NotFoundError"
+
+
+@pytest.mark.parametrize(
+    ("signals", "exit_code"),
+    [([signal.SIGTERM], 143), ([signal.SIGINT], 130), ([signal.SIGTERM, signal.SIGTERM], 143)],
+)
+async def test_signal_stops_a_batch_with_a_manifest_and_the_rerun_finishes(
+    tmp_path: Path, signals: list[signal.Signals], exit_code: int
+) -> None:
+    """SIGTERM or Ctrl-C mid-batch: no new creates, journal and manifest written, a line
+    on how to resume, exit 143 / 130; a second signal exits at once. The rerun adopts the
+    tasks in flight and finishes with no prompt created twice, as the fake counts."""
+    source = write_jsonl(
+        tmp_path / "p.jsonl", [{"id": f"v{i}", "prompt": f"sig {i}"} for i in range(16)]
+    )
+    out = tmp_path / "out"
+    async with FakeApixo(
+        generation_time=lognormal(180 / SCALE, 0.4), period=60 / SCALE, balance=1e6
+    ) as fake:
+        env = {"APIXO_API_KEY": fake.api_key, "APIXO_BASE_URL": fake.url}
+        command = ["batch", str(source), "-o", str(out), "--time-scale", str(SCALE)]
+        process = await sora_async(*command, env=env)
+        for _ in range(600):  # the fake counts creates; no event tells us of them
+            if fake.stats.creates >= 4:
+                break
+            await asyncio.sleep(0.05)
+        for number in signals:
+            process.send_signal(number)
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+        assert process.returncode == exit_code, err
+        if len(signals) == 1:
+            assert "run the same command again to resume" in err.decode()
+            rows = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+            assert len(rows) == 16
+            assert not {row["state"] for row in rows} & {"submitting", "uncertain"}
+        assert "Traceback" not in err.decode()
+        made = fake.stats.creates
+        assert made < 16
+        code, _, stderr = await run_cli(*command, env=env)
+        assert code in (0, 1), stderr
+        rows = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+        assert max(fake.stats.creates_per_prompt.values()) == 1
+        for row in rows:
+            assert row["state"] in ("downloaded", "uncertain"), row
         assert (code == 0) == all(row["state"] == "downloaded" for row in rows)

@@ -62,11 +62,12 @@ def serve(host: str = "127.0.0.1", port: int = 8765, **knobs: Any) -> None:
         asyncio.run(_run(host, port, knobs))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse command-line knobs and :func:`serve`; return the exit status."""
-    parser = argparse.ArgumentParser(
-        prog="python -m sora_async.testing", description="Fake APIXO task API on loopback."
-    )
+def main(argv: Sequence[str] | None = None, prog: str = "python -m sora_async.testing") -> int:
+    """Parse command-line knobs and :func:`serve`; return the exit status.
+
+    ``prog`` is the command's name in its usage and help.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description="Fake APIXO task API on loopback.")
     add = parser.add_argument
     add("--host", default="127.0.0.1")
     add("--port", type=int, default=8765, help="0 picks a free port")
