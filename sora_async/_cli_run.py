@@ -125,7 +125,9 @@ def scaled_client_options(
 
 @contextlib.asynccontextmanager
 async def _client(params: dict[str, Any]) -> AsyncIterator[SoraClient]:
-    """Open a client on the real service, or on an in-process fake with ``--simulate``."""
+    """Open a client on the real service, or on an in-process fake with ``--simulate``
+    (which keeps its tasks in ``params["state_file"]`` when given, so that a rerun of a
+    simulated batch finds the tasks of the run before)."""
     scale = params["time_scale"]
     options: dict[str, Any] = {}
     if scale != 1.0 or params["redis_url"]:
@@ -147,6 +149,7 @@ async def _client(params: dict[str, Any]) -> AsyncIterator[SoraClient]:
             pending_time=2.0 / scale,
             balance=1e9,
             seed=int(time.time()),
+            state_file=params.get("state_file"),
         ) as fake,
         SoraClient(api_key=fake.api_key, base_url=fake.url, **options) as client,
     ):

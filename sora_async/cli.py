@@ -21,7 +21,14 @@ from rich.live import Live
 from rich.table import Table
 
 from . import _models
-from ._batch import BatchDefaults, BatchProgress, BatchReport, parse_shard, run_batch
+from ._batch import (
+    BatchDefaults,
+    BatchProgress,
+    BatchReport,
+    journal_path,
+    parse_shard,
+    run_batch,
+)
 from ._cli_run import Note, Stop, emit, fail, run
 from ._cli_run import err as _err
 from ._cli_run import out as _out
@@ -238,6 +245,13 @@ def batch(
     defaults = BatchDefaults(**{k: kwargs.pop(k) for k in ("duration", "size", "resolution")})
     try:
         share = parse_shard(shard) if shard is not None else None
+        # A simulated service keeps its tasks beside the journal: a rerun resumes as on
+        # the real service.
+        book = journal_path(out, journal, share)
+        params["state_file"] = book.with_name(f"{book.stem}.simulated.jsonl")
+        check_folder(out)
+        if params["simulate"]:
+            check_folder(book.parent, "journal")
     except InputError as exc:
         fail(str(exc), as_json=as_json, field=exc.field)
     stop = Stop()

@@ -89,7 +89,15 @@ async def test_failed_item_gives_exit_code_1(tmp_path: Path) -> None:
         (["generate", "x", "--duration", "7", "--simulate"], "duration: must be one of"),
         (
             ["batch", "{good}", "-o", "{out}", "--journal", "/proc/no/journal.db", "--simulate"],
-            "journal: cannot open /proc/no/journal.db: ",
+            "journal: cannot write to /proc/no: ",
+        ),
+        (
+            ["batch", "{good}", "-o", "{out}", "--journal", "/proc/no/j.db", "--api-key", "k"],
+            "journal: cannot open /proc/no/j.db: ",
+        ),
+        (
+            ["batch", "{good}", "-o", "{out}", "--journal", "{blocked}", "--api-key", "k"],
+            "journal: cannot open ",
         ),
         (["generate", "x", "-o", "{blocked}/out", "--simulate"], "output: cannot write to"),
         (["status", "task_1", "--simulate"], "--simulate starts an empty fake service"),
@@ -305,3 +313,64 @@ async def test_signal_stops_a_batch_with_a_manifest_and_the_rerun_finishes(
         for row in rows:
             assert row["state"] in ("downloaded", "uncertain"), row
         assert (code == 0) == all(row["state"] == "downloaded" for row in rows)
+
+
+async def test_killed_simulated_batch_resumes(tmp_path: Path) -> None:
+    """A --simulate batch killed with SIGKILL and run again resumes like a real one: the
+    simulated service keeps its tasks beside the journal, so the rerun adopts them (none
+    is marked failed for being unknown) and no prompt is created twice."""
+    source = write_jsonl(
+        tmp_path / "p.jsonl", [{"id": f"v{i}", "prompt": f"sim {i}"} for i in range(14)]
+    )
+    out = tmp_path / "out"
+    state = out / ".sora-async-journal.simulated.jsonl"
+    command = ["batch", str(source), "-o", str(out), "--simulate", "--time-scale", str(SCALE)]
+
+    def made() -> list[dict[str, object]]:
+        lines = state.read_text().split("\n") if state.exists() else []
+        return [json.loads(line) for line in lines if '"task_id"' in line]
+
+    process = await sora_async(*command)
+    for _ in range(600):  # wait until some tasks exist, then kill mid-run
+        if len(made()) >= 5:
+            break
+        await asyncio.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    await process.wait()
+    assert 5 <= len(made()) < 14
+    code, stdout, stderr = await run_cli(*command, "--json")
+    assert code in (0, 1), stderr
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    prompts = [str(task["prompt"]) for task in made()]
+    assert sorted(prompts) == sorted(set(prompts))  # no prompt made twice
+    for row in rows:
+        assert row["state"] in ("downloaded", "uncertain"), row
+    assert (code == 0) == all(row["state"] == "downloaded" for row in rows)
+    assert json.loads(stdout)["exit_code"] == code
+
+
+async def test_standalone_fake_shows_its_counters(tmp_path: Path) -> None:
+    """`sora-async simulate` serves GET /fake/stats with the counters FakeApixo.stats keeps
+    (requests, 429s, creates per prompt, unfinished peak), so tests of other programs can
+    assert on the service's side."""
+    fake_options = ["--port", "0", "--generation", "fixed:1", "--period", str(60 / SCALE)]
+    process = await sora_async("simulate", *fake_options)
+    try:
+        assert process.stdout is not None
+        lines = [(await process.stdout.readline()).decode().strip() for _ in range(3)]
+        env = dict(line.split("=", 1) for line in lines[:2])
+        stats_url = lines[2].split("GET ", 1)[1]
+        scale = ["--time-scale", str(SCALE)]
+        code, _, _ = await run_cli("generate", "counted", "-o", str(tmp_path), *scale, env=env)
+        assert code == 0
+        async with aiohttp.ClientSession() as session, session.get(stats_url) as response:
+            stats = await response.json()
+        assert stats["creates"] == 1
+        assert stats["creates_per_prompt"] == {"counted": 1}
+        assert stats["rate_limited"] == 0
+        assert stats["requests"] >= 2
+        assert stats["max_concurrent_tasks"] == 1
+        assert stats["unfinished_tasks"] == 0
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await process.wait()
