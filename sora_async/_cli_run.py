@@ -213,4 +213,7 @@ def run(params: dict[str, Any], work: Work, stop: Stop | None = None) -> NoRetur
         code = _SIGNAL_EXIT[received[0]] if received else 130
         detail = f"interrupted{_context_line(note)}" if note else "interrupted"
         fail(detail, code, as_json=as_json, error="Interrupted", **note)
+    except Exception as exc:  # a bug or the machine (disk full): still one line, no traceback
+        detail = f"unexpected {type(exc).__name__}: {exc}{_context_line(note)}"
+        fail(detail, 1, as_json=as_json, error="InternalError", **note)
     sys.exit(code)

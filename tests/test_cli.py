@@ -374,3 +374,51 @@ async def test_standalone_fake_shows_its_counters(tmp_path: Path) -> None:
     finally:
         process.send_signal(signal.SIGTERM)
         await process.wait()
+
+
+async def test_interrupted_generate_names_its_task(tmp_path: Path) -> None:
+    """SIGTERM to generate after its create: exit 143 with one line naming the task id and
+    how to fetch it; `sora-async download` then saves the video without a second create."""
+    async with FakeApixo(generation_time=lognormal(600 / SCALE, 0.1), period=60 / SCALE) as fake:
+        env = {"APIXO_API_KEY": fake.api_key, "APIXO_BASE_URL": fake.url}
+        process = await sora_async("generate", "slow", "--time-scale", str(SCALE), env=env)
+        for _ in range(600):
+            if fake.stats.creates:
+                break
+            await asyncio.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+        assert process.returncode == 143
+        (task_id,) = fake.tasks
+        line = err.decode().strip()
+        assert len(line.splitlines()) == 1
+        assert f"sora-async download {task_id}" in line
+        code, stdout, _ = await run_cli(
+            "download", task_id, "-o", str(tmp_path), "--json", "--time-scale", str(SCALE), env=env
+        )
+        assert code == 0
+        assert Path(json.loads(stdout)["file"]).read_bytes()[4:8] == b"ftyp"
+        assert fake.stats.creates == 1
+
+
+async def test_retry_flags_of_the_batch_command(tmp_path: Path) -> None:
+    """A batch with a failed item exits 1 and says to use --retry-failed; a plain rerun
+    creates nothing; with --retry-failed the failed item is created again (the fake
+    counts two creates of that prompt, one of every other)."""
+    source = write_jsonl(
+        tmp_path / "p.jsonl",
+        [{"id": "good", "prompt": "fine"}, {"id": "bad", "prompt": "no [fail:NSFW]"}],
+    )
+    async with FakeApixo(generation_time=lognormal(180 / SCALE, 0.3), period=60 / SCALE) as fake:
+        env = {"APIXO_API_KEY": fake.api_key, "APIXO_BASE_URL": fake.url}
+        command = ["batch", str(source), "-o", str(tmp_path / "out"), "--time-scale", str(SCALE)]
+        code, _, stderr = await run_cli(*command, env=env)
+        assert code == 1
+        assert "1 failed: add --retry-failed" in stderr
+        code, stdout, _ = await run_cli(*command, "--json", env=env)
+        assert code == 1
+        assert json.loads(stdout)["error"] == "ItemsNotDone"
+        assert fake.stats.creates == 2
+        code, _, _ = await run_cli(*command, "--retry-failed", env=env)
+        assert code == 1
+        assert fake.stats.creates_per_prompt == {"fine": 1, "no [fail:NSFW]": 2}
