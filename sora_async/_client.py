@@ -346,7 +346,7 @@ class SoraClient:
 
         Streams to a temporary file beside the target, checks the length, resumes a
         broken transfer with ``Range`` and renames atomically. Extra result URLs, if
-        any, are saved as ``<name>-2.mp4`` and so on. ``name`` replaces the task id
+        any, are saved as ``<name>+2.mp4`` and so on. ``name`` replaces the task id
         as the file stem; a name that is not a safe file name as it stands gets a safe
         form plus a short hash of the whole name (it cannot leave ``dest``, and distinct
         names never share a file). Raises TransportError when the file cannot be

@@ -22,7 +22,7 @@ import aiohttp
 from ._errors import InputError, TransportError
 from ._models import Video, check_http_url
 
-__all__ = ["DEFAULT_MAX_DOWNLOAD_BYTES", "Downloader", "check_folder", "file_stem"]
+__all__ = ["DEFAULT_MAX_DOWNLOAD_BYTES", "Downloader", "check_folder", "file_stem", "targets"]
 
 logger = logging.getLogger("sora_async")
 
@@ -78,6 +78,24 @@ def _suffix(url: str) -> str:
     return suffix if suffix in _VIDEO_SUFFIXES else ".mp4"
 
 
+def targets(video: Video, dest: Path, stem: str | None = None) -> list[Path]:
+    """Return where each of the video's URLs is saved: ``<stem>.mp4``, ``<stem>+2.mp4``...
+
+    The stem is :func:`file_stem` of ``stem`` (default: the task id). ``+`` never
+    occurs in a stem, so an extra file never takes the name of another id's file.
+    """
+    base = file_stem(stem if stem is not None else video.task_id)
+    paths = []
+    for index, url in enumerate(video.urls):
+        check_http_url(f"urls[{index}]", url)
+        name = base if index == 0 else f"{base}+{index + 1}"
+        path = dest / f"{name}{_suffix(url)}"
+        if path.resolve().parent != dest.resolve():
+            raise InputError("task_id", f"file name {name!r} would leave {dest}")
+        paths.append(path)
+    return paths
+
+
 class Downloader:
     """Fetch result URLs into a folder, at most ``concurrency`` at a time, each file at
     most ``max_bytes`` long."""
@@ -96,22 +114,6 @@ class Downloader:
         self._max_bytes = max_bytes
         self._random = random.Random()
 
-    def targets(self, video: Video, dest: Path, stem: str | None = None) -> list[Path]:
-        """Return where each of the video's URLs is saved: ``<stem>.mp4``, ``<stem>-2.mp4``...
-
-        The stem is :func:`file_stem` of ``stem`` (default: the task id).
-        """
-        base = file_stem(stem if stem is not None else video.task_id)
-        paths = []
-        for index, url in enumerate(video.urls):
-            check_http_url(f"urls[{index}]", url)
-            name = base if index == 0 else f"{base}-{index + 1}"
-            path = dest / f"{name}{_suffix(url)}"
-            if path.resolve().parent != dest.resolve():
-                raise InputError("task_id", f"file name {name!r} would leave {dest}")
-            paths.append(path)
-        return paths
-
     async def download(
         self, video: Video, dest: str | os.PathLike[str], stem: str | None = None
     ) -> list[Path]:
@@ -119,7 +121,7 @@ class Downloader:
         if not video.urls:
             raise InputError("video.urls", "has no result URL to download")
         folder = _make_folder(Path(dest))
-        paths = self.targets(video, folder, stem)
+        paths = targets(video, folder, stem)
         for url, path in zip(video.urls, paths, strict=True):
             async with self._slots:
                 await self._fetch_with_retries(url, path)

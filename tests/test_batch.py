@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import sora_async as sa
+from sora_async._download import targets
 from sora_async.testing import FakeApixo, fixed, lognormal
 
 pytestmark = pytest.mark.looptime
@@ -295,6 +296,22 @@ async def test_every_batch_id_gets_its_own_file(ids: list[str]) -> None:
                 assert file.resolve().parent == out.resolve()
                 assert file.read_bytes() == await fake_file(fake, str(row["task_id"]))
         assert len(list(out.glob("*.mp4"))) == len(ids)
+
+
+@given(ids=st.lists(_ids, min_size=1, max_size=20, unique_by=str.casefold))
+@example(ids=["x", "x-2", "x+2", "x.2"])
+def test_extra_result_files_never_take_another_ids_name(ids: list[str]) -> None:
+    """A video with several result URLs saves them as <stem>.mp4, <stem>+2.mp4, ...: no
+    two ids' files (extra ones included) ever share a name, and all stay in the folder."""
+    folder = Path(tempfile.gettempdir()) / "sora-async-names"
+    urls = ("https://cdn.example/a.mp4", "https://cdn.example/b.mp4", "https://cdn.example/c")
+    names = [
+        path
+        for item_id in ids
+        for path in targets(sa.Video(task_id="t", urls=urls), folder, item_id)
+    ]
+    assert len({path.name.casefold() for path in names}) == 3 * len(ids)
+    assert all(path.parent == folder for path in names)
 
 
 @pytest.mark.parametrize(
