@@ -37,7 +37,8 @@ __all__ = ["Note", "Stop", "Work", "emit", "fail", "run", "scaled_client_options
 err = Console(stderr=True)
 out = Console()
 
-#: Context a command gathers as it goes (task id, result URLs): shown if it fails.
+#: Context a command gathers as it goes, shown if it then fails: ``task_id`` once a task
+#: is known to exist (made by this command, or found done), ``urls`` once known.
 Note = dict[str, Any]
 Work = Callable[[SoraClient, Note], Coroutine[Any, Any, int]]
 

@@ -34,7 +34,7 @@ _CHUNK = 1 << 16
 #: The largest video a download accepts unless told otherwise: far above any Sora 2 Pro
 #: result (a 15-s 1080p video is tens of MB), far below a disk filled by a runaway stream.
 DEFAULT_MAX_DOWNLOAD_BYTES = 2 * 1024**3
-_STEM_MAX = 180  # leaves room for "-<hash>-<n>.mp4" inside a 255-byte file name
+_STEM_MAX = 180  # leaves room for "-<hash>+<n>.mp4" inside a 255-byte file name
 _HASH_CHARS = 12  # 48 bits: a clash among a million unsafe ids is about 1 in 500
 
 

@@ -326,10 +326,9 @@ def download(task_id: str, out: Path, **kwargs: Any) -> None:
         fail(str(exc), as_json=params["as_json"], field=exc.field)
 
     async def work(client: SoraClient, note: Note) -> int:
-        note["task_id"] = task_id
         with _err.status("waiting for the task..."):
             video = await client.wait(task_id)
-        note["urls"] = list(video.urls)
+        note |= {"task_id": task_id, "urls": list(video.urls)}
         return await _save(client, video, out, note, params["as_json"])
 
     run(params, work)
@@ -343,7 +342,6 @@ def status(task_id: str, **kwargs: Any) -> None:
     params = _params(kwargs, simulate=False)
 
     async def work(client: SoraClient, note: Note) -> int:
-        note["task_id"] = task_id
         found = await client.status(task_id)
         urls = " ".join(found.result_urls)
         detail = urls or f"{found.fail_code or ''} {found.fail_msg or ''}".strip()
