@@ -26,7 +26,7 @@ from typing import Any, NoReturn
 from rich.console import Console
 
 from ._client import SoraClient
-from ._errors import APIError, InputError, SoraError
+from ._errors import APIError, InputError, NotFoundError, SoraError, TaskFailedError
 from ._governor import Governor, LocalGovernor
 from ._models import Limits
 from ._scheduler import PollPolicy
@@ -157,10 +157,13 @@ async def _client(params: dict[str, Any]) -> AsyncIterator[SoraClient]:
         yield client
 
 
-def _context_line(note: Note) -> str:
+def _context_line(note: Note, error: BaseException | None = None) -> str:
+    """Return how to still get the video the command made, if it made one."""
     task_id = note.get("task_id")
-    if task_id is None:
+    if task_id is None or isinstance(error, TaskFailedError):  # it names its task
         return ""
+    if isinstance(error, NotFoundError):
+        return f"; task {task_id}"  # nothing to fetch
     urls = " ".join(note.get("urls") or [])
     where = f" (result: {urls})" if urls else ""
     return f"; task {task_id}{where}: fetch it with `sora-async download {task_id}`"
@@ -206,10 +209,11 @@ def run(params: dict[str, Any], work: Work, stop: Stop | None = None) -> NoRetur
     except InputError as exc:
         fail(str(exc), as_json=as_json, field=exc.field)
     except APIError as exc:
-        detail = f"the service refused: {exc}{_context_line(note)}"
+        detail = f"the service refused: {exc}{_context_line(note, exc)}"
         fail(detail, 1, as_json=as_json, error=type(exc).__name__, code=exc.code, **note)
     except SoraError as exc:
-        fail(f"{exc}{_context_line(note)}", 1, as_json=as_json, error=type(exc).__name__, **note)
+        detail = f"{exc}{_context_line(note, exc)}"
+        fail(detail, 1, as_json=as_json, error=type(exc).__name__, **note)
     except (asyncio.CancelledError, KeyboardInterrupt):
         code = _SIGNAL_EXIT[received[0]] if received else 130
         detail = f"interrupted{_context_line(note)}" if note else "interrupted"

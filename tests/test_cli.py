@@ -422,3 +422,16 @@ async def test_retry_flags_of_the_batch_command(tmp_path: Path) -> None:
         code, _, _ = await run_cli(*command, "--retry-failed", env=env)
         assert code == 1
         assert fake.stats.creates_per_prompt == {"fine": 1, "no [fail:NSFW]": 2}
+
+
+async def test_failed_generation_is_one_line_naming_its_fail_code() -> None:
+    """generate for a task that fails: exit 1, one line with the task id and fail code,
+    and no advice to download a video that does not exist."""
+    async with FakeApixo(generation_time=lognormal(180 / SCALE, 0.3), period=60 / SCALE) as fake:
+        env = {"APIXO_API_KEY": fake.api_key, "APIXO_BASE_URL": fake.url}
+        code, _, stderr = await run_cli(
+            "generate", "x [fail:NSFW]", "--time-scale", str(SCALE), env=env
+        )
+    assert code == 1
+    (task_id,) = fake.tasks
+    assert stderr.strip() == f"error: task {task_id} failed: NSFW: Task failed: NSFW"
