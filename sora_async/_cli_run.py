@@ -46,16 +46,41 @@ _SIGNAL_EXIT: dict[int, int] = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 class Stop:
-    """A request to wind down, set by the first SIGINT / SIGTERM."""
+    """A request to wind down, set by the first SIGINT / SIGTERM.
 
-    def __init__(self) -> None:
+    ``cancel``: cancel the work when the signal comes, except while a create is in
+    flight (between ``sending()`` and ``answered()``): then the work is cancelled
+    once the create's answer is in, so that the task it made can be named. Without
+    ``cancel`` the work watches ``event`` and winds down itself (a batch).
+    """
+
+    def __init__(self, *, cancel: bool = False) -> None:
         self.event = asyncio.Event()
         self.exit_code = 0  # 130 or 143 once set
+        self._cancel = cancel
+        self._in_flight = 0
 
-    def set(self, signum: int) -> None:
-        """Ask the work to stop, on behalf of signal ``signum``."""
+    def set(self, signum: int, task: asyncio.Task[int]) -> bool:
+        """Ask the work (``task``) to stop, on behalf of signal ``signum``; return
+        whether it was cancelled at once."""
         self.exit_code = _SIGNAL_EXIT[signum]
         self.event.set()
+        if self._cancel and not self._in_flight:
+            task.cancel()
+            return True
+        return False
+
+    async def sending(self) -> None:
+        """Mark a create as sent (a ``before_create`` hook): a signal now waits for it."""
+        if self.event.is_set():
+            raise asyncio.CancelledError  # stopped while waiting for a slot: send nothing
+        self._in_flight += 1
+
+    def answered(self) -> None:
+        """Mark the create as answered; cancel the work if a signal came meanwhile."""
+        self._in_flight -= 1
+        if self._cancel and self.event.is_set() and not self._in_flight:
+            raise asyncio.CancelledError
 
 
 def emit(as_json: bool, text: str, **fields: Any) -> None:
@@ -172,9 +197,9 @@ def _context_line(note: Note, error: BaseException | None = None) -> str:
 def run(params: dict[str, Any], work: Work, stop: Stop | None = None) -> NoReturn:
     """Run ``work`` with a client and exit with its code, or with one clear line.
 
-    The first SIGINT or SIGTERM sets ``stop`` when given (the work winds down and
-    reports), else cancels the work; a second one exits at once (the journal, written
-    one transaction at a time, stays whole).
+    The first SIGINT or SIGTERM sets ``stop`` when given (see Stop), else cancels the
+    work; a second one exits at once (the journal, written one transaction at a time,
+    stays whole).
     """
     as_json = params["as_json"]
     note: Note = {}
@@ -189,11 +214,11 @@ def run(params: dict[str, Any], work: Work, stop: Stop | None = None) -> NoRetur
             # time, so it stays whole.
             os._exit(_SIGNAL_EXIT[signum])
         received.append(signum)
-        if stop is not None:
-            err.print("stopping: no new creates; waiting for those in flight...", highlight=False)
-            stop.set(signum)
-        else:
+        if stop is None:
             task.cancel()
+            return
+        if not stop.set(signum, task):
+            err.print("stopping: no new creates; waiting for those in flight...", highlight=False)
 
     async def go() -> int:
         loop = asyncio.get_running_loop()

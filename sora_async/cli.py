@@ -122,14 +122,20 @@ def generate(prompt: str, out: Path, image_urls: tuple[str, ...], **kwargs: Any)
     except InputError as exc:
         fail(str(exc), as_json=params["as_json"], field=exc.field)
 
+    # A signal while the create is in flight waits for its answer, so that the task
+    # (paid for) can be named.
+    stop = Stop(cancel=True)
+
     async def work(client: SoraClient, note: Note) -> int:
         with _err.status("generating..."):
-            note["task_id"] = await client.submit(request)
-            video = await client.wait(note["task_id"])
+            task_id = await client.submit(request, before_create=stop.sending)
+            note["task_id"] = task_id
+            stop.answered()
+            video = await client.wait(task_id)
             note["urls"] = list(video.urls)
         return await _save(client, video, out, note, params["as_json"])
 
-    run(params, work)
+    run(params, work, stop)
 
 
 async def _save(

@@ -376,23 +376,31 @@ async def test_standalone_fake_shows_its_counters(tmp_path: Path) -> None:
         await process.wait()
 
 
-async def test_interrupted_generate_names_its_task(tmp_path: Path) -> None:
-    """SIGTERM to generate after its create: exit 143 with one line naming the task id and
-    how to fetch it; `sora-async download` then saves the video without a second create."""
+@pytest.mark.parametrize("moment", ["while waiting", "while the create is in flight"])
+async def test_interrupted_generate_names_its_task(tmp_path: Path, moment: str) -> None:
+    """SIGTERM to generate once its create was sent (even before the answer came): exit
+    143 with a line naming the task id and how to fetch it; `sora-async download` then
+    saves the video without a second create."""
     async with FakeApixo(generation_time=lognormal(600 / SCALE, 0.1), period=60 / SCALE) as fake:
         env = {"APIXO_API_KEY": fake.api_key, "APIXO_BASE_URL": fake.url}
+        in_flight = moment == "while the create is in flight"
+        if in_flight:
+            # The answer comes late, within the attempt timeout (60 s / SCALE = 0.6 s).
+            fake.inject("slow", on="create", delay=0.5)
         process = await sora_async("generate", "slow", "--time-scale", str(SCALE), env=env)
         for _ in range(600):
-            if fake.stats.creates:
+            if fake.stats.requests_by_kind["create"]:
                 break
             await asyncio.sleep(0.05)
+        if not in_flight:
+            await asyncio.sleep(0.3)
         process.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(process.communicate(), 30)
         assert process.returncode == 143
         (task_id,) = fake.tasks
-        line = err.decode().strip()
-        assert len(line.splitlines()) == 1
-        assert f"sora-async download {task_id}" in line
+        lines = err.decode().strip().splitlines()
+        assert len(lines) == (2 if in_flight else 1)
+        assert f"sora-async download {task_id}" in lines[-1]
         code, stdout, _ = await run_cli(
             "download", task_id, "-o", str(tmp_path), "--json", "--time-scale", str(SCALE), env=env
         )
