@@ -44,7 +44,8 @@ class FakeApixo:
 
     It runs in the running event loop (so ``looptime`` can fast-forward it),
     enforces the key's limits on the server clock, and counts what it sees in
-    :attr:`stats`.
+    :attr:`stats` (also served as JSON at ``GET /fake/stats``, for tests of other
+    processes).
 
     Example::
 
