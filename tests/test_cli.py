@@ -381,7 +381,7 @@ async def test_interrupted_generate_names_its_task(tmp_path: Path, moment: str) 
     """SIGTERM to generate once its create was sent (even before the answer came): exit
     143 with a line naming the task id and how to fetch it; `sora-async download` then
     saves the video without a second create."""
-    async with FakeApixo(generation_time=lognormal(600 / SCALE, 0.1), period=60 / SCALE) as fake:
+    async with FakeApixo(generation_time=lognormal(200 / SCALE, 0.1), period=60 / SCALE) as fake:
         env = {"APIXO_API_KEY": fake.api_key, "APIXO_BASE_URL": fake.url}
         in_flight = moment == "while the create is in flight"
         if in_flight:
