@@ -19,9 +19,21 @@ Environment: ``APIXO_API_KEY`` (required), ``APIXO_BASE_URL`` (default: the publ
 service), ``APIXO_CALLBACK_URL`` (optional: without it the client polls),
 ``APIXO_CALLBACK_SECRET``, ``SORA_ASYNC_REDIS_URL`` and ``APIXO_WORKERS`` (see below),
 ``APIXO_LIMITS`` (the key's limits as ``requests/period/concurrent_tasks``, default
-``60/60/10``: set it if your plan differs, or to test against a time-compressed fake)
-and ``APIXO_POLL_INTERVAL`` (the least seconds between two polls of one task, default
-2; with callbacks on, polling is only a safety net and may be slower).
+``60/60/10``: set it if your plan differs, or to test against a time-compressed fake),
+and the client's policies, each optional (a bad value stops the app at start with the
+variable named):
+
+=============================  ======================================================
+``APIXO_POLL_INTERVAL``        fewest seconds between two polls of one task (2; with
+                               callbacks on, polling is only a safety net)
+``APIXO_POLL_PRIOR_MEAN``      expected generation seconds before any is seen (180)
+``APIXO_WAIT_TIMEOUT``         default deadline of a wait, seconds (3600)
+``APIXO_REQUEST_TIMEOUT``      one HTTP attempt's timeout, seconds (60)
+``APIXO_RETRY_DEADLINE``       how long one call keeps retrying, seconds (300)
+``APIXO_UNCERTAIN_HOLD``       seconds a slot stays taken after an uncertain create (600)
+``APIXO_ON_UNCERTAIN``         ``raise`` (never pay twice) or ``resubmit`` (raise)
+``APIXO_MAX_DOWNLOAD_BYTES``   largest result file accepted (2 GiB)
+=============================  ======================================================
 
 Running several workers (``uvicorn --workers N``, gunicorn, several pods): the key's
 limits (60 requests a minute, 10 unfinished tasks) are per API key, not per process.
@@ -68,10 +80,32 @@ logger = logging.getLogger("sora_async.examples.fastapi_app")
 ClientFactory = Callable[[], sa.SoraClient]
 
 
+def _number(name: str, *, whole: bool = False) -> Any:
+    """Return environment variable ``name`` as a positive number, or None when unset."""
+    raw = os.environ.get(name)
+    if not raw:
+        return None
+    try:
+        value = int(raw) if whole else float(raw)
+    except ValueError:
+        value = -1
+    if value <= 0:
+        kind = "whole number" if whole else "number"
+        raise sa.InputError(name, f"must be a positive {kind}, got {raw!r}")
+    return value
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    return {name: value for name, value in values.items() if value is not None}
+
+
 def client_from_env() -> sa.SoraClient:
-    """Build the client from the environment (see the module docstring)."""
+    """Build the client from the environment (see the module docstring).
+
+    Raises ValueError (sa.InputError for the client's policies) naming the variable
+    when one is set to a bad value.
+    """
     limits = _limits_from_env()
-    poll_interval = float(os.environ.get("APIXO_POLL_INTERVAL") or "2")
     callback_url = os.environ.get("APIXO_CALLBACK_URL") or None
     secret = os.environ.get("APIXO_CALLBACK_SECRET") or None
     redis_url = os.environ.get("SORA_ASYNC_REDIS_URL") or None
@@ -82,9 +116,7 @@ def client_from_env() -> sa.SoraClient:
         # One budget for every worker: each may use all of the key's limits.
         governor = sa.RedisGovernor(redis_url, limits=limits)
     else:
-        workers = int(os.environ.get("APIXO_WORKERS") or "1")
-        if workers < 1:
-            raise ValueError("APIXO_WORKERS must be at least 1")
+        workers = _number("APIXO_WORKERS", whole=True) or 1
         limits = sa.Limits(
             requests=max(2, limits.requests // workers),
             period=limits.period,
@@ -92,12 +124,32 @@ def client_from_env() -> sa.SoraClient:
         )
         if callback_url is not None and secret is None and workers > 1:
             logger.warning("APIXO_CALLBACK_SECRET is unset: each worker will refuse the others'")
+    retry = sa.RetryPolicy(
+        **_given(timeout=_number("APIXO_REQUEST_TIMEOUT"), deadline=_number("APIXO_RETRY_DEADLINE"))
+    )
+    poll = sa.PollPolicy(
+        **_given(
+            prior_mean=_number("APIXO_POLL_PRIOR_MEAN"),
+            min_interval=_number("APIXO_POLL_INTERVAL"),
+        )
+    )
+    on_uncertain = os.environ.get("APIXO_ON_UNCERTAIN") or None
+    if on_uncertain not in (None, "raise", "resubmit"):
+        rule = f"must be raise or resubmit, got {on_uncertain!r}"
+        raise sa.InputError("APIXO_ON_UNCERTAIN", rule)
     return sa.SoraClient(
         limits=limits,
         governor=governor,
-        poll_policy=sa.PollPolicy(min_interval=poll_interval),
         callback_url=callback_url,
         callback_secret=secret,
+        retry=retry,
+        poll_policy=poll,
+        **_given(
+            wait_timeout=_number("APIXO_WAIT_TIMEOUT"),
+            uncertain_hold=_number("APIXO_UNCERTAIN_HOLD"),
+            on_uncertain=on_uncertain,
+            max_download_bytes=_number("APIXO_MAX_DOWNLOAD_BYTES", whole=True),
+        ),
     )
 
 

@@ -8,15 +8,14 @@ never creates again an item whose create may have succeeded (it is reported as
 
 from __future__ import annotations
 
+import asyncio
 import collections
-import functools
 import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,9 @@ import anyio.abc
 import anyio.to_thread
 import msgspec
 
+from ._batch_file import BatchDefaults, BatchLineError, load_requests
 from ._client import SoraClient
-from ._download import safe_stem
+from ._download import check_folder
 from ._errors import (
     APIError,
     AuthenticationError,
@@ -57,110 +57,6 @@ logger = logging.getLogger("sora_async")
 JOURNAL_NAME = ".sora-async-journal.sqlite"
 MANIFEST_NAME = "manifest.jsonl"
 _request_decoder = msgspec.json.Decoder(VideoRequest)
-_encoder = msgspec.json.Encoder(order="sorted")
-
-
-class BatchLineError(InputError):
-    """A line of a batch file is not a valid request; names the file and line."""
-
-    def __init__(self, source: str, line: int, field: str, rule: str) -> None:
-        super().__init__(field, rule)
-        self.source = source
-        self.line = line
-        self.args = (f"{source}:{line}: {field}: {rule}",)
-
-
-@dataclass(frozen=True)
-class BatchDefaults:
-    """Values for fields a line leaves out (plain-text lines leave out all but the prompt)."""
-
-    duration: int | None = None
-    size: str | None = None
-    resolution: str | None = None
-
-
-@dataclass(frozen=True)
-class BatchItem:
-    """One request of a batch file, with its stable id."""
-
-    id: str
-    line: int
-    request: VideoRequest
-
-    @property
-    def request_json(self) -> str:
-        """Return the request as canonical JSON."""
-        return _encoder.encode(self.request).decode()
-
-
-def _with_defaults(row: dict[str, Any], defaults: BatchDefaults) -> dict[str, Any]:
-    row = dict(row)
-    mode = row.setdefault("mode", "image-to-video" if "image_urls" in row else "text-to-video")
-    if defaults.duration is not None:
-        row.setdefault("duration", defaults.duration)
-    if mode == "text-to-video" and defaults.size is not None:
-        row.setdefault("size", defaults.size)
-    if mode == "image-to-video" and defaults.resolution is not None:
-        row.setdefault("resolution", defaults.resolution)
-    return row
-
-
-def _item_id(row: dict[str, Any], request: VideoRequest) -> str:
-    given = row.pop("id", None)
-    if given is None:
-        # The same request always gets the same id, so a re-run recognises it.
-        return hashlib.sha256(_encoder.encode(request)).hexdigest()[:16]
-    if isinstance(given, bool) or not isinstance(given, (str, int)) or not str(given).strip():
-        raise InputError("id", "must be a non-empty string or a number")
-    return str(given)
-
-
-def load_requests(path: Path, defaults: BatchDefaults | None = None) -> list[BatchItem]:
-    """Read a JSONL file (one request object a line, optional ``id``) or a plain-text
-    file (one prompt a line; blank lines and ``#`` comments skipped).
-
-    Raises BatchLineError naming the file and line of the first bad line, and
-    InputError when the file cannot be read. Nothing is sent.
-    """
-    defaults = defaults or BatchDefaults()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError("file", f"cannot read {path}: {exc}") from exc
-    jsonl = path.suffix in (".jsonl", ".json", ".ndjson")
-    items: list[BatchItem] = []
-    seen: dict[str, int] = {}
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if not line or (not jsonl and line.startswith("#")):
-            continue
-        try:
-            row: dict[str, Any] = json.loads(line) if jsonl else {"prompt": line}
-            if not isinstance(row, dict):
-                raise InputError("line", "must be a JSON object")
-            item_id = row.get("id")
-            fields = _with_defaults({k: v for k, v in row.items() if k != "id"}, defaults)
-            request = msgspec.convert(fields, VideoRequest)
-            item_id = _item_id(row, request)
-        except InputError as exc:
-            raise BatchLineError(str(path), number, exc.field, exc.rule) from exc
-        except json.JSONDecodeError as exc:
-            raise BatchLineError(str(path), number, "line", f"is not JSON: {exc.msg}") from exc
-        except msgspec.ValidationError as exc:
-            cause = exc.__cause__
-            if isinstance(cause, InputError):
-                raise BatchLineError(str(path), number, cause.field, cause.rule) from exc
-            raise BatchLineError(str(path), number, "line", str(exc)) from exc
-        if item_id in seen:
-            raise BatchLineError(
-                str(path),
-                number,
-                "id",
-                f"{item_id!r} repeats line {seen[item_id]}; give each an id",
-            )
-        seen[item_id] = number
-        items.append(BatchItem(item_id, number, request))
-    return items
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -205,6 +101,7 @@ class BatchReport:
     journal: Path
     seconds: float
     counts: dict[str, int] = field(default_factory=dict)
+    stopped: bool = False  # ended early by ``stop``: run again to finish
 
     @property
     def ok(self) -> bool:
@@ -212,14 +109,8 @@ class BatchReport:
         return all(row.state is ItemState.DOWNLOADED for row in self.rows)
 
 
-def file_stem(item_id: str) -> str:
-    """Return a file stem for an item id: the id itself when safe, else a safe form plus
-    a hash (so two unsafe ids never share a file)."""
-    stem = safe_stem(item_id) if item_id.strip("._") else ""
-    if stem == item_id:
-        return stem
-    digest = hashlib.sha256(item_id.encode()).hexdigest()[:8]
-    return f"{stem}-{digest}" if stem else digest
+class _Stopped(Exception):
+    """The batch was asked to stop before this create was sent."""
 
 
 class _Runner:
@@ -238,6 +129,10 @@ class _Runner:
         self.on_progress = on_progress
         self.counts = collections.Counter(row.state.value for row in rows)
         self.stop_creates: InsufficientCreditsError | None = None
+        self.stopping = False  # asked to stop: no create is sent any more
+        self.sending = 0  # creates between their journal row and their answer
+        self.quiet = asyncio.Event()  # set while no create is being sent
+        self.quiet.set()
 
     async def set(self, row: JournalRow, state: ItemState, **changes: Any) -> None:
         self.counts[row.state.value] -= 1
@@ -263,37 +158,84 @@ class _Runner:
             )
         )
 
-    async def run(self, resubmit_uncertain: bool) -> None:
+    async def run(
+        self, resubmit_uncertain: bool, retry_failed: bool, stop: asyncio.Event | None
+    ) -> None:
         self.report()
-        async with anyio.create_task_group() as group:
-            for row in self.rows:
-                if row.state is ItemState.SUBMITTING or (
-                    row.state is ItemState.UNCERTAIN and resubmit_uncertain
-                ):
-                    if resubmit_uncertain:
-                        await self.set(row, ItemState.QUEUED, error=None)
-                    else:
-                        reason = (
-                            "a create was cut off (the run was stopped): it may have made a task"
-                        )
-                        await self.set(row, ItemState.UNCERTAIN, error=reason)
-            for row in self.rows:
-                if row.state is ItemState.RUNNING:
-                    assert row.task_id is not None
-                    await self.client.adopt(row.task_id)
-                    group.start_soon(self.follow, row)
-                elif row.state is ItemState.SUCCEEDED:
-                    group.start_soon(self.fetch, row)
-            for row in self.rows:
-                if row.state is ItemState.QUEUED and not await self.create(row, group):
-                    break
+        async with anyio.create_task_group() as watch:
+            async with anyio.create_task_group() as group:
+                if stop is not None:
+                    watch.start_soon(self.stop_on, stop, group.cancel_scope)
+                await self.run_items(group, resubmit_uncertain, retry_failed)
+            watch.cancel_scope.cancel()
+
+    async def run_items(
+        self, group: anyio.abc.TaskGroup, resubmit_uncertain: bool, retry_failed: bool
+    ) -> None:
+        for row in self.rows:
+            if row.state is ItemState.FAILED and retry_failed:
+                await self.set(row, ItemState.QUEUED, error=None, task_id=None)
+            if row.state is ItemState.SUBMITTING or (
+                row.state is ItemState.UNCERTAIN and resubmit_uncertain
+            ):
+                if resubmit_uncertain:
+                    await self.set(row, ItemState.QUEUED, error=None)
+                else:
+                    reason = "a create was cut off (the run was stopped): it may have made a task"
+                    await self.set(row, ItemState.UNCERTAIN, error=reason)
+        for row in self.rows:
+            if row.state is ItemState.RUNNING:
+                assert row.task_id is not None
+                await self.client.adopt(row.task_id)
+                group.start_soon(self.follow, row)
+            elif row.state is ItemState.SUCCEEDED:
+                group.start_soon(self.fetch, row)
+        for row in self.rows:
+            if row.state is ItemState.QUEUED and not await self.create(row, group):
+                break
+
+    async def stop_on(self, stop: asyncio.Event, scope: anyio.CancelScope) -> None:
+        """Once ``stop`` is set, send no more creates, let those already sent get their
+        answer (so that their task ids are journaled), then cancel the run: running
+        tasks stay in the journal for the next run to adopt."""
+        await stop.wait()
+        self.stopping = True
+        await self.quiet.wait()
+        scope.cancel()
 
     async def create(self, row: JournalRow, group: anyio.abc.TaskGroup) -> bool:
         """Create the item's task; return False when no more creates should be tried."""
         if self.stop_creates is not None:
             return False
+        marked = False
+
+        async def mark() -> None:
+            # Called with the slot taken, just before the create is sent.
+            nonlocal marked
+            if self.stopping:
+                raise _Stopped
+            marked = True
+            self.sending += 1
+            self.quiet.clear()
+            await self.set(row, ItemState.SUBMITTING, attempts=row.attempts + 1)
+
+        try:
+            return await self._create(row, group, mark)
+        except _Stopped:
+            return False
+        finally:
+            if marked:
+                self.sending -= 1
+                if not self.sending:
+                    self.quiet.set()
+
+    async def _create(
+        self,
+        row: JournalRow,
+        group: anyio.abc.TaskGroup,
+        mark: Callable[[], Awaitable[None]],
+    ) -> bool:
         request = _request_decoder.decode(row.request)
-        mark = functools.partial(self.set, row, ItemState.SUBMITTING, attempts=row.attempts + 1)
         try:
             task_id = await self.client.submit(request, before_create=mark)
         except SubmitUncertainError as exc:
@@ -338,7 +280,7 @@ class _Runner:
         assert row.task_id is not None
         video = Video(task_id=row.task_id, urls=tuple(row.result_urls))
         try:
-            paths = await self.client.download_all(video, self.out, name=file_stem(row.id))
+            paths = await self.client.download_all(video, self.out, name=row.id)
         except (TransportError, InputError) as exc:
             await self.set(row, ItemState.SUCCEEDED, error=f"download: {exc}")
             return
@@ -350,14 +292,19 @@ def _named_for(name: str, suffix: str) -> str:
     return f"{stem}{suffix}{dot}{extension}"
 
 
-def _check_output(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        # A probe of its own: shards of one batch may check one folder at once.
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".sora-async-write-test-"):
-            pass
-    except OSError as exc:
-        raise InputError("output", f"cannot write to {out}: {exc.strerror or exc}") from exc
+def journal_path(
+    out: str | os.PathLike[str],
+    journal: str | os.PathLike[str] | None = None,
+    shard: tuple[int, int] | None = None,
+) -> Path:
+    """Return where a batch into ``out`` keeps its journal (``journal`` when given)."""
+    if journal is not None:
+        return Path(journal)
+    suffix = f"-{shard[0]}of{shard[1]}" if shard is not None else ""
+    return Path(out) / _named_for(JOURNAL_NAME, suffix)
+
+
+_LINE_BREAKS = {ord(c): f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"}
 
 
 def _manifest_line(row: JournalRow) -> str:
@@ -368,10 +315,12 @@ def _manifest_line(row: JournalRow) -> str:
         "task_id": row.task_id,
         "state": row.state.value,
         "files": row.files,
+        "urls": row.result_urls,
         "error": row.error,
         "seconds": row.seconds,
     }
-    return json.dumps(entry, ensure_ascii=False) + "\n"
+    # Readable UTF-8, but no character that a line splitter might take for a line end.
+    return json.dumps(entry, ensure_ascii=False).translate(_LINE_BREAKS) + "\n"
 
 
 def _write_manifest(path: Path, rows: list[JournalRow]) -> None:
@@ -388,8 +337,10 @@ async def run_batch(
     journal: str | os.PathLike[str] | None = None,
     defaults: BatchDefaults | None = None,
     resubmit_uncertain: bool = False,
+    retry_failed: bool = False,
     on_progress: Callable[[BatchProgress], None] | None = None,
     shard: tuple[int, int] | None = None,
+    stop: asyncio.Event | None = None,
 ) -> BatchReport:
     """Generate every request of ``source`` into folder ``out``, durably.
 
@@ -397,8 +348,13 @@ async def run_batch(
     any request is sent), journals every item (default ``out/.sora-async-journal.sqlite``),
     downloads each video as it finishes and writes ``out/manifest.jsonl``. Run it
     again after any stop: finished items are skipped, running tasks re-adopted, and
-    no item is created twice. Raises AuthenticationError (everything stops) and
-    InsufficientCreditsError (after in-flight tasks finish).
+    no item is created twice. ``retry_failed`` queues failed items again;
+    ``resubmit_uncertain`` creates again items whose create may have made a task
+    (which may pay twice). Setting ``stop`` ends the run early and cleanly: no more
+    creates are sent, those already sent get their answer and are journaled, and the
+    report (``stopped=True``) leaves running tasks to the next run. Raises
+    AuthenticationError (everything stops), InsufficientCreditsError (after in-flight
+    tasks finish) and InputError (a bad file, output folder or journal path).
 
     ``shard=(K, N)`` takes only the K-th of N shares of the file (by a hash of each
     id), for several hosts sharing one file and one key (with a RedisGovernor); its
@@ -412,11 +368,9 @@ async def run_batch(
         items = [item for item in items if in_shard(item.id, shard)]
         suffix = f"-{shard[0]}of{shard[1]}"
     folder = Path(out)
-    _check_output(folder)
-    journal_path = (
-        Path(journal) if journal is not None else folder / _named_for(JOURNAL_NAME, suffix)
-    )
-    book = await Journal.open(journal_path)
+    check_folder(folder)
+    book_path = journal_path(folder, journal, shard)
+    book = await Journal.open(book_path)
     runner: _Runner | None = None
     manifest = folder / _named_for(MANIFEST_NAME, suffix)
     try:
@@ -424,7 +378,7 @@ async def run_batch(
         wanted = {item.id for item in items}
         rows = [row for row in await book.rows() if row.id in wanted]
         runner = _Runner(client, book, folder, rows, on_progress)
-        await runner.run(resubmit_uncertain)
+        await runner.run(resubmit_uncertain, retry_failed, stop)
     finally:
         # Synchronous on purpose: this must also run when the batch is being cancelled,
         # and it takes milliseconds.
@@ -434,4 +388,5 @@ async def run_batch(
     if runner.stop_creates is not None:
         raise runner.stop_creates
     counts = {k: v for k, v in runner.counts.items() if v}
-    return BatchReport(runner.rows, manifest, journal_path, time.monotonic() - started, counts)
+    seconds = time.monotonic() - started
+    return BatchReport(runner.rows, manifest, book_path, seconds, counts, runner.stopping)

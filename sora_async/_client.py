@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import anyio
 import anyio.abc
 
-from ._download import Downloader
+from ._download import DEFAULT_MAX_DOWNLOAD_BYTES, Downloader
 from ._errors import (
     ClientClosedError,
     InputError,
@@ -82,6 +82,7 @@ class SoraClient:
         uncertain_hold: float = 600.0,
         wait_timeout: float = 3600.0,
         download_concurrency: int = 4,
+        max_download_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES,
         callback_url: str | None = None,
         callback_secret: str | None = None,
         confirm_callbacks: bool = True,
@@ -99,6 +100,8 @@ class SoraClient:
             raise InputError("uncertain_hold", "must be zero or more seconds")
         if isinstance(download_concurrency, bool) or download_concurrency < 1:
             raise InputError("download_concurrency", "must be a whole number of at least 1")
+        if isinstance(max_download_bytes, bool) or max_download_bytes < 1:
+            raise InputError("max_download_bytes", "must be a whole number of at least 1")
         if callback_url is not None:
             check_http_url("callback_url", callback_url)
         self.callback_url = callback_url
@@ -130,6 +133,7 @@ class SoraClient:
         )
         self._state: Literal["new", "open", "closed"] = "new"
         self.download_concurrency = download_concurrency
+        self.max_download_bytes = max_download_bytes
         self._downloader: Downloader | None = None
         self._host: asyncio.Task[None] | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
@@ -144,7 +148,9 @@ class SoraClient:
             raise ClientClosedError("a SoraClient can be entered once; create a new one")
         await self._transport.open()
         self._downloader = Downloader(
-            self._transport.session, concurrency=self.download_concurrency
+            self._transport.session,
+            concurrency=self.download_concurrency,
+            max_bytes=self.max_download_bytes,
         )
         ready = asyncio.Event()
         # The background work lives in a task group hosted by one task the client
@@ -340,9 +346,12 @@ class SoraClient:
 
         Streams to a temporary file beside the target, checks the length, resumes a
         broken transfer with ``Range`` and renames atomically. Extra result URLs, if
-        any, are saved as ``<name>-2.mp4`` and so on. ``name`` replaces the task id
-        as the file stem (made safe: it cannot leave ``dest``). Raises
-        TransportError when the file cannot be fetched whole.
+        any, are saved as ``<name>+2.mp4`` and so on. ``name`` replaces the task id
+        as the file stem; a name that is not a safe file name as it stands gets a safe
+        form plus a short hash of the whole name (it cannot leave ``dest``, and distinct
+        names never share a file). Raises TransportError when the file cannot be
+        fetched whole, or is longer than ``max_download_bytes`` (the partial file is
+        then removed).
         """
         return (await self.download_all(video, dest, name=name))[0]
 

@@ -7,10 +7,13 @@ not spend the API's request budget; they have a concurrency limit of their own.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import random
 import re
+import tempfile
+import unicodedata
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
@@ -19,7 +22,7 @@ import aiohttp
 from ._errors import InputError, TransportError
 from ._models import Video, check_http_url
 
-__all__ = ["Downloader", "safe_stem"]
+__all__ = ["DEFAULT_MAX_DOWNLOAD_BYTES", "Downloader", "check_folder", "file_stem", "targets"]
 
 logger = logging.getLogger("sora_async")
 
@@ -28,15 +31,46 @@ _VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".webm", ".m4v"})
 _CHUNK = 1 << 16
 
 
-def safe_stem(name: str) -> str:
-    """Return ``name`` reduced to a file stem that cannot leave its folder.
+#: The largest video a download accepts unless told otherwise: far above any Sora 2 Pro
+#: result (a 15-s 1080p video is tens of MB), far below a disk filled by a runaway stream.
+DEFAULT_MAX_DOWNLOAD_BYTES = 2 * 1024**3
+_STEM_MAX = 180  # leaves room for "-<hash>+<n>.mp4" inside a 255-byte file name
+_HASH_CHARS = 12  # 48 bits: a clash among a million unsafe ids is about 1 in 500
 
-    Raises InputError when nothing usable is left.
+
+def file_stem(name: str) -> str:
+    """Return a file stem for ``name`` (a batch id or a task id) that stays in its folder.
+
+    A name made only of ``A-Z a-z 0-9 . _ -`` (not starting or ending with ``.`` or
+    ``_``, at most 180 characters) is its own stem. Any other name gets a safe form
+    (transliterated to ASCII, unsafe runs replaced by ``_``, cut short) followed by a
+    short hash of the whole name, so that distinct names never share a file.
+
+    Example: ``file_stem("été 2/3")`` is ``"ete_2_3-"`` plus 12 hex digits.
     """
-    stem = _UNSAFE.sub("_", name).strip("._")
-    if not stem:
-        raise InputError("task_id", f"cannot make a safe file name from {name!r}")
-    return stem[:200]
+    ascii_form = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    stem = _UNSAFE.sub("_", ascii_form).strip("._")[:_STEM_MAX].rstrip("._")
+    if stem == name:
+        return stem
+    # surrogatepass: an id from a JSON file may hold a lone surrogate; it still hashes.
+    whole = name.encode("utf-8", "surrogatepass")
+    digest = hashlib.sha256(whole).hexdigest()[:_HASH_CHARS]
+    return f"{stem}-{digest}" if stem else digest
+
+
+def check_folder(folder: Path, field: str = "output") -> None:
+    """Make ``folder`` if need be and check that a file can be written in it.
+
+    Raises InputError naming ``field``, the folder and the reason. Run it before a
+    create, so that a video is never paid for with nowhere to save it.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        # A probe of its own: shards of one batch may check one folder at once.
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".sora-async-write-test-"):
+            pass
+    except OSError as exc:
+        raise InputError(field, f"cannot write to {folder}: {exc.strerror or exc}") from exc
 
 
 def _suffix(url: str) -> str:
@@ -44,29 +78,41 @@ def _suffix(url: str) -> str:
     return suffix if suffix in _VIDEO_SUFFIXES else ".mp4"
 
 
+def targets(video: Video, dest: Path, stem: str | None = None) -> list[Path]:
+    """Return where each of the video's URLs is saved: ``<stem>.mp4``, ``<stem>+2.mp4``...
+
+    The stem is :func:`file_stem` of ``stem`` (default: the task id). ``+`` never
+    occurs in a stem, so an extra file never takes the name of another id's file.
+    """
+    base = file_stem(stem if stem is not None else video.task_id)
+    paths = []
+    for index, url in enumerate(video.urls):
+        check_http_url(f"urls[{index}]", url)
+        name = base if index == 0 else f"{base}+{index + 1}"
+        path = dest / f"{name}{_suffix(url)}"
+        if path.resolve().parent != dest.resolve():
+            raise InputError("task_id", f"file name {name!r} would leave {dest}")
+        paths.append(path)
+    return paths
+
+
 class Downloader:
-    """Fetch result URLs into a folder, at most ``concurrency`` at a time."""
+    """Fetch result URLs into a folder, at most ``concurrency`` at a time, each file at
+    most ``max_bytes`` long."""
 
     def __init__(
-        self, session: aiohttp.ClientSession, *, concurrency: int = 4, attempts: int = 5
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        concurrency: int = 4,
+        attempts: int = 5,
+        max_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES,
     ) -> None:
         self._session = session
         self._slots = asyncio.Semaphore(concurrency)
         self._attempts = attempts
+        self._max_bytes = max_bytes
         self._random = random.Random()
-
-    def targets(self, video: Video, dest: Path, stem: str | None = None) -> list[Path]:
-        """Return where each of the video's URLs is saved: ``<stem>.mp4``, ``<stem>-2.mp4``..."""
-        base = safe_stem(stem if stem is not None else video.task_id)
-        paths = []
-        for index, url in enumerate(video.urls):
-            check_http_url(f"urls[{index}]", url)
-            name = base if index == 0 else f"{base}-{index + 1}"
-            path = dest / f"{name}{_suffix(url)}"
-            if path.resolve().parent != dest.resolve():
-                raise InputError("task_id", f"file name {name!r} would leave {dest}")
-            paths.append(path)
-        return paths
 
     async def download(
         self, video: Video, dest: str | os.PathLike[str], stem: str | None = None
@@ -75,7 +121,7 @@ class Downloader:
         if not video.urls:
             raise InputError("video.urls", "has no result URL to download")
         folder = _make_folder(Path(dest))
-        paths = self.targets(video, folder, stem)
+        paths = targets(video, folder, stem)
         for url, path in zip(video.urls, paths, strict=True):
             async with self._slots:
                 await self._fetch_with_retries(url, path)
@@ -92,6 +138,9 @@ class Downloader:
                 wait = self._random.uniform(0, min(30.0, 0.5 * 2**attempt))
                 logger.info("download of %s: %s; resuming in %.1f s", path.name, exc, wait)
                 await asyncio.sleep(wait)
+            except TransportError:
+                _size(partial, remove=True)  # refused for good: leave nothing half-written
+                raise
             else:
                 os.replace(partial, path)  # atomic: the target is whole or absent
                 return
@@ -115,16 +164,27 @@ class Downloader:
                     have = 0  # the server ignored Range: start over
                 length = response.content_length
                 expected = None if length is None else have + length
+                if expected is not None and expected > self._max_bytes:
+                    raise TransportError(self._too_large(url, f"announces {expected} bytes"))
                 # Plain file writes: chunks are small and local disks fast enough that
                 # a thread hop per chunk would cost more than it saves.
                 with partial.open("ab" if have else "wb") as out:
                     async for chunk in response.content.iter_chunked(_CHUNK):
+                        have += len(chunk)
+                        if have > self._max_bytes:
+                            raise TransportError(self._too_large(url, "streams on"))
                         out.write(chunk)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
         size = _size(partial)
         if expected is not None and size != expected:
             raise _Retryable(f"got {size} of {expected} bytes")
+
+    def _too_large(self, url: str, what: str) -> str:
+        return (
+            f"download of {url} refused: it {what} past the cap of {self._max_bytes} bytes"
+            " (SoraClient(max_download_bytes=...))"
+        )
 
 
 # Metadata calls take microseconds on a local disk: not worth a thread hop.

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._errors import InputError
+
 __all__ = ["ItemState", "Journal", "JournalRow"]
 
 
@@ -99,10 +101,14 @@ class Journal:
 
     @classmethod
     async def open(cls, path: Path) -> Journal:
-        """Open (or create) the journal at ``path``."""
+        """Open (or create) the journal at ``path``, and its folder if need be.
+
+        Raises InputError naming the path and the reason when it cannot be opened.
+        """
         thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sora-async-journal")
 
         def connect() -> sqlite3.Connection:
+            path.parent.mkdir(parents=True, exist_ok=True)
             connection = sqlite3.connect(path, isolation_level=None)
             connection.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode survives a killed process; only power loss may undo
@@ -113,6 +119,10 @@ class Journal:
 
         try:
             connection = await asyncio.get_running_loop().run_in_executor(thread, connect)
+        except (sqlite3.Error, OSError) as exc:
+            thread.shutdown(wait=False)
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise InputError("journal", f"cannot open {path}: {reason}") from exc
         except BaseException:
             thread.shutdown(wait=False)
             raise

@@ -323,9 +323,24 @@ def status_from_wire(wire: WireStatus) -> TaskStatus:
     )
 
 
+def decode_envelope(body: bytes) -> Envelope:
+    """Decode a response or callback body into its Envelope.
+
+    Raises msgspec.DecodeError / ValidationError when it is not one, including JSON
+    nested too deeply to read (which msgspec reports as a RecursionError).
+    """
+    try:
+        return envelope_decoder.decode(body)
+    except RecursionError as exc:
+        raise msgspec.DecodeError("JSON nested too deeply") from exc
+
+
 def decode_status(data: bytes) -> TaskStatus:
     """Decode an envelope's ``data`` (a status answer or a callback) into a TaskStatus.
 
     Raises msgspec.DecodeError / ValidationError when it is not a valid status.
     """
-    return status_from_wire(_status_decoder.decode(data))
+    try:
+        return status_from_wire(_status_decoder.decode(data))
+    except RecursionError as exc:
+        raise msgspec.DecodeError("JSON nested too deeply") from exc

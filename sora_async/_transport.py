@@ -25,7 +25,7 @@ from ._errors import (
     error_from_response,
 )
 from ._governor import Governor, RequestKind
-from ._models import CreatedTask, CreateRequest, TaskStatus, decode_status, envelope_decoder
+from ._models import CreatedTask, CreateRequest, TaskStatus, decode_envelope, decode_status
 
 __all__ = ["RetryPolicy", "Transport"]
 
@@ -80,6 +80,14 @@ def _transport_error(message: str, exc: BaseException) -> TransportError:
     error = TransportError(message)
     error.__cause__ = exc
     return error
+
+
+def _error_data(data: bytes) -> Any:
+    """Return an error answer's ``data`` as Python values (None when unreadable)."""
+    try:
+        return msgspec.json.decode(data)
+    except (msgspec.MsgspecError, RecursionError):
+        return None
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -160,7 +168,7 @@ class Transport:
                 raise SubmitUncertainError(f"create may have made a task: {cause}") from cause
             try:
                 return _created_decoder.decode(raw).task_id
-            except msgspec.MsgspecError as exc:
+            except (msgspec.MsgspecError, RecursionError) as exc:
                 raise SubmitUncertainError(
                     f"create answered success without a readable task id: {exc}"
                 ) from exc
@@ -198,7 +206,7 @@ class Transport:
     def _decode(raw: bytes, decode: Callable[[bytes], T]) -> T:
         try:
             return decode(raw)
-        except (msgspec.MsgspecError, ValueError) as exc:
+        except (msgspec.MsgspecError, ValueError, RecursionError) as exc:
             # A GET is safe to repeat; a body we cannot read may be a passing fault.
             raise _Retry(_transport_error(f"undecodable data: {exc}", exc)) from exc
 
@@ -264,7 +272,7 @@ class Transport:
             message = f"{type(exc).__name__}: {exc}".rstrip(": ")
             raise _Retry(_transport_error(message, exc)) from exc
         try:
-            envelope = envelope_decoder.decode(payload)
+            envelope = decode_envelope(payload)
             code, message, data = envelope.code, envelope.message, envelope.data
         except msgspec.MsgspecError as exc:
             if status < 400:
@@ -272,7 +280,7 @@ class Transport:
             code, message, data = status, f"HTTP {status} with an undecodable body", _NULL
         if not 200 <= code < 300 or status >= 400:
             error = error_from_response(
-                status, code, message, msgspec.json.decode(data), retry_after=retry_after
+                status, code, message, _error_data(data), retry_after=retry_after
             )
             if isinstance(error, RateLimitError):
                 self._governor.rate_limited(kind, error.retry_after)

@@ -1,134 +1,44 @@
-"""The ``sora-async`` command line: generate, batch, status, balance, simulate.
+"""The ``sora-async`` command line: generate, batch, download, status, balance, simulate.
 
 ``--simulate`` runs against an in-process fake service with every timing (the key's
-60-s window, ~180-s generations, back-offs) divided by ``--time-scale``.
+60-s window, ~180-s generations, back-offs) divided by ``--time-scale``. Outcomes,
+exit codes and signals: see ``_cli_run``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 import msgspec
-from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from . import _models
-from ._batch import BatchDefaults, BatchProgress, BatchReport, parse_shard, run_batch
+from ._batch import (
+    BatchDefaults,
+    BatchProgress,
+    BatchReport,
+    journal_path,
+    parse_shard,
+    run_batch,
+)
+from ._cli_run import Note, Stop, emit, fail, run
+from ._cli_run import err as _err
+from ._cli_run import out as _out
 from ._client import SoraClient
-from ._errors import APIError, InputError, SoraError
-from ._governor import Governor, LocalGovernor
+from ._download import check_folder
+from ._errors import InputError, SoraError
 from ._journal import ItemState
-from ._models import ImageToVideo, Limits, TextToVideo, VideoRequest
-from ._scheduler import PollPolicy
-from ._transport import RetryPolicy
+from ._models import ImageToVideo, TextToVideo, VideoRequest
 
 __all__ = ["main"]
-
-_err = Console(stderr=True)
-_out = Console()
-
-
-def _fail(message: str, code: int = 2) -> NoReturn:
-    _err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    sys.exit(code)
-
-
-def scaled_client_options(
-    scale: float, *, redis_url: str | None = None, api_key: str | None = None, model: str = ""
-) -> dict[str, Any]:
-    """Return SoraClient options with every timing divided by ``scale``.
-
-    With ``redis_url`` the governor is a RedisGovernor shared by every process using
-    the key. The jitter margin is not cut below 0.1 s: network delays do not scale.
-    """
-    limits = Limits(period=60.0 / scale)
-    timings: dict[str, Any] = {
-        "jitter_margin": max(1.0 / scale, 0.1) if scale != 1.0 else 1.0,
-        "backoff_base": 1.0 / scale,
-        "backoff_cap": 60.0 / scale,
-    }
-    governor: Governor
-    if redis_url:
-        from .redis_governor import RedisGovernor
-
-        governor = RedisGovernor(
-            redis_url,
-            api_key=api_key,
-            model=model or "sora-2-pro",
-            limits=limits,
-            lease=max(15.0 / scale, 3.0),
-            uncertain_hold=600.0 / scale,
-            **timings,
-        )
-    else:
-        governor = LocalGovernor(limits, **timings)
-    return {
-        "limits": limits,
-        "governor": governor,
-        "poll_policy": PollPolicy(prior_mean=180.0 / scale, min_interval=2.0 / scale),
-        "retry": RetryPolicy(
-            base=0.5 / scale, cap=30.0 / scale, deadline=300.0 / scale, timeout=60.0 / scale
-        ),
-        "uncertain_hold": 600.0 / scale,
-        "wait_timeout": 3600.0 / scale,
-    }
-
-
-@contextlib.asynccontextmanager
-async def _client(params: dict[str, Any]) -> AsyncIterator[SoraClient]:
-    """Open a client on the real service, or on an in-process fake with ``--simulate``."""
-    scale = params["time_scale"]
-    options: dict[str, Any] = {}
-    if scale != 1.0 or params["redis_url"]:
-        options = scaled_client_options(
-            scale, redis_url=params["redis_url"], api_key=params["api_key"], model=params["model"]
-        )
-    if not params["simulate"]:
-        async with SoraClient(
-            api_key=params["api_key"], base_url=params["base_url"], model=params["model"], **options
-        ) as client:
-            yield client
-        return
-    from .testing import FakeApixo, lognormal
-
-    async with (
-        FakeApixo(
-            period=60.0 / scale,
-            generation_time=lognormal(180.0 / scale, 0.35),
-            pending_time=2.0 / scale,
-            balance=1e9,
-            seed=int(time.time()),
-        ) as fake,
-        SoraClient(api_key=fake.api_key, base_url=fake.url, **options) as client,
-    ):
-        yield client
-
-
-def _run(params: dict[str, Any], work: Callable[[SoraClient], Coroutine[Any, Any, int]]) -> None:
-    async def go() -> int:
-        async with _client(params) as client:
-            return await work(client)
-
-    try:
-        code = asyncio.run(go())
-    except InputError as exc:
-        _fail(str(exc))
-    except APIError as exc:
-        _fail(f"the service refused: {exc}", 1)
-    except SoraError as exc:
-        _fail(str(exc), 1)
-    except KeyboardInterrupt:
-        _fail("interrupted; run the same command again to resume", 130)
-    sys.exit(code)
 
 
 def _common(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -156,13 +66,27 @@ def _common(function: Callable[..., Any]) -> Callable[..., Any]:
     return function
 
 
-def _params(kwargs: dict[str, Any]) -> dict[str, Any]:
+def _params(kwargs: dict[str, Any], *, simulate: bool = True) -> dict[str, Any]:
+    """Take the common options out of ``kwargs``; ``simulate``: whether a fresh fake
+    service can answer this command at all."""
     scale = kwargs.pop("time_scale")
     names = ("api_key", "base_url", "model", "simulate", "as_json", "redis_url")
     params = {k: kwargs.pop(k) for k in names}
     params["time_scale"] = scale if scale is not None else (20.0 if params["simulate"] else 1.0)
+    as_json = params["as_json"]
+    if params["simulate"] and not simulate:
+        fail(
+            "--simulate starts an empty fake service that knows no task and no balance;"
+            " serve one with `sora-async simulate` and point APIXO_BASE_URL at it instead",
+            as_json=as_json,
+            field="simulate",
+        )
     if not params["simulate"] and not params["api_key"]:
-        _fail("no API key: set APIXO_API_KEY or pass --api-key (or try --simulate)")
+        fail(
+            "no API key: set APIXO_API_KEY or pass --api-key (or try --simulate)",
+            as_json=as_json,
+            field="api_key",
+        )
     return params
 
 
@@ -194,20 +118,47 @@ def generate(prompt: str, out: Path, image_urls: tuple[str, ...], **kwargs: Any)
             if image_urls
             else TextToVideo(prompt=prompt, **fields)
         )
+        check_folder(out)  # before the create: never pay for a video with nowhere to go
     except InputError as exc:
-        _fail(str(exc))
+        fail(str(exc), as_json=params["as_json"], field=exc.field)
 
-    async def work(client: SoraClient) -> int:
+    # A signal while the create is in flight waits for its answer, so that the task
+    # (paid for) can be named.
+    stop = Stop(cancel=True)
+
+    async def work(client: SoraClient, note: Note) -> int:
         with _err.status("generating..."):
-            video = await client.generate(request)
-            path = await client.download(video, out)
-        if params["as_json"]:
-            _out.print_json(json.dumps({"task_id": video.task_id, "file": str(path)}))
-        else:
-            _out.print(f"{path}  (task {video.task_id})", highlight=False)
-        return 0
+            task_id = await client.submit(request, before_create=stop.sending)
+            note["task_id"] = task_id
+            stop.answered()
+            video = await client.wait(task_id)
+            note["urls"] = list(video.urls)
+        return await _save(client, video, out, note, params["as_json"])
 
-    _run(params, work)
+    run(params, work, stop)
+
+
+async def _save(
+    client: SoraClient, video: _models.Video, out: Path, note: Note, as_json: bool
+) -> int:
+    """Download the video and print where it went; if that fails, say how to get it."""
+    try:
+        with _err.status("downloading..."):
+            paths = await client.download_all(video, out)
+    except SoraError as exc:
+        fail(
+            f"the video was made but not saved: {exc}; task {video.task_id}, result:"
+            f" {' '.join(video.urls)}; fetch it with"
+            f" `sora-async download {video.task_id} -o DIR` before the URL expires",
+            1,
+            as_json=as_json,
+            error="NotSaved",
+            **note,
+        )
+    files = [str(path) for path in paths]
+    text = f"{files[0]}  (task {video.task_id})"
+    emit(as_json, text, task_id=video.task_id, file=files[0], files=files, urls=list(video.urls))
+    return 0
 
 
 for _option in reversed(_media_options):
@@ -236,14 +187,44 @@ def _summary(report: BatchReport) -> Table:
     return table
 
 
+def _advice(report: BatchReport) -> str:
+    """Return what to run next, given how the batch ended."""
+    counts = report.counts
+    hints = []
+    if report.stopped:
+        running = counts.get("running", 0) + counts.get("succeeded", 0)
+        hints.append(
+            f"stopped: {running} videos still being made or fetched are in the journal;"
+            " run the same command again to resume"
+        )
+    if counts.get("failed"):
+        hints.append(f"{counts['failed']} failed: add --retry-failed to try them again")
+    if counts.get("uncertain"):
+        hints.append(
+            f"{counts['uncertain']} uncertain (a create may have made and charged a task):"
+            " add --retry-uncertain to create them again, which may pay twice"
+        )
+    if counts.get("succeeded") and not report.stopped:
+        hints.append(
+            f"{counts['succeeded']} made but not saved (see the manifest's task_id and urls):"
+            " run the same command again to fetch them"
+        )
+    return "\n".join(hints)
+
+
 @cli.command()
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True)
 @click.option(
     "--journal", type=click.Path(path_type=Path), help="Default: OUTPUT/.sora-async-journal.sqlite"
 )
+@click.option("--retry-failed", is_flag=True, help="Queue failed items again.")
 @click.option(
-    "--resubmit-uncertain", is_flag=True, help="Create again items whose create may have succeeded."
+    "--retry-uncertain",
+    "--resubmit-uncertain",
+    "retry_uncertain",
+    is_flag=True,
+    help="Create again items whose create may have made a task (may pay twice).",
 )
 @click.option(
     "--shard",
@@ -255,30 +236,41 @@ def batch(
     file: Path,
     out: Path,
     journal: Path | None,
-    resubmit_uncertain: bool,
+    retry_failed: bool,
+    retry_uncertain: bool,
     shard: str | None,
     **kwargs: Any,
 ) -> None:
     """Generate every prompt of FILE (JSONL, or one prompt a line) into the output folder.
 
     Safe to stop at any moment: the same command resumes without paying twice.
+    SIGINT / SIGTERM stop new creates, write the journal and manifest, and exit 130 / 143.
     """
     params = _params(kwargs)
+    as_json = params["as_json"]
     defaults = BatchDefaults(**{k: kwargs.pop(k) for k in ("duration", "size", "resolution")})
     try:
         share = parse_shard(shard) if shard is not None else None
+        # A simulated service keeps its tasks beside the journal: a rerun resumes as on
+        # the real service.
+        book = journal_path(out, journal, share)
+        params["state_file"] = book.with_name(f"{book.stem}.simulated.jsonl")
+        check_folder(out)
+        if params["simulate"]:
+            check_folder(book.parent, "journal")
     except InputError as exc:
-        _fail(str(exc))
+        fail(str(exc), as_json=as_json, field=exc.field)
+    stop = Stop()
 
-    async def work(client: SoraClient) -> int:
-        interactive = _err.is_terminal and not params["as_json"]
+    async def work(client: SoraClient, note: Note) -> int:
+        interactive = _err.is_terminal and not as_json
         live = Live(console=_err, refresh_per_second=4) if interactive else None
         last_line = [0.0]
 
         def show(progress: BatchProgress) -> None:
             if live is not None:
                 live.update(_progress_line(progress))
-            elif not params["as_json"] and time.monotonic() - last_line[0] > 2.0:
+            elif not as_json and time.monotonic() - last_line[0] > 2.0:
                 last_line[0] = time.monotonic()
                 _err.print(_progress_line(progress), highlight=False, soft_wrap=True)
 
@@ -289,19 +281,34 @@ def batch(
                 out,
                 journal=journal,
                 defaults=defaults,
-                resubmit_uncertain=resubmit_uncertain,
+                resubmit_uncertain=retry_uncertain,
+                retry_failed=retry_failed,
                 on_progress=show,
                 shard=share,
+                stop=stop.event,
             )
-        if params["as_json"]:
-            summary = {"ok": report.ok, "counts": report.counts, "manifest": str(report.manifest)}
-            _out.print_json(json.dumps(summary))
+        code = stop.exit_code if report.stopped else 0 if report.ok else 1
+        advice = _advice(report)
+        if as_json:
+            fields = {
+                "ok": report.ok,
+                "exit_code": code,
+                "counts": report.counts,
+                "manifest": str(report.manifest),
+                "journal": str(report.journal),
+            }
+            if not report.ok:
+                error = "Interrupted" if report.stopped else "ItemsNotDone"
+                fields |= {"error": error, "message": advice.replace("\n", "; ")}
+            print(json.dumps(fields, ensure_ascii=False), flush=True)
         else:
             _out.print(_summary(report))
-            _out.print(f"manifest: {report.manifest}", highlight=False)
-        return 0 if report.ok else 1
+            _out.print(f"manifest: {report.manifest}", highlight=False, soft_wrap=True)
+            if advice:
+                _err.print(advice, highlight=False, soft_wrap=True)
+        return code
 
-    _run(params, work)
+    run(params, work, stop)
 
 
 for _option in reversed(_media_options):
@@ -310,36 +317,59 @@ for _option in reversed(_media_options):
 
 @cli.command()
 @click.argument("task_id")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), default=Path("."))
+@_common
+def download(task_id: str, out: Path, **kwargs: Any) -> None:
+    """Save the video of task TASK_ID (made here or elsewhere) in the output folder.
+
+    Waits for the task if it is still running. The download is atomic, resumable and
+    size-capped, as in a batch; the file is named after the task id.
+    """
+    params = _params(kwargs, simulate=False)
+    try:
+        check_folder(out)
+    except InputError as exc:
+        fail(str(exc), as_json=params["as_json"], field=exc.field)
+
+    async def work(client: SoraClient, note: Note) -> int:
+        with _err.status("waiting for the task..."):
+            video = await client.wait(task_id)
+        note |= {"task_id": task_id, "urls": list(video.urls)}
+        return await _save(client, video, out, note, params["as_json"])
+
+    run(params, work)
+
+
+@cli.command()
+@click.argument("task_id")
 @_common
 def status(task_id: str, **kwargs: Any) -> None:
     """Show a task's status."""
-    params = _params(kwargs)
+    params = _params(kwargs, simulate=False)
 
-    async def work(client: SoraClient) -> int:
+    async def work(client: SoraClient, note: Note) -> int:
         found = await client.status(task_id)
-        if params["as_json"]:
-            _out.print_json(msgspec.json.encode(found).decode())
-        else:
-            urls = " ".join(found.result_urls)
-            detail = urls or f"{found.fail_code or ''} {found.fail_msg or ''}".strip()
-            _out.print(f"{found.task_id}: {found.state.value} {detail}", highlight=False)
+        urls = " ".join(found.result_urls)
+        detail = urls or f"{found.fail_code or ''} {found.fail_msg or ''}".strip()
+        text = f"{found.task_id}: {found.state.value} {detail}"
+        emit(params["as_json"], text, **msgspec.to_builtins(found))
         return 0
 
-    _run(params, work)
+    run(params, work)
 
 
 @cli.command()
 @_common
 def balance(**kwargs: Any) -> None:
     """Show the key's remaining balance in USD."""
-    params = _params(kwargs)
+    params = _params(kwargs, simulate=False)
 
-    async def work(client: SoraClient) -> int:
+    async def work(client: SoraClient, note: Note) -> int:
         usd = await client.balance()
-        _out.print(json.dumps({"usd": usd}) if params["as_json"] else f"{usd:.2f} USD")
+        emit(params["as_json"], f"{usd:.2f} USD", usd=usd)
         return 0
 
-    _run(params, work)
+    run(params, work)
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
@@ -348,9 +378,19 @@ def simulate(args: tuple[str, ...]) -> None:
     """Serve the fake service on loopback (options: simulate --help)."""
     from .testing import main as serve_fake
 
-    sys.exit(serve_fake(list(args)))
+    sys.exit(serve_fake(list(args), prog="sora-async simulate"))
 
 
 def main() -> None:
-    """Run the command line."""
-    cli()
+    """Run the command line: every outcome one clear line, or one JSON object with --json."""
+    as_json = "--json" in sys.argv[1:]
+    try:
+        cli.main(standalone_mode=False)
+    except click.ClickException as exc:  # a usage error: bad option, missing argument
+        if as_json:
+            fail(exc.format_message(), exc.exit_code, as_json=True, error="UsageError")
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (click.Abort, KeyboardInterrupt):
+        fail("interrupted", 130, as_json=as_json, error="Interrupted")
+    sys.exit(0)

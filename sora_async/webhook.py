@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from ._client import SoraClient
-from ._models import decode_status, envelope_decoder
+from ._models import decode_envelope, decode_status
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -65,7 +65,7 @@ def handle_callback(client: SoraClient, body: bytes, token: str | None) -> int:
             return 403
         verified = True
     try:
-        envelope = envelope_decoder.decode(body)
+        envelope = decode_envelope(body)
         if envelope.code != 200:
             raise ValueError(f"envelope code {envelope.code}")
         status = decode_status(envelope.data)

@@ -5,12 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import tempfile
 from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 import sora_async as sa
+from sora_async._download import targets
 from sora_async.testing import FakeApixo, fixed, lognormal
 
 pytestmark = pytest.mark.looptime
@@ -226,7 +231,7 @@ async def test_network_paths_never_escape_the_folder(
     out = tmp_path / "out"
     path = await client.download(hostile, out)
     assert path.parent == out
-    assert path.name == "etc_passwd.mp4"
+    assert path.name.startswith("etc_passwd-")
     source = tmp_path / "p.jsonl"
     source.write_text(
         '{"id": "../../../outside", "prompt": "hostile id"}\n{"id": "..", "prompt": "dots"}\n'
@@ -250,3 +255,189 @@ async def test_unwritable_output_is_an_input_error(
     with pytest.raises(sa.InputError, match="output: cannot write"):
         await client.run_batch(source, blocker / "out")
     assert fake.stats.requests == 0
+
+
+_ids = st.one_of(
+    st.text(min_size=1, max_size=40),
+    st.text(alphabet="aé日/._-~\x00 ", min_size=1, max_size=8),
+    st.sampled_from(["..", ".", "/", "~", "\x00", "ééé", "日本語", "CON", "a/../../b"]),
+    # long ids sharing a prefix: a stem cut short must keep them apart
+    st.builds(lambda tail: "x" * 219 + tail, st.text(min_size=1, max_size=3)),
+).filter(lambda item_id: bool(item_id.strip()))
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ids=st.lists(_ids, min_size=1, max_size=10, unique_by=str.casefold))
+@example(ids=["ééé", "日本語", "~", "0\x85", "a\u2028b"])
+@example(ids=["x" * 219 + "a", "x" * 219 + "b"])
+async def test_every_batch_id_gets_its_own_file(ids: list[str]) -> None:
+    """Any ids the batch accepts (any unicode, any length, shared prefixes, ``..``, ``/``,
+    NUL) give every video its own whole file inside the output folder, and the manifest
+    maps each id to its file."""
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder) / "p.jsonl"
+        source.write_text(
+            "".join(
+                json.dumps({"id": i, "prompt": f"p {n}"}, ensure_ascii=False) + "\n"
+                for n, i in enumerate(ids)
+            ),
+            encoding="utf-8",
+        )
+        out = Path(folder) / "out"
+        async with FakeApixo(generation_time=fixed(60), balance=1e6) as fake:
+            async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
+                report = await client.run_batch(source, out)
+            assert report.ok
+            rows = {row["id"]: row for row in manifest(out)}
+            assert sorted(rows) == sorted(ids)
+            files = [Path(row["files"][0]) for row in rows.values()]  # type: ignore[index]
+            assert len({f.name.casefold() for f in files}) == len(ids)
+            for row, file in zip(rows.values(), files, strict=True):
+                assert file.resolve().parent == out.resolve()
+                assert file.read_bytes() == await fake_file(fake, str(row["task_id"]))
+        assert len(list(out.glob("*.mp4"))) == len(ids)
+
+
+@given(ids=st.lists(_ids, min_size=1, max_size=20, unique_by=str.casefold))
+@example(ids=["x", "x-2", "x+2", "x.2"])
+def test_extra_result_files_never_take_another_ids_name(ids: list[str]) -> None:
+    """A video with several result URLs saves them as <stem>.mp4, <stem>+2.mp4, ...: no
+    two ids' files (extra ones included) ever share a name, and all stay in the folder."""
+    folder = Path(tempfile.gettempdir()) / "sora-async-names"
+    urls = ("https://cdn.example/a.mp4", "https://cdn.example/b.mp4", "https://cdn.example/c")
+    names = [
+        path
+        for item_id in ids
+        for path in targets(sa.Video(task_id="t", urls=urls), folder, item_id)
+    ]
+    assert len({path.name.casefold() for path in names}) == 3 * len(ids)
+    assert all(path.parent == folder for path in names)
+
+
+@pytest.mark.parametrize(
+    ("ids", "message"),
+    [
+        (["Intro", "intro"], ":2: id: 'intro' would share a file name with 'Intro'"),
+        (["ok", "\ud800"], ":2: id: must be valid Unicode text"),
+    ],
+)
+def test_ids_that_cannot_have_their_own_file_are_refused(
+    tmp_path: Path, ids: list[str], message: str
+) -> None:
+    """Ids that would share a file on a case-insensitive disk, or cannot be written down,
+    are refused with their line before any request."""
+    source = tmp_path / "p.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "prompt": i}) + "\n" for i in ids))
+    with pytest.raises(sa.BatchLineError, match=message):
+        sa.load_requests(source)
+
+
+async def _endless(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "video/mp4"})
+    await response.prepare(request)
+    while True:
+        await response.write(b"\0" * 65536)
+
+
+async def _announces_too_much(request: web.Request) -> web.Response:
+    return web.Response(body=b"\0" * 10, headers={"Content-Length": "10"}, content_type="video/mp4")
+
+
+@pytest.mark.parametrize(
+    ("handler", "message"), [(_endless, "streams on past"), (_announces_too_much, "announces")]
+)
+async def test_download_is_capped_and_leaves_no_partial_file(
+    tmp_path: Path, handler: object, message: str
+) -> None:
+    """A result URL that streams without end (or announces more than the cap) is stopped
+    at the cap with a clear error, and no partial file is left."""
+    app = web.Application()
+    app.router.add_get("/video.mp4", handler)  # type: ignore[arg-type]
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    url = f"http://127.0.0.1:{port}/video.mp4"
+    cap = 1_000_000 if handler is _endless else 5
+    try:
+        # Downloads never touch the API: no service is needed behind base_url.
+        async with sa.SoraClient(api_key="k", base_url=url, max_download_bytes=cap) as client:
+            with pytest.raises(sa.TransportError, match=message):
+                await client.download(sa.Video(task_id="t1", urls=(url,)), tmp_path)
+    finally:
+        await runner.cleanup()
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_a_refused_download_keeps_task_id_and_url_in_the_manifest(tmp_path: Path) -> None:
+    """When a batch cannot save a video, its manifest row keeps the task id and the result
+    URL (the video is paid for and can still be fetched), and the run exits not ok."""
+    source = write_prompts(tmp_path / "p.jsonl", 1)
+    async with (
+        FakeApixo(generation_time=fixed(60)) as fake,
+        sa.SoraClient(api_key=fake.api_key, base_url=fake.url, max_download_bytes=100) as client,
+    ):
+        report = await client.run_batch(source, tmp_path / "out")
+    assert not report.ok
+    (row,) = manifest(tmp_path / "out")
+    assert row["state"] == "succeeded"
+    assert row["task_id"]
+    assert row["urls"] == [f"{fake.origin}/files/{row['task_id']}.mp4"]
+    assert "past the cap of 100 bytes" in str(row["error"])
+    assert not list((tmp_path / "out").glob("*.mp4"))
+    assert not list((tmp_path / "out").glob(".*.part"))
+
+
+def test_max_download_bytes_is_checked() -> None:
+    """A cap below one byte is refused as an InputError naming the field."""
+    with pytest.raises(sa.InputError, match="max_download_bytes"):
+        sa.SoraClient(api_key="k", max_download_bytes=0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_stop_ends_the_run_cleanly_and_the_rerun_finishes(tmp_path: Path, seed: int) -> None:
+    """Setting ``stop`` at any moment ends the run soon with a manifest: creates already
+    sent get their answer and are journaled (so no item is ever left uncertain), running
+    tasks are adopted by the rerun, and no prompt is created twice."""
+    rng = random.Random(seed)
+    source = write_prompts(tmp_path / "p.jsonl", 25)
+    out = tmp_path / "out"
+    async with FakeApixo(generation_time=lognormal(90, 0.4), seed=seed, balance=1e6) as fake:
+        async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
+            stop = asyncio.Event()
+            run = asyncio.ensure_future(client.run_batch(source, out, stop=stop))
+            await asyncio.sleep(rng.uniform(0, 300))
+            stop.set()
+            loop = asyncio.get_running_loop()
+            asked = loop.time()
+            report = await run
+            assert loop.time() - asked < 120  # bounded by one create's answer
+        assert report.stopped or report.ok
+        states = {row["state"] for row in manifest(out)}
+        assert not states & {"uncertain", "submitting"}
+        async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
+            again = await client.run_batch(source, out)
+        stats = fake.stats
+    assert again.ok
+    assert not again.stopped
+    assert stats.creates == 25
+    assert set(stats.creates_per_prompt.values()) == {1}
+
+
+async def test_retry_failed_queues_failed_items_again(tmp_path: Path) -> None:
+    """A rerun leaves failed items failed; with retry_failed they are created again."""
+    source = tmp_path / "p.jsonl"
+    source.write_text(
+        '{"id": "ok", "prompt": "fine"}\n{"id": "fails", "prompt": "y [fail:NSFW]"}\n'
+    )
+    out = tmp_path / "out"
+    async with FakeApixo(generation_time=fixed(60), balance=1e6) as fake:
+        for retry_failed in (False, False, True):
+            async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
+                report = await client.run_batch(source, out, retry_failed=retry_failed)
+            assert not report.ok
+        assert fake.stats.creates_per_prompt == {"fine": 1, "y [fail:NSFW]": 2}
+    rows = {row["id"]: row for row in manifest(out)}
+    assert rows["fails"]["state"] == "failed"
+    assert rows["ok"]["state"] == "downloaded"

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
+from collections.abc import AsyncIterator
 
 import pytest
+from aiohttp import web
 
 import sora_async as sa
 from sora_async.testing import FakeApixo
@@ -238,3 +241,56 @@ async def test_use_outside_the_context_raises(fake: FakeApixo) -> None:
         async with client:
             pass
     assert fake.stats.requests == 1
+
+
+NESTED = b"[" * 5000 + b"]" * 5000  # deeper than any JSON decoder recurses
+
+
+@contextlib.asynccontextmanager
+async def hostile_service(status_body: bytes, http_status: int = 200) -> AsyncIterator[str]:
+    """Serve an API that creates tasks normally and answers every status with
+    ``status_body``; yield its base URL."""
+
+    async def create(request: web.Request) -> web.Response:
+        return web.json_response({"code": 200, "message": "ok", "data": {"taskId": "t1"}})
+
+    async def status(request: web.Request) -> web.Response:
+        return web.Response(body=status_body, status=http_status, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/api/v1/generateTask/{model}", create)
+    app.router.add_get("/api/v1/statusTask/{model}", status)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    try:
+        await web.SockSite(runner, sock).start()
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/api/v1"
+    finally:
+        await runner.cleanup()
+        sock.close()
+
+
+@pytest.mark.parametrize(
+    ("body", "http_status"),
+    [
+        (NESTED, 200),
+        (b'{"code": 200, "message": "ok", "data": ' + NESTED + b"}", 200),
+        (b'{"code": 500, "message": "oops", "data": ' + NESTED + b"}", 500),
+        (b'{"code": 400, "message": "bad", "data": ' + NESTED + b"}", 400),
+    ],
+)
+async def test_deeply_nested_answers_are_sora_errors(body: bytes, http_status: int) -> None:
+    """A status answer nested thousands of levels deep is an undecodable answer like any
+    other: status() raises a SoraError, a waiter ends with TaskTimeoutError at its
+    deadline, and the client closes cleanly (no RecursionError, no ExceptionGroup)."""
+    async with (
+        hostile_service(body, http_status) as url,
+        sa.SoraClient(api_key="k", base_url=url) as client,
+    ):
+        with pytest.raises(sa.SoraError):
+            await client.status("t1")
+        task_id = await client.submit(PROMPT)
+        with pytest.raises(sa.TaskTimeoutError):
+            await client.wait(task_id, timeout=900)

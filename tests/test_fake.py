@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -631,3 +632,27 @@ def test_standalone_prints_the_base_url_and_key() -> None:
     assert url_line.startswith("APIXO_BASE_URL=http://127.0.0.1:")
     assert url_line.rstrip().endswith("/api/v1")
     assert key_line.strip() == "APIXO_API_KEY=k1"
+
+
+async def test_state_file_carries_tasks_over_a_restart(tmp_path: Path) -> None:
+    """A fake with a state file, stopped and started again, still answers for the tasks it
+    made (one that was due to end meanwhile has ended), serves their files on the same
+    port, counts them in its stats, and never reuses their ids."""
+    state = tmp_path / "fake.jsonl"
+    async with running(state_file=state, generation_time=fixed(0.3)) as (fake, api):
+        first = (await api.create("before the restart")).body["data"]["taskId"]
+        assert (await api.status(first)).body["data"]["state"] in ("pending", "processing")
+        port = fake.port
+    await asyncio.sleep(0.5)  # the task ends while no fake runs
+    async with running(state_file=state, generation_time=fixed(0.3)) as (fake, api):
+        assert fake.port == port
+        answer = (await api.status(first)).body["data"]
+        assert answer["state"] == "success"
+        (url,) = json.loads(answer["resultJson"])["resultUrls"]
+        assert (await api.call("GET", url)).raw[4:8] == b"ftyp"
+        second = (await api.create("after the restart")).body["data"]["taskId"]
+        assert second != first
+        assert fake.stats.creates == 2
+        async with api.http.get(f"{fake.origin}/fake/stats") as response:
+            counters = await response.json()
+        assert counters["creates_per_prompt"] == {"before the restart": 1, "after the restart": 1}

@@ -20,6 +20,7 @@ from sora_async.testing import FakeApixo, fixed
 
 # Real time, but quick: the fake's window is generous and generations take 1 s.
 LIMITS = sa.Limits(requests=600, period=60.0, concurrent_tasks=10)
+SECRET = "the-app-callback-secret"
 
 
 @pytest.fixture
@@ -44,6 +45,7 @@ async def app_url(fake: FakeApixo) -> AsyncIterator[str]:
             base_url=fake.url,
             limits=LIMITS,
             callback_url=f"{origin}/apixo/callback",
+            callback_secret=SECRET,
         )
 
     config = uvicorn.Config(create_app(client_factory), log_level="warning", lifespan="on")
@@ -183,3 +185,43 @@ def test_environment_picks_the_shared_or_the_split_governor(
         monkeypatch.setenv("APIXO_LIMITS", limits)
         with pytest.raises(ValueError, match="APIXO_LIMITS"):
             client_from_env()
+
+
+async def test_callback_route_refuses_deeply_nested_json(fake: FakeApixo, app_url: str) -> None:
+    """A callback body nested thousands of levels deep is refused with 400, not a 500."""
+    deep = b"[" * 3000 + b"]" * 3000
+    for body in (deep, b'{"code": 200, "message": "", "data": ' + deep + b"}"):
+        url = f"{app_url}/apixo/callback?token={SECRET}"
+        assert await fake.forge_callback(url, body) == 400
+
+
+def test_client_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The app's poll policy, timeouts, uncertain hold and download cap are set from
+    environment variables; a bad value is refused naming the variable."""
+    settings = {
+        "APIXO_API_KEY": "k",
+        "APIXO_POLL_PRIOR_MEAN": "90",
+        "APIXO_POLL_INTERVAL": "5",
+        "APIXO_WAIT_TIMEOUT": "120",
+        "APIXO_REQUEST_TIMEOUT": "20",
+        "APIXO_RETRY_DEADLINE": "100",
+        "APIXO_UNCERTAIN_HOLD": "900",
+        "APIXO_ON_UNCERTAIN": "resubmit",
+        "APIXO_MAX_DOWNLOAD_BYTES": "1000000",
+    }
+    for name in ("APIXO_CALLBACK_URL", "SORA_ASYNC_REDIS_URL", "APIXO_LIMITS", "APIXO_WORKERS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+    client = client_from_env()
+    assert client.scheduler.policy.prior_mean == 90
+    assert client.scheduler.policy.min_interval == 5
+    assert client.wait_timeout == 120
+    assert client.uncertain_hold == 900
+    assert client.on_uncertain == "resubmit"
+    assert client.max_download_bytes == 1_000_000
+    for name, bad in [("APIXO_WAIT_TIMEOUT", "soon"), ("APIXO_ON_UNCERTAIN", "maybe")]:
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(sa.InputError, match=name):
+            client_from_env()
+        monkeypatch.setenv(name, settings[name])

@@ -183,8 +183,8 @@ async def test_forged_success_never_becomes_the_result() -> None:
 
 async def test_bad_callbacks_get_clear_answers_and_change_nothing() -> None:
     """Unknown task id: 200 and nothing changes (no request spent); a body that is not
-    JSON or not an envelope: 400; a body over 64 KiB: 413; a wrong token: 403 before
-    the body is even read."""
+    JSON or not an envelope (nested thousands deep included): 400; a body over 64 KiB:
+    413; a wrong token: 403 before the body is even read."""
     async with FakeApixo(generation_time=fixed(120.0)) as fake, callback_client(fake) as client:
         task_id = await client.submit(sa.TextToVideo(prompt="real one", duration=10))
         await asyncio.sleep(5)
@@ -197,6 +197,12 @@ async def test_bad_callbacks_get_clear_answers_and_change_nothing() -> None:
         assert await fake.forge_callback(right, b'{"code": 200, "data": {"taskId": 1}}') == 400
         broken = b'{"code":200,"data":{"taskId":"t","state":"success","resultJson":"{"}}'
         assert await fake.forge_callback(right, broken) == 400
+        deep = b"[" * 3000 + b"]" * 3000  # 6 KB: msgspec would raise RecursionError
+        assert await fake.forge_callback(right, deep) == 400
+        assert await fake.forge_callback(right, b'{"code": 200, "data": ' + deep + b"}") == 400
+        deep_result = {"taskId": task_id, "state": "success", "resultJson": "[" * 3000}
+        body = json.dumps({"code": 200, "data": deep_result}).encode()
+        assert await fake.forge_callback(right, body) == 400
         huge = envelope(task_id)[:-1] + b', "pad": "' + b"x" * (64 * 1024) + b'"}'
         assert await fake.forge_callback(right, huge) == 413
         assert await fake.forge_callback(receiver_url(client, "bad"), b"junk") == 403

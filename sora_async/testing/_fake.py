@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import random
 import re
 import types
 from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
 from typing import Literal
 
 import msgspec
@@ -24,6 +27,7 @@ from ._http import (
     send_bytes,
 )
 from ._media import cached_mp4
+from ._persist import StateFile
 from ._state import KeyLimits, Neighbour, Stats, TaskRecord
 from ._timing import DEFAULT_EPOCH_MS, Clock, GenerationTime, lognormal
 from ._validate import InvalidBody, parse_create
@@ -40,7 +44,8 @@ class FakeApixo:
 
     It runs in the running event loop (so ``looptime`` can fast-forward it),
     enforces the key's limits on the server clock, and counts what it sees in
-    :attr:`stats`.
+    :attr:`stats` (also served as JSON at ``GET /fake/stats``, for tests of other
+    processes).
 
     Example::
 
@@ -77,6 +82,7 @@ class FakeApixo:
         callback_delay: float = 0.0,
         callback_jitter: float = 0.0,
         callback_duplicates: float = 0.0,
+        state_file: str | os.PathLike[str] | None = None,
     ) -> None:
         """Configure the fake; nothing listens until :meth:`start`.
 
@@ -99,6 +105,11 @@ class FakeApixo:
                 sent; that a delivered one is sent again 1-10 s later.
             callback_delay, callback_jitter: the first POST waits delay + U(0, jitter) s.
             The ``callback_*`` knobs are attributes too, read when a task ends.
+            state_file: keep the tasks made in this file (JSON lines, appended as each
+                is made) and take them back at start, on the port of the last start
+                when free, so that a fake restarted after its process died still
+                answers for its tasks and serves their files; they count in
+                :attr:`stats` as if made by this fake. For fakes in real time.
         """
         if period <= 0 or requests < 0 or concurrent_tasks < 0:
             raise ValueError("limits must be positive")
@@ -137,6 +148,7 @@ class FakeApixo:
         self._tasks: dict[str, TaskRecord] = {}
         self._runner: web.AppRunner | None = None
         self._callbacks = CallbackSender(self, seed)
+        self._state_file = StateFile(Path(state_file)) if state_file is not None else None
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -150,16 +162,36 @@ class FakeApixo:
         app.router.add_get(API_PREFIX + "/statusTask/{model}", self._on_status)
         app.router.add_get(API_PREFIX + "/apikeys/current-balance", self._on_balance)
         app.router.add_get("/files/{name}", self._on_file)
+        app.router.add_get("/fake/stats", self._on_stats)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
+        state = self._state_file
         try:
-            await web.TCPSite(runner, self.host, self.port).start()
+            if state is not None and self.port == 0 and state.port():
+                try:  # the port of the last start, so that its result URLs still work
+                    await web.TCPSite(runner, self.host, state.port()).start()
+                except OSError:
+                    await web.TCPSite(runner, self.host, 0).start()
+            else:
+                await web.TCPSite(runner, self.host, self.port).start()
         except BaseException:
             await runner.cleanup()
             raise
         self._runner = runner
         self.port = int(runner.addresses[0][1])
         await self._callbacks.start()
+        if state is not None:
+            for record in state.load(self._clock):
+                self._restore(record)
+            state.started(self.port)
+
+    def _restore(self, record: TaskRecord) -> None:
+        self._tasks[record.task_id] = record
+        if not record.finished:
+            self._limits.track(record)
+            self._callbacks.schedule(record)
+        self.stats.creates += 1
+        self.stats.creates_per_prompt[record.prompt] += 1
 
     async def close(self) -> None:
         """Stop listening, cancel pending callbacks, drop connections; safe to call twice."""
@@ -359,6 +391,8 @@ class FakeApixo:
             task_id, model, spec, now, cost, generation, self.pending_time, fail_code, self._clock
         )
         self._tasks[task_id] = record
+        if self._state_file is not None:
+            self._state_file.made(record, self._clock.now)
         self._limits.track(record)
         self._callbacks.schedule(record)
         self._balance = round(self._balance - cost, 9)
@@ -368,6 +402,17 @@ class FakeApixo:
             self.stats.max_concurrent_tasks, self.unfinished_tasks()
         )
         return envelope(200, "success", {"taskId": task_id})
+
+    async def _on_stats(self, request: web.Request) -> web.Response:
+        """Answer :attr:`stats` as JSON (not an API call: no key, not counted)."""
+        stats = self.stats
+        # Not dataclasses.asdict: it rebuilds a Counter from (key, value) pairs, wrongly.
+        counters = {
+            f.name: dict(value) if isinstance(value := getattr(stats, f.name), dict) else value
+            for f in dataclasses.fields(stats)
+        }
+        counters["unfinished_tasks"] = self.unfinished_tasks()
+        return web.json_response(counters)
 
     def _new_task_id(self) -> str:
         while True:

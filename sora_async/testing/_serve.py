@@ -49,6 +49,7 @@ async def _run(host: str, port: int, knobs: dict[str, Any]) -> None:
     async with FakeApixo(host=host, port=port, **knobs) as fake:
         print(f"APIXO_BASE_URL={fake.url}", flush=True)
         print(f"APIXO_API_KEY={fake.api_key}", flush=True)
+        print(f"counters: GET {fake.origin}/fake/stats", flush=True)
         await stop.wait()
 
 
@@ -62,11 +63,12 @@ def serve(host: str = "127.0.0.1", port: int = 8765, **knobs: Any) -> None:
         asyncio.run(_run(host, port, knobs))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse command-line knobs and :func:`serve`; return the exit status."""
-    parser = argparse.ArgumentParser(
-        prog="python -m sora_async.testing", description="Fake APIXO task API on loopback."
-    )
+def main(argv: Sequence[str] | None = None, prog: str = "python -m sora_async.testing") -> int:
+    """Parse command-line knobs and :func:`serve`; return the exit status.
+
+    ``prog`` is the command's name in its usage and help.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description="Fake APIXO task API on loopback.")
     add = parser.add_argument
     add("--host", default="127.0.0.1")
     add("--port", type=int, default=8765, help="0 picks a free port")
@@ -87,6 +89,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     add("--balance", type=float, default=100.0)
     add("--price-per-second", type=float, default=0.3)
     add("--retry-after", type=float, default=None, help="send Retry-After on 429s")
+    add(
+        "--state",
+        default=None,
+        metavar="FILE",
+        help="keep the tasks made in FILE and take them back at the next start",
+    )
     args = parser.parse_args(argv)
     try:
         generation = parse_generation(args.generation)
@@ -108,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             balance=args.balance,
             price_per_second=args.price_per_second,
             retry_after=args.retry_after,
+            state_file=args.state,
         )
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,0 +1,145 @@
+"""Batch files: JSONL requests or plain-text prompts, checked whole before anything is sent.
+
+Every item gets a stable id (given, or a hash of its request) and its own file name:
+ids that would share a file are refused with their line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from ._download import file_stem
+from ._errors import InputError
+from ._models import VideoRequest
+
+__all__ = ["BatchDefaults", "BatchItem", "BatchLineError", "load_requests"]
+
+_encoder = msgspec.json.Encoder(order="sorted")
+
+
+class BatchLineError(InputError):
+    """A line of a batch file is not a valid request; names the file and line."""
+
+    def __init__(self, source: str, line: int, field: str, rule: str) -> None:
+        super().__init__(field, rule)
+        self.source = source
+        self.line = line
+        self.args = (f"{source}:{line}: {field}: {rule}",)
+
+
+@dataclass(frozen=True)
+class BatchDefaults:
+    """Values for fields a line leaves out (plain-text lines leave out all but the prompt)."""
+
+    duration: int | None = None
+    size: str | None = None
+    resolution: str | None = None
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One request of a batch file, with its stable id."""
+
+    id: str
+    line: int
+    request: VideoRequest
+
+    @property
+    def request_json(self) -> str:
+        """Return the request as canonical JSON."""
+        return _encoder.encode(self.request).decode()
+
+
+def _with_defaults(row: dict[str, Any], defaults: BatchDefaults) -> dict[str, Any]:
+    row = dict(row)
+    mode = row.setdefault("mode", "image-to-video" if "image_urls" in row else "text-to-video")
+    if defaults.duration is not None:
+        row.setdefault("duration", defaults.duration)
+    if mode == "text-to-video" and defaults.size is not None:
+        row.setdefault("size", defaults.size)
+    if mode == "image-to-video" and defaults.resolution is not None:
+        row.setdefault("resolution", defaults.resolution)
+    return row
+
+
+def _item_id(row: dict[str, Any], request: VideoRequest) -> str:
+    given = row.pop("id", None)
+    if given is None:
+        # The same request always gets the same id, so a re-run recognises it.
+        return hashlib.sha256(_encoder.encode(request)).hexdigest()[:16]
+    if isinstance(given, bool) or not isinstance(given, (str, int)) or not str(given).strip():
+        raise InputError("id", "must be a non-empty string or a number")
+    try:
+        str(given).encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate (\ud800) cannot be journaled
+        raise InputError("id", "must be valid Unicode text (it holds a lone surrogate)") from exc
+    return str(given)
+
+
+def load_requests(path: Path, defaults: BatchDefaults | None = None) -> list[BatchItem]:
+    """Read a JSONL file (one request object a line, optional ``id``) or a plain-text
+    file (one prompt a line; blank lines and ``#`` comments skipped).
+
+    Raises BatchLineError naming the file and line of the first bad line, and
+    InputError when the file cannot be read. Nothing is sent.
+    """
+    defaults = defaults or BatchDefaults()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError("file", f"cannot read {path}: {exc}") from exc
+    jsonl = path.suffix in (".jsonl", ".json", ".ndjson")
+    items: list[BatchItem] = []
+    seen: dict[str, int] = {}
+    # Case-folded: on macOS and Windows "Intro.mp4" and "intro.mp4" are one file.
+    files: dict[str, tuple[int, str]] = {}
+    # Lines end at "\n" only: str.splitlines() would also cut a JSON string at U+2028 or
+    # U+0085, which JSON allows raw.
+    for number, raw in enumerate(text.split("\n"), start=1):
+        line = raw.strip()
+        if not line or (not jsonl and line.startswith("#")):
+            continue
+        try:
+            row: dict[str, Any] = json.loads(line) if jsonl else {"prompt": line}
+            if not isinstance(row, dict):
+                raise InputError("line", "must be a JSON object")
+            item_id = row.get("id")
+            fields = _with_defaults({k: v for k, v in row.items() if k != "id"}, defaults)
+            request = msgspec.convert(fields, VideoRequest)
+            item_id = _item_id(row, request)
+        except InputError as exc:
+            raise BatchLineError(str(path), number, exc.field, exc.rule) from exc
+        except json.JSONDecodeError as exc:
+            raise BatchLineError(str(path), number, "line", f"is not JSON: {exc.msg}") from exc
+        except msgspec.ValidationError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, InputError):
+                raise BatchLineError(str(path), number, cause.field, cause.rule) from exc
+            raise BatchLineError(str(path), number, "line", str(exc)) from exc
+        if item_id in seen:
+            raise BatchLineError(
+                str(path),
+                number,
+                "id",
+                f"{item_id!r} repeats line {seen[item_id]}; give each an id",
+            )
+        seen[item_id] = number
+        stem = file_stem(item_id).casefold()
+        if stem in files:
+            other_line, other_id = files[stem]
+            raise BatchLineError(
+                str(path),
+                number,
+                "id",
+                f"{item_id!r} would share a file name with {other_id!r} (line {other_line})"
+                " on a case-insensitive disk; give each a distinct id",
+            )
+        files[stem] = (number, item_id)
+        items.append(BatchItem(item_id, number, request))
+    return items

@@ -1,0 +1,249 @@
+"""How a ``sora-async`` command runs: its client, its signals, and its one outcome.
+
+Every command ends in one outcome: a line of text, or with ``--json`` one JSON object
+on stdout, errors included::
+
+    {"ok": true,  "exit_code": 0, ...the command's fields}
+    {"ok": false, "exit_code": 1, "error": "TaskFailedError", "message": "...", ...context}
+
+Exit codes: 0 all done, 1 the service or an item failed, 2 bad input or environment
+(before any request), 130 / 143 stopped by SIGINT / SIGTERM (journal and manifest
+written; run the same command again to resume).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, NoReturn
+
+from rich.console import Console
+
+from ._client import SoraClient
+from ._errors import APIError, InputError, NotFoundError, SoraError, TaskFailedError
+from ._governor import Governor, LocalGovernor
+from ._models import Limits
+from ._scheduler import PollPolicy
+from ._transport import RetryPolicy
+
+__all__ = ["Note", "Stop", "Work", "emit", "fail", "run", "scaled_client_options"]
+
+err = Console(stderr=True)
+out = Console()
+
+#: Context a command gathers as it goes, shown if it then fails: ``task_id`` once a task
+#: is known to exist (made by this command, or found done), ``urls`` once known.
+Note = dict[str, Any]
+Work = Callable[[SoraClient, Note], Coroutine[Any, Any, int]]
+
+_SIGNAL_EXIT: dict[int, int] = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class Stop:
+    """A request to wind down, set by the first SIGINT / SIGTERM.
+
+    ``cancel``: cancel the work when the signal comes, except while a create is in
+    flight (between ``sending()`` and ``answered()``): then the work is cancelled
+    once the create's answer is in, so that the task it made can be named. Without
+    ``cancel`` the work watches ``event`` and winds down itself (a batch).
+    """
+
+    def __init__(self, *, cancel: bool = False) -> None:
+        self.event = asyncio.Event()
+        self.exit_code = 0  # 130 or 143 once set
+        self._cancel = cancel
+        self._in_flight = 0
+
+    def set(self, signum: int, task: asyncio.Task[int]) -> bool:
+        """Ask the work (``task``) to stop, on behalf of signal ``signum``; return
+        whether it was cancelled at once."""
+        self.exit_code = _SIGNAL_EXIT[signum]
+        self.event.set()
+        if self._cancel and not self._in_flight:
+            task.cancel()
+            return True
+        return False
+
+    async def sending(self) -> None:
+        """Mark a create as sent (a ``before_create`` hook): a signal now waits for it."""
+        if self.event.is_set():
+            raise asyncio.CancelledError  # stopped while waiting for a slot: send nothing
+        self._in_flight += 1
+
+    def answered(self) -> None:
+        """Mark the create as answered; cancel the work if a signal came meanwhile."""
+        self._in_flight -= 1
+        if self._cancel and self.event.is_set() and not self._in_flight:
+            raise asyncio.CancelledError
+
+
+def emit(as_json: bool, text: str, **fields: Any) -> None:
+    """Print a successful outcome: ``text``, or ``fields`` as one JSON object."""
+    if as_json:
+        print(json.dumps({"ok": True, "exit_code": 0, **fields}, ensure_ascii=False), flush=True)
+    else:
+        out.print(text, highlight=False, soft_wrap=True)
+
+
+def fail(
+    message: str,
+    exit_code: int = 2,
+    *,
+    as_json: bool = False,
+    error: str = "InputError",
+    **context: Any,
+) -> NoReturn:
+    """Print one clear line (or one JSON object) for a failed outcome and exit."""
+    if as_json:
+        outcome = {"ok": False, "exit_code": exit_code, "error": error, "message": message}
+        print(json.dumps(outcome | context, ensure_ascii=False), flush=True)
+    else:
+        err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    sys.exit(exit_code)
+
+
+def scaled_client_options(
+    scale: float, *, redis_url: str | None = None, api_key: str | None = None, model: str = ""
+) -> dict[str, Any]:
+    """Return SoraClient options with every timing divided by ``scale``.
+
+    With ``redis_url`` the governor is a RedisGovernor shared by every process using
+    the key. The jitter margin is not cut below 0.1 s: network delays do not scale.
+    """
+    limits = Limits(period=60.0 / scale)
+    timings: dict[str, Any] = {
+        "jitter_margin": max(1.0 / scale, 0.1) if scale != 1.0 else 1.0,
+        "backoff_base": 1.0 / scale,
+        "backoff_cap": 60.0 / scale,
+    }
+    governor: Governor
+    if redis_url:
+        from .redis_governor import RedisGovernor
+
+        governor = RedisGovernor(
+            redis_url,
+            api_key=api_key,
+            model=model or "sora-2-pro",
+            limits=limits,
+            lease=max(15.0 / scale, 3.0),
+            uncertain_hold=600.0 / scale,
+            **timings,
+        )
+    else:
+        governor = LocalGovernor(limits, **timings)
+    return {
+        "limits": limits,
+        "governor": governor,
+        "poll_policy": PollPolicy(prior_mean=180.0 / scale, min_interval=2.0 / scale),
+        "retry": RetryPolicy(
+            base=0.5 / scale, cap=30.0 / scale, deadline=300.0 / scale, timeout=60.0 / scale
+        ),
+        "uncertain_hold": 600.0 / scale,
+        "wait_timeout": 3600.0 / scale,
+    }
+
+
+@contextlib.asynccontextmanager
+async def _client(params: dict[str, Any]) -> AsyncIterator[SoraClient]:
+    """Open a client on the real service, or on an in-process fake with ``--simulate``
+    (which keeps its tasks in ``params["state_file"]`` when given, so that a rerun of a
+    simulated batch finds the tasks of the run before)."""
+    scale = params["time_scale"]
+    options: dict[str, Any] = {}
+    if scale != 1.0 or params["redis_url"]:
+        options = scaled_client_options(
+            scale, redis_url=params["redis_url"], api_key=params["api_key"], model=params["model"]
+        )
+    if not params["simulate"]:
+        async with SoraClient(
+            api_key=params["api_key"], base_url=params["base_url"], model=params["model"], **options
+        ) as client:
+            yield client
+        return
+    from .testing import FakeApixo, lognormal
+
+    async with (
+        FakeApixo(
+            period=60.0 / scale,
+            generation_time=lognormal(180.0 / scale, 0.35),
+            pending_time=2.0 / scale,
+            balance=1e9,
+            seed=int(time.time()),
+            state_file=params.get("state_file"),
+        ) as fake,
+        SoraClient(api_key=fake.api_key, base_url=fake.url, **options) as client,
+    ):
+        yield client
+
+
+def _context_line(note: Note, error: BaseException | None = None) -> str:
+    """Return how to still get the video the command made, if it made one."""
+    task_id = note.get("task_id")
+    if task_id is None or isinstance(error, TaskFailedError):  # it names its task
+        return ""
+    if isinstance(error, NotFoundError):
+        return f"; task {task_id}"  # nothing to fetch
+    urls = " ".join(note.get("urls") or [])
+    where = f" (result: {urls})" if urls else ""
+    return f"; task {task_id}{where}: fetch it with `sora-async download {task_id}`"
+
+
+def run(params: dict[str, Any], work: Work, stop: Stop | None = None) -> NoReturn:
+    """Run ``work`` with a client and exit with its code, or with one clear line.
+
+    The first SIGINT or SIGTERM sets ``stop`` when given (see Stop), else cancels the
+    work; a second one exits at once (the journal, written one transaction at a time,
+    stays whole).
+    """
+    as_json = params["as_json"]
+    note: Note = {}
+    received: list[int] = []
+
+    def on_signal(signum: int, task: asyncio.Task[int]) -> None:
+        if received:
+            message = "stopped at once by a second signal; run the same command again to resume"
+            with contextlib.suppress(SystemExit):
+                fail(message, _SIGNAL_EXIT[signum], as_json=as_json, error="Interrupted", **note)
+            # At once: no cleanup may hang. The journal commits one transaction at a
+            # time, so it stays whole.
+            os._exit(_SIGNAL_EXIT[signum])
+        received.append(signum)
+        if stop is None:
+            task.cancel()
+            return
+        if not stop.set(signum, task):
+            err.print("stopping: no new creates; waiting for those in flight...", highlight=False)
+
+    async def go() -> int:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        for signum in _SIGNAL_EXIT:
+            loop.add_signal_handler(signum, on_signal, signum, task)
+        async with _client(params) as client:
+            return await work(client, note)
+
+    try:
+        code = asyncio.run(go())
+    except InputError as exc:
+        fail(str(exc), as_json=as_json, field=exc.field)
+    except APIError as exc:
+        detail = f"the service refused: {exc}{_context_line(note, exc)}"
+        fail(detail, 1, as_json=as_json, error=type(exc).__name__, code=exc.code, **note)
+    except SoraError as exc:
+        detail = f"{exc}{_context_line(note, exc)}"
+        fail(detail, 1, as_json=as_json, error=type(exc).__name__, **note)
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        code = _SIGNAL_EXIT[received[0]] if received else 130
+        detail = f"interrupted{_context_line(note)}" if note else "interrupted"
+        fail(detail, code, as_json=as_json, error="Interrupted", **note)
+    except Exception as exc:  # a bug or the machine (disk full): still one line, no traceback
+        detail = f"unexpected {type(exc).__name__}: {exc}{_context_line(note)}"
+        fail(detail, 1, as_json=as_json, error="InternalError", **note)
+    sys.exit(code)
