@@ -127,6 +127,7 @@ class SoraClient:
             poll=lambda model, task_id: self._transport.status(model, task_id, prepaid=True),
             policy=poll_policy,
             callbacks=callback_url is not None,
+            uncertain_hold=uncertain_hold,
         )
         self._state: Literal["new", "open", "closed"] = "new"
         self.download_concurrency = download_concurrency
