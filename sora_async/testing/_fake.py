@@ -12,6 +12,7 @@ import msgspec
 from aiohttp import web
 
 from ._callbacks import CallbackSender, check_callback_knobs
+from ._chaos import Chaos, check_rate
 from ._faults import Fault, FaultKind, FaultPlan, FaultSpec, RequestKind, Target
 from ._http import (
     API_PREFIX,
@@ -77,6 +78,8 @@ class FakeApixo:
         callback_delay: float = 0.0,
         callback_jitter: float = 0.0,
         callback_duplicates: float = 0.0,
+        chaos: float = 0.0,
+        chaos_delay: float = 75.0,
     ) -> None:
         """Configure the fake; nothing listens until :meth:`start`.
 
@@ -99,6 +102,12 @@ class FakeApixo:
                 sent; that a delivered one is sent again 1-10 s later.
             callback_delay, callback_jitter: the first POST waits delay + U(0, jitter) s.
             The ``callback_*`` knobs are attributes too, read when a task ends.
+            chaos: share of requests (API and files) that get a fault drawn at random
+                from every kind the fake knows (seeded by ``seed``; see
+                :mod:`sora_async.testing._chaos`); above 0 it also makes at least
+                ``chaos / 3`` of callbacks lost, as many duplicated, and delays them
+                up to 60 s. ``chaos_delay``: seconds a slow answer takes (past a
+                client's 60-s timeout). ``fake.chaos`` may be changed at run time.
         """
         if period <= 0 or requests < 0 or concurrent_tasks < 0:
             raise ValueError("limits must be positive")
@@ -126,6 +135,11 @@ class FakeApixo:
         self.callback_delay = callback_delay
         self.callback_jitter = callback_jitter
         self.callback_duplicates = callback_duplicates
+        self._chaos = Chaos(chaos, seed, chaos_delay)
+        if chaos > 0:
+            self.callback_loss = max(callback_loss, chaos / 3)
+            self.callback_duplicates = max(callback_duplicates, chaos / 3)
+            self.callback_jitter = max(callback_jitter, 60.0)
         self.stats = Stats()
         self._period = period
         self._balance = float(balance)
@@ -189,6 +203,15 @@ class FakeApixo:
     def url(self) -> str:
         """Return the API base URL, ``http://host:port/api/v1``."""
         return self.origin + API_PREFIX
+
+    @property
+    def chaos(self) -> float:
+        """Return the share of requests that get a random fault (0: none)."""
+        return self._chaos.rate
+
+    @chaos.setter
+    def chaos(self, rate: float) -> None:
+        self._chaos.rate = check_rate(rate)
 
     @property
     def period(self) -> float:
@@ -301,20 +324,29 @@ class FakeApixo:
         self.stats.requests += 1
         self.stats.requests_by_kind[kind] += 1
         first = self._faults.peek(kind)
+        queued = first is not None
+        if first is None:
+            first = self._chaos.draw(kind)
         if first is not None and first.kind is Fault.RATE_LIMIT:
-            self._faults.take(kind)
-            self.stats.faults[first.kind.value] += 1
+            if queued:
+                self._faults.take(kind)
+            self._count_fault(kind, first)
             retry_after = first.retry_after if first.retry_after is not None else self.retry_after
             return self._too_many(kind, "Rate limit exceeded", retry_after)
         in_window = self._limits.admit(self._clock.now_us(), self.requests)
         if in_window is None:
             return self._too_many(kind, "Rate limit exceeded", self.retry_after)
         self.stats.max_requests_in_window = max(self.stats.max_requests_in_window, in_window)
-        fault = self._faults.take(kind)
+        fault = self._faults.take(kind) if queued else first
         if fault is None:
             return await work(request)
-        self.stats.faults[fault.kind.value] += 1
+        self._count_fault(kind, fault)
         return await apply_fault(request, fault, work)
+
+    def _count_fault(self, kind: RequestKind, fault: FaultSpec) -> None:
+        self.stats.faults[fault.kind.value] += 1
+        if kind == "create":
+            self.stats.create_faults[fault.kind.value] += 1
 
     # -- API handlers ------------------------------------------------------------------
 
@@ -400,7 +432,7 @@ class FakeApixo:
     async def _on_file(self, request: web.Request) -> web.StreamResponse:
         """Serve a result video; no auth and no rate limit, like a CDN."""
         self.stats.downloads += 1
-        fault = self._faults.take("file")
+        fault = self._faults.take("file") or self._chaos.draw("file")
         if fault is None:
             return await self._file(request)
         self.stats.faults[fault.kind.value] += 1

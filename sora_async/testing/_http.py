@@ -149,6 +149,7 @@ async def apply_fault(
     kind = fault.kind
     message = STATUS_MESSAGES.get(fault.status, "Error")
     if kind is Fault.SLOW:
+        await request.read()  # the request arrived whole: a slow create still makes its task
         await asyncio.sleep(fault.delay)
         return await work(request)
     if kind is Fault.SERVER_ERROR:

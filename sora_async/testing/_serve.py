@@ -87,7 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     add("--balance", type=float, default=100.0)
     add("--price-per-second", type=float, default=0.3)
     add("--retry-after", type=float, default=None, help="send Retry-After on 429s")
+    add("--chaos", type=float, default=0.0, help="share of requests given a random fault")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.chaos <= 1.0:
+        parser.error("--chaos must be between 0 and 1")
     try:
         generation = parse_generation(args.generation)
     except ValueError as exc:
@@ -108,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             balance=args.balance,
             price_per_second=args.price_per_second,
             retry_after=args.retry_after,
+            chaos=args.chaos,
         )
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
