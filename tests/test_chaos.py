@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 
 import sora_async as sa
+from benchmarks.batch import write_prompts
 from sora_async.testing import FakeApixo, Fault, fixed, lognormal
 from sora_async.testing._damage import STATUS_DAMAGES
 from sora_async.testing._media import build_mp4
@@ -146,13 +147,7 @@ async def test_soak_run_batch_under_chaos(tmp_path: Path) -> None:
     """A batch with chaos=0.2, rerun until nothing is left to do: each item ends
     downloaded (bytes equal to the video the fake made), failed or uncertain, with the
     reason; 0 duplicate creates; never over the limits; nothing torn or leaked."""
-    source = tmp_path / "prompts.jsonl"
-    source.write_text(
-        "".join(
-            json.dumps({"id": f"item-{i}", "prompt": f"batch soak {i}"}) + "\n"
-            for i in range(BATCH_SOAK)
-        )
-    )
+    source = write_prompts(tmp_path / "prompts.jsonl", BATCH_SOAK)
     out = tmp_path / "out"
     tasks_before, fds_before = len(asyncio.all_tasks()), open_fds()
     async with FakeApixo(
