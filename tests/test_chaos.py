@@ -78,6 +78,21 @@ async def test_chaos_draws_every_kind_at_the_rate_seeded() -> None:
     assert first["rate_limit"] > first["reset"]  # a storm is several 429s in a row
 
 
+async def test_chaos_faults_limits_the_kinds_drawn() -> None:
+    """chaos_faults=[...] draws only those kinds: at chaos=1 every request gets one."""
+    async with (
+        FakeApixo(chaos=1.0, chaos_faults=["error_in_200"]) as fake,
+        aiohttp.ClientSession() as session,
+    ):
+        headers = {"Authorization": f"Bearer {fake.api_key}"}
+        for _ in range(5):
+            url = f"{fake.url}/apikeys/current-balance"
+            async with session.get(url, headers=headers) as response:
+                assert response.status == 200
+                assert (await response.json())["code"] >= 500
+        assert fake.stats.faults == {"error_in_200": 5}
+
+
 async def test_chaos_must_be_a_share() -> None:
     """A chaos rate outside [0, 1] is refused, at construction and at run time."""
     with pytest.raises(ValueError, match="chaos"):

@@ -11,6 +11,7 @@ duplicated and late callbacks come from the callback knobs (see FakeApixo).
 from __future__ import annotations
 
 import random
+from collections.abc import Collection
 
 from ._faults import Fault, FaultSpec, RequestKind
 
@@ -62,13 +63,20 @@ class Chaos:
     """Draw random faults for requests; one seeded generator, always the same draws.
 
     ``rate`` may be changed at run time; ``delay`` is how long a slow answer takes
-    (past a client's timeout by default).
+    (past a client's timeout by default); ``faults``, when given, limits the draws to
+    those kinds.
     """
 
-    def __init__(self, rate: float, seed: int, delay: float) -> None:
+    def __init__(
+        self, rate: float, seed: int, delay: float, faults: Collection[Fault] | None = None
+    ) -> None:
         """Make the drawer; a ``rate`` of 0 draws nothing."""
         self.rate = check_rate(rate)
         self.delay = delay
+        allowed = set(Fault) if faults is None else set(faults)
+        self._faults = {
+            kind: tuple(f for f in choices if f in allowed) for kind, choices in _FAULTS.items()
+        }
         self._rng = random.Random(f"chaos-{seed}")
         self._storm = 0
 
@@ -77,9 +85,10 @@ class Chaos:
         if self._storm > 0 and kind != "file":  # the API's limiter, not the CDN's
             self._storm -= 1
             return self._spec(Fault.RATE_LIMIT, kind)
-        if self.rate <= 0 or self._rng.random() >= self.rate:
+        choices = self._faults[kind]
+        if self.rate <= 0 or self._rng.random() >= self.rate or not choices:
             return None
-        fault = self._rng.choice(_FAULTS[kind])
+        fault = self._rng.choice(choices)
         if fault is Fault.RATE_LIMIT and kind != "file":
             self._storm = self._rng.randint(*STORM)
         return self._spec(fault, kind)

@@ -80,6 +80,7 @@ class FakeApixo:
         callback_duplicates: float = 0.0,
         chaos: float = 0.0,
         chaos_delay: float = 75.0,
+        chaos_faults: Collection[FaultKind] | None = None,
     ) -> None:
         """Configure the fake; nothing listens until :meth:`start`.
 
@@ -107,7 +108,8 @@ class FakeApixo:
                 :mod:`sora_async.testing._chaos`); above 0 it also makes at least
                 ``chaos / 3`` of callbacks lost, as many duplicated, and delays them
                 up to 60 s. ``chaos_delay``: seconds a slow answer takes (past a
-                client's 60-s timeout). ``fake.chaos`` may be changed at run time.
+                client's 60-s timeout). ``chaos_faults``: draw only these kinds (default:
+                every kind). ``fake.chaos`` may be changed at run time.
         """
         if period <= 0 or requests < 0 or concurrent_tasks < 0:
             raise ValueError("limits must be positive")
@@ -135,7 +137,8 @@ class FakeApixo:
         self.callback_delay = callback_delay
         self.callback_jitter = callback_jitter
         self.callback_duplicates = callback_duplicates
-        self._chaos = Chaos(chaos, seed, chaos_delay)
+        kinds = None if chaos_faults is None else [Fault(kind) for kind in chaos_faults]
+        self._chaos = Chaos(chaos, seed, chaos_delay, kinds)
         if chaos > 0:
             self.callback_loss = max(callback_loss, chaos / 3)
             self.callback_duplicates = max(callback_duplicates, chaos / 3)
