@@ -178,3 +178,16 @@ def test_unknown_states_stay_unfinished() -> None:
     assert shouted.state is sa.TaskState.SUCCESS
     failed = decode_status(b'{"taskId":"t1","state":"failed","failCode":500}', "t1")
     assert failed.fail_code == "500"
+
+
+async def test_wait_on_an_unknown_task_is_patient_too(
+    client: sa.SoraClient, fake: FakeApixo
+) -> None:
+    """wait() on a task this client did not make outlives a nonsensical first answer, and
+    gets the task's own video."""
+    async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as other:
+        task_id = await other.submit(PROMPT)
+    fake.inject("other_task", on="status", times=2)
+    video = await client.wait(task_id)
+    assert video.task_id == task_id
+    assert fake.stats.faults["other_task"] == 2
