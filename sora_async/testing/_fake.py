@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import re
 import types
 from collections.abc import Collection, Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 from aiohttp import web
@@ -153,6 +154,7 @@ class FakeApixo:
         self._faults = FaultPlan()
         self._tasks: dict[str, TaskRecord] = {}
         self._runner: web.AppRunner | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
         self._callbacks = CallbackSender(self, seed)
 
     # -- life cycle -------------------------------------------------------------------
@@ -162,7 +164,7 @@ class FakeApixo:
         if self._runner is not None:
             raise RuntimeError("FakeApixo is already started")
         self._clock.start()
-        app = web.Application(middlewares=[json_errors])
+        app = web.Application(middlewares=[json_errors, self._track])
         app.router.add_post(API_PREFIX + "/generateTask/{model}", self._on_create)
         app.router.add_get(API_PREFIX + "/statusTask/{model}", self._on_status)
         app.router.add_get(API_PREFIX + "/apikeys/current-balance", self._on_balance)
@@ -182,8 +184,25 @@ class FakeApixo:
         """Stop listening, cancel pending callbacks, drop connections; safe to call twice."""
         await self._callbacks.close()
         runner, self._runner = self._runner, None
+        # Answers still being worked on (a slow fault sleeps) end with the server.
+        handlers = [task for task in self._handlers if task is not asyncio.current_task()]
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
         if runner is not None:
             await runner.cleanup()
+
+    @web.middleware
+    async def _track(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Keep the tasks answering requests, so that close() can end them."""
+        task = asyncio.current_task()
+        if task is None:
+            return await handler(request)
+        self._handlers.add(task)
+        try:
+            return await handler(request)
+        finally:
+            self._handlers.discard(task)
 
     async def __aenter__(self) -> FakeApixo:
         """Start the server."""
