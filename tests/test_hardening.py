@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 from pathlib import Path
 
 import pytest
 
 import sora_async as sa
 from sora_async._models import decode_status
-from sora_async.testing import FakeApixo, fixed
+from sora_async.testing import FakeApixo, RedisServer, fixed
 
 pytestmark = pytest.mark.looptime
 
@@ -191,3 +192,35 @@ async def test_wait_on_an_unknown_task_is_patient_too(
     video = await client.wait(task_id)
     assert video.task_id == task_id
     assert fake.stats.faults["other_task"] == 2
+
+
+@pytest.mark.looptime(False)
+async def test_a_given_up_task_holds_its_shared_slot_then_frees_it(
+    redis_server: RedisServer,
+) -> None:
+    """With the Redis governor too, a task ended by nonsense keeps its slot (bound to the
+    task) for uncertain_hold, then frees it: the next create gets it. Real time."""
+    limits = sa.Limits(requests=600, period=6.0, concurrent_tasks=1)
+    quick = sa.PollPolicy(prior_mean=0.3, min_interval=0.05)
+    async with FakeApixo(generation_time=fixed(0.3), period=6.0, pending_time=0.0) as fake:
+        governor = sa.RedisGovernor(
+            redis_server.url, api_key=secrets.token_hex(8), limits=limits, lease=1.0
+        )
+        async with sa.SoraClient(
+            api_key=fake.api_key,
+            base_url=fake.url,
+            limits=limits,
+            governor=governor,
+            poll_policy=quick,
+            uncertain_hold=2.0,
+        ) as client:
+            task_id = await client.submit(PROMPT)
+            fake.inject("bad_status_data", on="status", times=5)
+            with pytest.raises(sa.ProtocolError):
+                await client.wait(task_id, timeout=30)
+            loop = asyncio.get_running_loop()
+            given_up = loop.time()
+            video = await client.generate(sa.TextToVideo(prompt="the next one"), timeout=30)
+            assert loop.time() - given_up >= 1.9  # the slot was held, not freed at once
+            assert video.task_id != task_id
+    assert fake.stats.max_concurrent_tasks == 1
