@@ -34,7 +34,9 @@ from ._errors import (
     InputError,
     InsufficientCreditsError,
     NotFoundError,
+    ProtocolError,
     SubmitUncertainError,
+    TaskAbandonedError,
     TaskFailedError,
     TaskTimeoutError,
     TransportError,
@@ -265,11 +267,12 @@ class _Runner:
         except TaskFailedError as exc:
             await self.set(row, ItemState.FAILED, error=f"{exc.fail_code}: {exc.fail_msg}")
             return
+        except (NotFoundError, ProtocolError, TaskAbandonedError) as exc:
+            # Gone, answering nonsense, or never finishing: the client gave it up.
+            await self.set(row, ItemState.FAILED, error=str(exc))
+            return
         except TaskTimeoutError as exc:
             row.error = str(exc)  # still running: the next run picks it up
-            return
-        except NotFoundError as exc:
-            await self.set(row, ItemState.FAILED, error=str(exc))
             return
         status = self.client.scheduler.result(row.task_id)
         seconds = status.generation_seconds if status is not None else None

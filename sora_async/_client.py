@@ -20,6 +20,7 @@ from ._download import DEFAULT_MAX_DOWNLOAD_BYTES, Downloader
 from ._errors import (
     ClientClosedError,
     InputError,
+    ProtocolError,
     SoraError,
     SubmitUncertainError,
     TaskFailedError,
@@ -130,6 +131,7 @@ class SoraClient:
             poll=lambda model, task_id: self._transport.status(model, task_id, prepaid=True),
             policy=poll_policy,
             callbacks=callback_url is not None,
+            uncertain_hold=uncertain_hold,
         )
         self._state: Literal["new", "open", "closed"] = "new"
         self.download_concurrency = download_concurrency
@@ -320,8 +322,11 @@ class SoraClient:
         self._check_open()
         _check_task_id(task_id)
         if not self.scheduler.is_tracked(task_id):
-            status = await self.status(task_id)  # learn where an unknown task stands
-            if status.terminal:
+            try:
+                status = await self.status(task_id)  # learn where an unknown task stands
+            except ProtocolError:
+                status = None  # the scheduler's patience decides, as for any task
+            if status is not None and status.terminal:
                 return _video_or_raise(status)
             self.scheduler.track(task_id, self.model, holds_slot=False)
         status = await self.scheduler.wait(

@@ -159,7 +159,8 @@ class Downloader:
                     raise TransportError(f"download refused: HTTP {response.status} for {url}")
                 kind = response.headers.get("Content-Type", "")
                 if kind and not kind.startswith(("video/", "application/octet-stream")):
-                    raise TransportError(f"download of {url} is {kind!r}, not a video")
+                    # A CDN's error page: often passing, so tried again (a few times).
+                    raise _Retryable(f"got {kind!r}, not a video")
                 if response.status == 200:
                     have = 0  # the server ignored Range: start over
                 length = response.content_length

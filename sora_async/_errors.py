@@ -14,11 +14,13 @@ __all__ = [
     "InvalidRequestError",
     "NotFoundError",
     "PermissionDeniedError",
+    "ProtocolError",
     "RateLimitError",
     "RedisUnavailableError",
     "ServerError",
     "SoraError",
     "SubmitUncertainError",
+    "TaskAbandonedError",
     "TaskFailedError",
     "TaskTimeoutError",
     "TransportError",
@@ -124,6 +126,22 @@ class RedisUnavailableError(SoraError):
     """
 
 
+class ProtocolError(SoraError):
+    """The service answered something that makes no sense for the question asked.
+
+    A status whose ``taskId`` is not the one asked, a success without an absolute
+    http(s) result URL, a status without a readable ``state``, a ``resultJson`` that
+    is not JSON: none of these is ever turned into a result. ``task_id`` is the task
+    asked about, ``problem`` what was wrong with the answer.
+    """
+
+    def __init__(self, task_id: str | None, problem: str) -> None:
+        about = f"task {task_id}: " if task_id is not None else ""
+        super().__init__(f"{about}the service answered nonsense: {problem}")
+        self.task_id = task_id
+        self.problem = problem
+
+
 class SubmitUncertainError(SoraError):
     """A create may or may not have made a task, so it was not blindly repeated.
 
@@ -150,6 +168,21 @@ class TaskTimeoutError(SoraError, TimeoutError):
         super().__init__(f"task {task_id} did not finish within {timeout:g} s")
         self.task_id = task_id
         self.timeout = timeout
+
+
+class TaskAbandonedError(TaskTimeoutError):
+    """The task outlived ``max_task_age`` seconds of tracking and is no longer followed.
+
+    The task may still run on the service: its slot stays taken for the client's
+    ``uncertain_hold`` and is then freed. ``task_id`` names it for a later look.
+    """
+
+    def __init__(self, task_id: str, max_age: float) -> None:
+        super().__init__(task_id, max_age)
+        self.args = (
+            f"task {task_id} did not finish within max_task_age ({max_age:g} s); "
+            "it is no longer followed",
+        )
 
 
 _CONTENT_WORDS = ("violat", "policy", "nsfw", "sensitive", "moderation")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import enum
+import math
 from typing import Final, Literal, Union
 from urllib.parse import urlsplit
 
 import msgspec
 
-from ._errors import InputError
+from ._errors import InputError, ProtocolError
 
 __all__ = [
     "DURATIONS",
@@ -45,6 +46,20 @@ def check_http_url(field: str, url: object) -> None:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise InputError(field, f"must be an absolute http(s) URL, got {url!r}")
+
+
+def check_count(field: str, value: object, minimum: int) -> None:
+    """Raise InputError unless ``value`` is a whole number of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(field, "must be a whole number")
+    if value < minimum:
+        raise InputError(field, f"must be at least {minimum}, got {value}")
+
+
+def check_positive(field: str, value: float) -> None:
+    """Raise InputError unless ``value`` is a number above zero."""
+    if not value > 0:
+        raise InputError(field, f"must be a positive number, got {value}")
 
 
 def check_choice(field: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -180,18 +195,9 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
     concurrent_tasks: int = 10
 
     def __post_init__(self) -> None:
-        if isinstance(self.requests, bool) or not isinstance(self.requests, int):
-            raise InputError("limits.requests", "must be a whole number")
-        if self.requests < 2:
-            raise InputError("limits.requests", f"must be at least 2, got {self.requests}")
-        if not self.period > 0:
-            raise InputError("limits.period", f"must be a positive number, got {self.period}")
-        if isinstance(self.concurrent_tasks, bool) or not isinstance(self.concurrent_tasks, int):
-            raise InputError("limits.concurrent_tasks", "must be a whole number")
-        if self.concurrent_tasks < 1:
-            raise InputError(
-                "limits.concurrent_tasks", f"must be at least 1, got {self.concurrent_tasks}"
-            )
+        check_count("limits.requests", self.requests, 2)
+        check_positive("limits.period", self.period)
+        check_count("limits.concurrent_tasks", self.concurrent_tasks, 1)
 
 
 class TaskState(str, enum.Enum):
@@ -282,13 +288,14 @@ class WireStatus(msgspec.Struct, kw_only=True, rename="camel"):
     """``data`` of a status answer (or a callback) exactly as sent."""
 
     task_id: str
-    state: TaskState
+    # A string, not the enum: states the service adds later must not be unreadable.
+    state: str
     result_json: str | None = None
-    fail_code: str | None = None
+    fail_code: str | int | None = None
     fail_msg: str | None = None
-    create_time: int | None = None
-    complete_time: int | None = None
-    cost_time: int | None = None
+    create_time: int | float | None = None
+    complete_time: int | float | None = None
+    cost_time: int | float | None = None
 
 
 class ResultJson(msgspec.Struct):
@@ -301,25 +308,62 @@ _result_decoder = msgspec.json.Decoder(ResultJson)
 _status_decoder = msgspec.json.Decoder(WireStatus)
 #: The decoder of every response envelope (answers and callbacks alike).
 envelope_decoder = msgspec.json.Decoder(Envelope)
+_STATES = {state.value: state for state in TaskState}
 
 
-def status_from_wire(wire: WireStatus) -> TaskStatus:
-    """Turn the wire status into a TaskStatus, decoding ``resultJson``.
+def _short(value: str, limit: int = 80) -> str:
+    """Return ``repr(value)`` cut to ``limit`` characters (answers may be huge)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
-    Raises msgspec.DecodeError / ValidationError when ``resultJson`` is not valid.
+
+def _millis(value: float | None) -> int | None:
+    return None if value is None or not math.isfinite(value) else int(value)
+
+
+def _result_urls(wire: WireStatus, task_id: str) -> tuple[str, ...]:
+    """Return the result URLs of a success; ProtocolError unless there is at least one
+    and each is an absolute http(s) URL (``file:``, ``javascript:``, relative: refused)."""
+    try:
+        urls = _result_decoder.decode(wire.result_json or "{}").resultUrls
+    except msgspec.MsgspecError as exc:
+        raise ProtocolError(task_id, f"success with an unreadable resultJson ({exc})") from exc
+    if not urls:
+        raise ProtocolError(task_id, "success without a result URL")
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise ProtocolError(
+                task_id, f"success with a result URL that is not http(s): {_short(url)}"
+            )
+    return urls
+
+
+def status_from_wire(wire: WireStatus, task_id: str | None = None) -> TaskStatus:
+    """Turn the wire status into a TaskStatus, checked against the task asked about.
+
+    Raises ProtocolError when ``taskId`` is empty or not ``task_id`` (when given),
+    ``state`` is empty, or a success lacks a readable absolute http(s) result URL.
+    States the service adds later read as ``processing`` (not terminal).
     """
-    urls: tuple[str, ...] = ()
-    if wire.result_json:
-        urls = _result_decoder.decode(wire.result_json).resultUrls
+    asked = task_id if task_id is not None else wire.task_id
+    if not wire.task_id:
+        raise ProtocolError(task_id, "a status without a taskId")
+    if task_id is not None and wire.task_id != task_id:
+        raise ProtocolError(task_id, f"a status of another task, {_short(wire.task_id)}")
+    if not wire.state:
+        raise ProtocolError(asked, "a status without a state")
+    state = _STATES.get(wire.state.lower(), TaskState.PROCESSING)
+    urls = _result_urls(wire, asked) if state is TaskState.SUCCESS else ()
     return TaskStatus(
         task_id=wire.task_id,
-        state=wire.state,
+        state=state,
         result_urls=urls,
-        fail_code=wire.fail_code,
+        fail_code=None if wire.fail_code is None else str(wire.fail_code),
         fail_msg=wire.fail_msg,
-        create_time=wire.create_time,
-        complete_time=wire.complete_time,
-        cost_time=wire.cost_time,
+        create_time=_millis(wire.create_time),
+        complete_time=_millis(wire.complete_time),
+        cost_time=_millis(wire.cost_time),
     )
 
 
@@ -335,12 +379,14 @@ def decode_envelope(body: bytes) -> Envelope:
         raise msgspec.DecodeError("JSON nested too deeply") from exc
 
 
-def decode_status(data: bytes) -> TaskStatus:
+def decode_status(data: bytes, task_id: str | None = None) -> TaskStatus:
     """Decode an envelope's ``data`` (a status answer or a callback) into a TaskStatus.
 
-    Raises msgspec.DecodeError / ValidationError when it is not a valid status.
+    Raises ProtocolError when it is not a valid status (of ``task_id``, when given):
+    see status_from_wire.
     """
     try:
-        return status_from_wire(_status_decoder.decode(data))
-    except RecursionError as exc:
-        raise msgspec.DecodeError("JSON nested too deeply") from exc
+        wire = _status_decoder.decode(data)
+    except (msgspec.MsgspecError, RecursionError) as exc:
+        raise ProtocolError(task_id, f"not a task status ({exc})") from exc
+    return status_from_wire(wire, task_id)

@@ -17,10 +17,18 @@ from dataclasses import dataclass
 from statistics import NormalDist
 
 import anyio
+import anyio.abc
 
-from ._errors import AuthenticationError, NotFoundError, SoraError, TaskTimeoutError
+from ._errors import (
+    AuthenticationError,
+    NotFoundError,
+    ProtocolError,
+    SoraError,
+    TaskAbandonedError,
+    TaskTimeoutError,
+)
 from ._governor import Governor
-from ._models import TaskStatus
+from ._models import TaskStatus, check_count, check_positive
 
 __all__ = ["GenerationTimes", "PollPolicy", "PollScheduler"]
 
@@ -46,6 +54,12 @@ class PollPolicy:
     tasks' statuses stay retrievable by id. With callbacks on, the chance is
     weighed by the learned share of lost callbacks and the bar rises to
     ``min_hazard / loss`` (at most 0.5), so polling becomes a safety net.
+
+    Patience is bounded: after ``patience`` answers in a row that make no sense
+    (ProtocolError) a task ends with that error, and a task tracked for longer than
+    ``max_task_age`` seconds ends with TaskAbandonedError. Either way its slot stays
+    taken for the client's ``uncertain_hold`` (the task may still run), then frees.
+    Raises InputError for a ``patience`` below 1 or a ``max_task_age`` not above 0.
     """
 
     min_hazard: float = 0.005
@@ -56,6 +70,13 @@ class PollPolicy:
     prior_weight: float = 4.0
     history: int = 500
     keep_results: int = 10_000
+    patience: int = 5
+    # Several times the slowest generation the provider documents.
+    max_task_age: float = 7200.0
+
+    def __post_init__(self) -> None:
+        check_count("poll_policy.patience", self.patience, 1)
+        check_positive("poll_policy.max_task_age", self.max_task_age)
 
 
 class GenerationTimes:
@@ -120,6 +141,7 @@ class _Tracked:
         "polling",
         "rechecks",
         "started",
+        "strikes",
         "task_id",
         "urgent",
     )
@@ -135,6 +157,7 @@ class _Tracked:
         # age), or "recheck" (a callback said it ended, a status answer did not yet).
         self.urgent: str | None = None
         self.rechecks = 0
+        self.strikes = 0  # answers in a row that made no sense
         self.done: asyncio.Future[TaskStatus] = asyncio.get_running_loop().create_future()
 
 
@@ -155,8 +178,10 @@ class PollScheduler:
         poll: Poll,
         policy: PollPolicy | None = None,
         callbacks: bool = False,
+        uncertain_hold: float = 600.0,
     ) -> None:
         self._governor = governor
+        self.uncertain_hold = uncertain_hold
         self.callbacks = callbacks
         # Terminal news by source, to learn how often callbacks go missing.
         self._seen_by_callback = 0
@@ -166,6 +191,9 @@ class PollScheduler:
         self.times = GenerationTimes(self.policy)
         self._active: dict[str, _Tracked] = {}
         self._finished: collections.OrderedDict[str, TaskStatus] = collections.OrderedDict()
+        # Tasks given up (nonsense answers, too old), with the error their waiters got.
+        self._given_up: collections.OrderedDict[str, SoraError] = collections.OrderedDict()
+        self._group: anyio.abc.TaskGroup | None = None
         self._changed = asyncio.Event()
         self._fatal: BaseException | None = None
         self.polls = 0
@@ -180,7 +208,7 @@ class PollScheduler:
     def track(self, task_id: str, model: str, *, holds_slot: bool, adopted: bool = False) -> None:
         """Start tracking a task: just created, or ``adopted`` from elsewhere (polled at once,
         since its age is unknown)."""
-        if task_id in self._active or task_id in self._finished:
+        if self.is_tracked(task_id):
             if holds_slot:
                 self._governor.release_slot(task_id)  # already accounted for
             return
@@ -206,6 +234,10 @@ class PollScheduler:
             return 1.0
         return (self._seen_by_poll + 1.0) / (self._seen_by_poll + self._seen_by_callback + 10.0)
 
+    def given_up(self, task_id: str) -> SoraError | None:
+        """Return the error a task was given up with (see PollPolicy), if remembered."""
+        return self._given_up.get(task_id)
+
     def observe(self, status: TaskStatus) -> None:
         """Take news of a task from a poll or a user's status call."""
         tracked = self._active.get(status.task_id)
@@ -213,6 +245,7 @@ class PollScheduler:
             self._observe(tracked, status, by_callback=tracked.urgent == "callback")
 
     def _observe(self, tracked: _Tracked, status: TaskStatus, *, by_callback: bool) -> None:
+        tracked.strikes = 0
         if not status.terminal:
             tracked.last_seen = asyncio.get_running_loop().time()
             return
@@ -231,7 +264,7 @@ class PollScheduler:
         """
         tracked = self._active.get(status.task_id)
         if tracked is None:
-            return status.task_id in self._finished
+            return status.task_id in self._finished or status.task_id in self._given_up
         if not status.terminal:
             return True
         if trusted:
@@ -246,23 +279,29 @@ class PollScheduler:
         """Wait for a tracked task's terminal status.
 
         Raises TaskTimeoutError after ``timeout`` seconds (tracking goes on), or the
-        error that ended tracking (e.g. NotFoundError, AuthenticationError).
+        error that ended tracking (e.g. NotFoundError, AuthenticationError,
+        ProtocolError, TaskAbandonedError).
         """
         finished = self._finished.get(task_id)
         if finished is not None:
             return finished
+        given_up = self._given_up.get(task_id)
+        if given_up is not None:
+            raise given_up
         tracked = self._active.get(task_id)
         if tracked is None:
             raise KeyError(task_id)
         try:
             # shield: a cancelled or timed-out waiter must not end tracking.
             return await asyncio.wait_for(asyncio.shield(tracked.done), timeout)
+        except TaskTimeoutError:
+            raise  # the task was given up (TaskAbandonedError), not this wait
         except asyncio.TimeoutError:
             raise TaskTimeoutError(task_id, timeout) from None
 
     def is_tracked(self, task_id: str) -> bool:
         """Return whether the scheduler knows this task (running or remembered)."""
-        return task_id in self._active or task_id in self._finished
+        return task_id in self._active or task_id in self._finished or task_id in self._given_up
 
     def fail_all(self, error: BaseException) -> None:
         """End tracking of every task with ``error`` (e.g. the key was refused)."""
@@ -277,8 +316,12 @@ class PollScheduler:
         """Poll tracked tasks until cancelled."""
         loop = asyncio.get_running_loop()
         async with anyio.create_task_group() as polls:
+            self._group = polls  # holds of given-up slots end with the loop
             while self._fatal is None:
+                expiry = self._expire(loop.time())
                 candidate, wake_at = self._choose(loop.time())
+                if expiry is not None:
+                    wake_at = expiry if wake_at is None else min(wake_at, expiry)
                 if candidate is None:
                     self._changed.clear()
                     delay = None if wake_at is None else max(wake_at - loop.time(), 1e-3)
@@ -294,6 +337,19 @@ class PollScheduler:
                     continue
                 chosen.polling = True
                 polls.start_soon(self._poll_one, chosen)
+
+    def _expire(self, now: float) -> float | None:
+        """Give up tasks tracked for longer than ``max_task_age``; return the next expiry."""
+        max_age = self.policy.max_task_age
+        next_expiry: float | None = None
+        for tracked in list(self._active.values()):
+            expiry = tracked.started + max_age
+            if now < expiry or tracked.polling:  # a poll in flight may still end it
+                next_expiry = expiry if next_expiry is None else min(next_expiry, expiry)
+                continue
+            logger.warning("task %s not finished after %g s: given up", tracked.task_id, max_age)
+            self._give_up(tracked, TaskAbandonedError(tracked.task_id, max_age))
+        return next_expiry
 
     def _choose(self, now: float) -> tuple[_Tracked | None, float | None]:
         """Return the task most likely to have ended unseen, or when one will be worth it.
@@ -353,6 +409,20 @@ class PollScheduler:
         except NotFoundError as exc:
             self._fail(tracked, exc)
             return
+        except ProtocolError as exc:
+            tracked.strikes += 1
+            logger.warning(
+                "poll of %s: nonsense answer %d in a row: %s",
+                tracked.task_id,
+                tracked.strikes,
+                exc.problem,
+            )
+            if tracked.strikes >= self.policy.patience:
+                self._give_up(tracked, exc)
+                return
+            tracked.last_seen = asyncio.get_running_loop().time()
+            tracked.urgent = tracked.urgent or reason
+            return
         except SoraError as exc:
             # A passing fault: try again after the floor interval (or at once, if a
             # callback is waiting to be confirmed).
@@ -390,13 +460,30 @@ class PollScheduler:
             self._governor.share(status, trusted=True)
         self._changed.set()
 
-    def _fail(self, tracked: _Tracked, error: BaseException) -> None:
-        self._drop(tracked)
+    def _give_up(self, tracked: _Tracked, error: SoraError) -> None:
+        """End tracking of a task whose end we may never learn; it may still run on the
+        service, so its slot is freed only after ``uncertain_hold``."""
+        self._fail(tracked, error, hold=self.uncertain_hold)
+        self._given_up[tracked.task_id] = error
+        while len(self._given_up) > self.policy.keep_results:
+            self._given_up.popitem(last=False)
+        self._changed.set()
+
+    def _fail(self, tracked: _Tracked, error: BaseException, *, hold: float = 0.0) -> None:
+        self._drop(tracked, hold=hold)
         if not tracked.done.done():
             tracked.done.set_exception(error)
             tracked.done.exception()  # mark it retrieved: nobody may be waiting
 
-    def _drop(self, tracked: _Tracked) -> None:
+    def _drop(self, tracked: _Tracked, *, hold: float = 0.0) -> None:
         if self._active.pop(tracked.task_id, None) is not None and tracked.holds_slot:
             tracked.holds_slot = False
-            self._governor.release_slot(tracked.task_id)
+            if hold > 0 and self._group is not None:
+                self._group.start_soon(self._release_later, tracked.task_id, hold)
+            else:
+                self._governor.release_slot(tracked.task_id)
+
+    async def _release_later(self, task_id: str, hold: float) -> None:
+        # The slot stays bound to its task, which may still run, then frees like any.
+        await asyncio.sleep(hold)
+        self._governor.release_slot(task_id)

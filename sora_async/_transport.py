@@ -18,6 +18,7 @@ import msgspec
 
 from ._errors import (
     AuthenticationError,
+    ProtocolError,
     RateLimitError,
     ServerError,
     SubmitUncertainError,
@@ -186,9 +187,16 @@ class Transport:
         async def attempt() -> TaskStatus:
             paid, first[0] = first[0], False
             raw = await self._send("status", "GET", url, params={"taskId": task_id}, prepaid=paid)
-            return self._decode(raw, decode_status)
+            # An answer that reads but makes no sense is not retried here: the
+            # scheduler counts such answers per task and gives up after a few.
+            return decode_status(raw, task_id)
 
-        return await self._with_retries("status", attempt)
+        try:
+            return await self._with_retries("status", attempt)
+        except ProtocolError as exc:
+            if exc.task_id is not None:
+                raise
+            raise ProtocolError(task_id, exc.problem) from exc.__cause__
 
     async def balance(self) -> float:
         """Return the key's remaining balance in USD."""
@@ -196,19 +204,14 @@ class Transport:
 
         async def attempt() -> float:
             raw = await self._send("balance", "GET", url)
-            return self._decode(raw, _balance_decoder.decode)
+            try:
+                return _balance_decoder.decode(raw)
+            except (msgspec.MsgspecError, RecursionError) as exc:
+                raise ProtocolError(None, f"a balance that is not a number ({exc})") from exc
 
         return await self._with_retries("balance", attempt)
 
     # --- machinery ----------------------------------------------------------------------
-
-    @staticmethod
-    def _decode(raw: bytes, decode: Callable[[bytes], T]) -> T:
-        try:
-            return decode(raw)
-        except (msgspec.MsgspecError, ValueError, RecursionError) as exc:
-            # A GET is safe to repeat; a body we cannot read may be a passing fault.
-            raise _Retry(_transport_error(f"undecodable data: {exc}", exc)) from exc
 
     async def _with_retries(self, kind: RequestKind, attempt: Callable[[], Awaitable[T]]) -> T:
         loop = asyncio.get_running_loop()
@@ -276,7 +279,11 @@ class Transport:
             code, message, data = envelope.code, envelope.message, envelope.data
         except msgspec.MsgspecError as exc:
             if status < 400:
-                raise _Retry(_transport_error(f"undecodable body (HTTP {status})", exc)) from exc
+                # Likely cut short on the way (a GET is safe to repeat); if every try
+                # reads so, the service is answering nonsense.
+                unreadable = ProtocolError(None, f"an unreadable body (HTTP {status})")
+                unreadable.__cause__ = exc
+                raise _Retry(unreadable) from exc
             code, message, data = status, f"HTTP {status} with an undecodable body", _NULL
         if not 200 <= code < 300 or status >= 400:
             error = error_from_response(

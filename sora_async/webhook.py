@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from ._client import SoraClient
+from ._errors import ProtocolError
 from ._models import decode_envelope, decode_status
 
 if TYPE_CHECKING:
@@ -69,8 +70,8 @@ def handle_callback(client: SoraClient, body: bytes, token: str | None) -> int:
         if envelope.code != 200:
             raise ValueError(f"envelope code {envelope.code}")
         status = decode_status(envelope.data)
-    except (msgspec.MsgspecError, ValueError):
-        logger.warning("callback refused: not a status envelope")
+    except (msgspec.MsgspecError, ValueError, ProtocolError) as exc:
+        logger.warning("callback refused: not a status envelope (%s)", exc)
         return 400
     trusted = verified and not client.confirm_callbacks
     if not client.scheduler.announce(status, trusted=trusted):

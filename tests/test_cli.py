@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import random
 import signal
 import sys
 from pathlib import Path
@@ -13,20 +11,15 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from benchmarks.kill9 import start_cli
 from sora_async.testing import FakeApixo, lognormal
 
 SCALE = 100.0  # every timing divided by this: a 180-s generation takes 1.8 s
 
 
 async def sora_async(*args: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sora_async",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "APIXO_API_KEY": "", **(env or {})},
+    return await start_cli(
+        list(args), {"APIXO_API_KEY": "", **(env or {})}, output=asyncio.subprocess.PIPE
     )
 
 
@@ -145,44 +138,6 @@ async def test_generate_status_and_balance_against_a_service(tmp_path: Path) -> 
         code, _, stderr = await run_cli("status", "task_nope", env=env)
         assert code == 1
         assert "Task not found" in stderr
-
-
-@pytest.mark.parametrize("seed", range(3))
-async def test_killed_batch_resumes_without_paying_twice(tmp_path: Path, seed: int) -> None:
-    """SIGKILL at random moments, then the same command again until it ends: no prompt is
-    created twice, every item is downloaded (or reported uncertain if the kill cut a create
-    in flight), and every file is whole."""
-    rng = random.Random(seed)
-    source = write_jsonl(
-        tmp_path / "p.jsonl", [{"id": f"v{i}", "prompt": f"kill {i}"} for i in range(16)]
-    )
-    out = tmp_path / "out"
-    async with FakeApixo(
-        generation_time=lognormal(180 / SCALE, 0.4),
-        period=60 / SCALE,
-        pending_time=2 / SCALE,
-        seed=seed,
-        balance=1e6,
-    ) as fake:
-        env = {"APIXO_API_KEY": fake.api_key, "APIXO_BASE_URL": fake.url}
-        command = ["batch", str(source), "-o", str(out), "--time-scale", str(SCALE)]
-        for _ in range(3):
-            process = await sora_async(*command, env=env)
-            await asyncio.sleep(rng.uniform(0.8, 3.0))
-            if process.returncode is None:
-                process.send_signal(signal.SIGKILL)
-            await process.wait()
-        code, _, stderr = await run_cli(*command, env=env)
-        assert code in (0, 1), stderr
-        rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
-        assert max(fake.stats.creates_per_prompt.values()) == 1
-        async with aiohttp.ClientSession() as session:
-            for row in rows:
-                assert row["state"] in ("downloaded", "uncertain"), row
-                if row["state"] == "downloaded":
-                    async with session.get(f"{fake.origin}/files/{row['task_id']}.mp4") as response:
-                        assert Path(row["files"][0]).read_bytes() == await response.read()
-        assert (code == 0) == all(row["state"] == "downloaded" for row in rows)
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import random
@@ -9,12 +10,13 @@ import re
 import types
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 from aiohttp import web
 
 from ._callbacks import CallbackSender, check_callback_knobs
+from ._chaos import Chaos, check_rate
 from ._faults import Fault, FaultKind, FaultPlan, FaultSpec, RequestKind, Target
 from ._http import (
     API_PREFIX,
@@ -83,6 +85,9 @@ class FakeApixo:
         callback_jitter: float = 0.0,
         callback_duplicates: float = 0.0,
         state_file: str | os.PathLike[str] | None = None,
+        chaos: float = 0.0,
+        chaos_delay: float = 75.0,
+        chaos_faults: Collection[FaultKind] | None = None,
     ) -> None:
         """Configure the fake; nothing listens until :meth:`start`.
 
@@ -110,6 +115,13 @@ class FakeApixo:
                 when free, so that a fake restarted after its process died still
                 answers for its tasks and serves their files; they count in
                 :attr:`stats` as if made by this fake. For fakes in real time.
+            chaos: share of requests (API and files) that get a fault drawn at random
+                from every kind the fake knows (seeded by ``seed``; see
+                :mod:`sora_async.testing._chaos`); above 0 it also makes at least
+                ``chaos / 3`` of callbacks lost, as many duplicated, and delays them
+                up to 60 s. ``chaos_delay``: seconds a slow answer takes (past a
+                client's 60-s timeout). ``chaos_faults``: draw only these kinds (default:
+                every kind). ``fake.chaos`` may be changed at run time.
         """
         if period <= 0 or requests < 0 or concurrent_tasks < 0:
             raise ValueError("limits must be positive")
@@ -137,6 +149,12 @@ class FakeApixo:
         self.callback_delay = callback_delay
         self.callback_jitter = callback_jitter
         self.callback_duplicates = callback_duplicates
+        kinds = None if chaos_faults is None else [Fault(kind) for kind in chaos_faults]
+        self._chaos = Chaos(chaos, seed, chaos_delay, kinds)
+        if chaos > 0:
+            self.callback_loss = max(callback_loss, chaos / 3)
+            self.callback_duplicates = max(callback_duplicates, chaos / 3)
+            self.callback_jitter = max(callback_jitter, 60.0)
         self.stats = Stats()
         self._period = period
         self._balance = float(balance)
@@ -147,6 +165,7 @@ class FakeApixo:
         self._faults = FaultPlan()
         self._tasks: dict[str, TaskRecord] = {}
         self._runner: web.AppRunner | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
         self._callbacks = CallbackSender(self, seed)
         self._state_file = StateFile(Path(state_file)) if state_file is not None else None
 
@@ -157,7 +176,7 @@ class FakeApixo:
         if self._runner is not None:
             raise RuntimeError("FakeApixo is already started")
         self._clock.start()
-        app = web.Application(middlewares=[json_errors])
+        app = web.Application(middlewares=[json_errors, self._track])
         app.router.add_post(API_PREFIX + "/generateTask/{model}", self._on_create)
         app.router.add_get(API_PREFIX + "/statusTask/{model}", self._on_status)
         app.router.add_get(API_PREFIX + "/apikeys/current-balance", self._on_balance)
@@ -197,8 +216,25 @@ class FakeApixo:
         """Stop listening, cancel pending callbacks, drop connections; safe to call twice."""
         await self._callbacks.close()
         runner, self._runner = self._runner, None
+        # Answers still being worked on (a slow fault sleeps) end with the server.
+        handlers = [task for task in self._handlers if task is not asyncio.current_task()]
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
         if runner is not None:
             await runner.cleanup()
+
+    @web.middleware
+    async def _track(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Keep the tasks answering requests, so that close() can end them."""
+        task = asyncio.current_task()
+        if task is None:
+            return await handler(request)
+        self._handlers.add(task)
+        try:
+            return await handler(request)
+        finally:
+            self._handlers.discard(task)
 
     async def __aenter__(self) -> FakeApixo:
         """Start the server."""
@@ -221,6 +257,15 @@ class FakeApixo:
     def url(self) -> str:
         """Return the API base URL, ``http://host:port/api/v1``."""
         return self.origin + API_PREFIX
+
+    @property
+    def chaos(self) -> float:
+        """Return the share of requests that get a random fault (0: none)."""
+        return self._chaos.rate
+
+    @chaos.setter
+    def chaos(self, rate: float) -> None:
+        self._chaos.rate = check_rate(rate)
 
     @property
     def period(self) -> float:
@@ -333,20 +378,29 @@ class FakeApixo:
         self.stats.requests += 1
         self.stats.requests_by_kind[kind] += 1
         first = self._faults.peek(kind)
+        queued = first is not None
+        if first is None:
+            first = self._chaos.draw(kind)
         if first is not None and first.kind is Fault.RATE_LIMIT:
-            self._faults.take(kind)
-            self.stats.faults[first.kind.value] += 1
+            if queued:
+                self._faults.take(kind)
+            self._count_fault(kind, first)
             retry_after = first.retry_after if first.retry_after is not None else self.retry_after
             return self._too_many(kind, "Rate limit exceeded", retry_after)
         in_window = self._limits.admit(self._clock.now_us(), self.requests)
         if in_window is None:
             return self._too_many(kind, "Rate limit exceeded", self.retry_after)
         self.stats.max_requests_in_window = max(self.stats.max_requests_in_window, in_window)
-        fault = self._faults.take(kind)
+        fault = self._faults.take(kind) if queued else first
         if fault is None:
             return await work(request)
-        self.stats.faults[fault.kind.value] += 1
+        self._count_fault(kind, fault)
         return await apply_fault(request, fault, work)
+
+    def _count_fault(self, kind: RequestKind, fault: FaultSpec) -> None:
+        self.stats.faults[fault.kind.value] += 1
+        if kind == "create":
+            self.stats.create_faults[fault.kind.value] += 1
 
     # -- API handlers ------------------------------------------------------------------
 
@@ -445,7 +499,7 @@ class FakeApixo:
     async def _on_file(self, request: web.Request) -> web.StreamResponse:
         """Serve a result video; no auth and no rate limit, like a CDN."""
         self.stats.downloads += 1
-        fault = self._faults.take("file")
+        fault = self._faults.take("file") or self._chaos.draw("file")
         if fault is None:
             return await self._file(request)
         self.stats.faults[fault.kind.value] += 1

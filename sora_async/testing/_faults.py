@@ -32,6 +32,18 @@ class Fault(str, enum.Enum):
     ERROR_IN_200 = "error_in_200"
     #: Answer 429 whatever the limits say; no work done.
     RATE_LIMIT = "rate_limit"
+    #: Status only: answer with another task's success (its id and URLs).
+    OTHER_TASK = "other_task"
+    #: Status only: answer ``success`` with an empty ``resultUrls``.
+    NO_RESULT_URL = "no_result_url"
+    #: Status only: answer ``success`` with a ``resultJson`` that is not JSON.
+    BAD_RESULT_JSON = "bad_result_json"
+    #: Status only: answer ``success`` with a ``file:``, ``javascript:`` or relative URL (in turn).
+    BAD_RESULT_URL = "bad_result_url"
+    #: Status only: ``state`` missing, ``state`` an int, ``data`` null, ``data`` a list (in turn).
+    BAD_STATUS_DATA = "bad_status_data"
+    #: Files only: answer HTTP 200 with an HTML error page instead of the video.
+    CORRUPT_FILE = "corrupt_file"
 
 
 FaultKind = (
@@ -44,7 +56,16 @@ FaultKind = (
         "broken_json",
         "error_in_200",
         "rate_limit",
+        "other_task",
+        "no_result_url",
+        "bad_result_json",
+        "bad_result_url",
+        "bad_status_data",
+        "corrupt_file",
     ]
+)
+_STATUS_ONLY = frozenset(
+    {"other_task", "no_result_url", "bad_result_json", "bad_result_url", "bad_status_data"}
 )
 
 _TARGETS = frozenset({"any", "create", "status", "balance", "file"})
@@ -63,6 +84,10 @@ class FaultSpec:
 
     def matches(self, kind: RequestKind) -> bool:
         """Tell whether this fault applies to a request of ``kind``."""
+        if self.kind.value in _STATUS_ONLY:
+            return kind == "status" and self.on in ("any", "status")
+        if self.kind is Fault.CORRUPT_FILE:
+            return kind == "file"
         if self.on == "any":
             return kind != "file"
         return self.on == kind
@@ -89,6 +114,10 @@ class FaultPlan:
         fault = Fault(kind)
         if on not in _TARGETS:
             raise ValueError(f"unknown fault target {on!r}")
+        if fault.value in _STATUS_ONLY and on not in ("any", "status"):
+            raise ValueError(f"{fault.value} damages status answers only")
+        if fault is Fault.CORRUPT_FILE and on != "file":
+            raise ValueError("corrupt_file damages file downloads only: pass on='file'")
         if times < 1:
             raise ValueError("times must be >= 1")
         if delay < 0:

@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from ._damage import CORRUPT_PAGE, STATUS_DAMAGES, damage_status
 from ._faults import Fault, FaultSpec
 
 __all__ = [
@@ -148,6 +149,7 @@ async def apply_fault(
     kind = fault.kind
     message = STATUS_MESSAGES.get(fault.status, "Error")
     if kind is Fault.SLOW:
+        await request.read()  # the request arrived whole: a slow create still makes its task
         await asyncio.sleep(fault.delay)
         return await work(request)
     if kind is Fault.SERVER_ERROR:
@@ -159,7 +161,15 @@ async def apply_fault(
         return web.Response()
     if kind is Fault.RATE_LIMIT:
         raise AssertionError("rate_limit faults are answered before the work")
+    if kind is Fault.CORRUPT_FILE:
+        return web.Response(status=200, body=CORRUPT_PAGE, content_type="text/html")
     response = await work(request)
+    if kind in STATUS_DAMAGES:
+        body = response.body if isinstance(response, web.Response) else None
+        if response.status != 200 or not isinstance(body, bytes):
+            return response  # an error answer (404...) stays as it is
+        damaged = damage_status(kind, body, str(request.url.origin()), fault.times)
+        return web.Response(status=200, body=damaged, content_type="application/json")
     if kind is Fault.RESET_AFTER_CREATE:
         drop_connection(request)
         return response

@@ -95,7 +95,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m sora_async.te
         metavar="FILE",
         help="keep the tasks made in FILE and take them back at the next start",
     )
+    add("--chaos", type=float, default=0.0, help="share of requests given a random fault")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.chaos <= 1.0:
+        parser.error("--chaos must be between 0 and 1")
     try:
         generation = parse_generation(args.generation)
     except ValueError as exc:
@@ -117,6 +120,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m sora_async.te
             price_per_second=args.price_per_second,
             retry_after=args.retry_after,
             state_file=args.state,
+            chaos=args.chaos,
         )
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)

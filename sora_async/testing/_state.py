@@ -80,6 +80,8 @@ class Stats:
     downloads: int = 0
     #: Injected faults served, by fault name.
     faults: collections.Counter[str] = field(default_factory=collections.Counter)
+    #: The part of ``faults`` served on creates, by fault name.
+    create_faults: collections.Counter[str] = field(default_factory=collections.Counter)
     #: Callback POSTs tried (first tries, retries and duplicates); = delivered + failed attempts.
     callbacks_attempted: int = 0
     #: Callback POSTs the receiver answered with HTTP 200 (duplicates included).
