@@ -39,18 +39,21 @@ class PollPolicy:
 
     A task is polled only when the chance that it finished since it was last seen
     reaches ``min_hazard``, and never more often than ``max(min_interval,
-    relative_interval * age)`` seconds. ``prior_mean`` and ``prior_sigma`` (of the
-    log of the generation time) describe generation times before any is seen;
-    ``prior_weight`` is how many observations the prior counts as; ``history``
-    how many finished tasks the model remembers; ``keep_results`` how many ended
-    tasks' statuses stay retrievable by id. With callbacks on, the chance is
-    weighed by the learned share of lost callbacks and the bar rises to
-    ``min_hazard / loss`` (at most 0.5), so polling becomes a safety net.
+    relative_interval * age)`` seconds; among such tasks each permit goes to the one
+    whose unseen end has waited longest in expectation. The floor is low (1 s)
+    because the best schedule for a tight distribution polls densely near its end.
+    ``prior_mean`` and ``prior_sigma`` (of the log of the generation time) describe
+    generation times before any is seen; ``prior_weight`` is how many observations
+    the prior counts as; ``history`` how many finished tasks the model remembers;
+    ``keep_results`` how many ended tasks' statuses stay retrievable by id. With
+    callbacks on, the chance is weighed by the learned share of lost callbacks and
+    the bar rises to ``min_hazard / loss`` (at most 0.5), so polling becomes a
+    safety net.
     """
 
     min_hazard: float = 0.005
-    min_interval: float = 2.0
-    relative_interval: float = 0.02
+    min_interval: float = 1.0
+    relative_interval: float = 0.005
     prior_mean: float = 180.0
     prior_sigma: float = 0.5
     prior_weight: float = 4.0
@@ -102,6 +105,14 @@ class GenerationTimes:
             return 1.0
         z = (math.log(age) - self.mu) / (self.sigma * math.sqrt(2))
         return 0.5 * math.erfc(z)
+
+    def mean_min(self, age: float) -> float:
+        """Return E[min(generation time, age)], the integral of survival from 0 to ``age``."""
+        if age <= 0:
+            return 0.0
+        log_age = math.log(age)
+        partial = _STANDARD_NORMAL.cdf((log_age - self.mu - self.sigma**2) / self.sigma)
+        return age * self.survival(age) + self.mean * partial
 
     def age_at_survival(self, survival: float) -> float:
         """Return the age at which P(generation time > age) falls to ``survival``."""
@@ -296,14 +307,20 @@ class PollScheduler:
                 polls.start_soon(self._poll_one, chosen)
 
     def _choose(self, now: float) -> tuple[_Tracked | None, float | None]:
-        """Return the task most likely to have ended unseen, or when one will be worth it.
+        """Return the task whose poll cuts expected detection delay most, or when one is due.
+
+        A task is due when the chance that it ended unseen reaches the threshold;
+        among due tasks, the permit goes to the one whose unseen end has waited
+        longest in expectation (the delay a poll now ends). Spending every permit so
+        keeps that accrued delay equal across tasks when they are polled, which is
+        what the best schedule at the budget's price of a poll does.
 
         With callbacks, a task is unseen only if it ended and its callback was lost,
         so the chance is weighed by the learned loss rate: polling becomes a slow
         safety net where callbacks arrive, and speeds up where they go missing.
         """
         best: _Tracked | None = None
-        best_hazard = -1.0  # any eligible task beats none, even at a hazard of 0
+        best_delay = -1.0  # any eligible task beats none, even at an accrued delay of 0
         wake_at: float | None = None
         policy = self.policy
         loss = self.callback_loss
@@ -321,16 +338,22 @@ class PollScheduler:
             if tracked.urgent:
                 return tracked, now
             age = now - tracked.started
+            seen_age = tracked.last_seen - tracked.started
             floor = max(policy.min_interval, policy.relative_interval * age)
             earliest = tracked.last_seen + floor
-            survived = self.times.survival(tracked.last_seen - tracked.started)
+            survived = self.times.survival(seen_age)
             alive = self.times.survival(age)
             ended_unseen = loss * (survived - alive)
             unseen = alive + ended_unseen
             hazard = 1.0 if unseen <= 0.0 else ended_unseen / unseen
             if hazard >= threshold and now >= earliest:
-                if hazard > best_hazard:
-                    best, best_hazard = tracked, hazard
+                # E[age - T; seen_age < T <= age] = integral of (S(seen_age) - S(t)) dt.
+                waited = (age - seen_age) * survived - (
+                    self.times.mean_min(age) - self.times.mean_min(seen_age)
+                )
+                delay = loss * waited / unseen if unseen > 0.0 else age - seen_age
+                if delay > best_delay:
+                    best, best_delay = tracked, delay
                 continue
             # The age at which the hazard reaches the threshold (solved for survival).
             target_survival = (
