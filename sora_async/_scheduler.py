@@ -14,19 +14,18 @@ import logging
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from statistics import NormalDist
 
 import anyio
 
 from ._errors import AuthenticationError, NotFoundError, SoraError, TaskTimeoutError
 from ._governor import Governor
 from ._models import TaskStatus
+from ._times import GenerationTimes
 
 __all__ = ["GenerationTimes", "PollPolicy", "PollScheduler"]
 
 logger = logging.getLogger("sora_async")
 
-_STANDARD_NORMAL = NormalDist()
 # A status answer may lag the callback that announced the end: confirm again after
 # 1 s, 2 s and 3 s before treating the callback as early or forged.
 _RECHECKS = 3
@@ -59,65 +58,6 @@ class PollPolicy:
     prior_weight: float = 4.0
     history: int = 500
     keep_results: int = 10_000
-
-
-class GenerationTimes:
-    """A lognormal model of generation times, learned from finished tasks."""
-
-    def __init__(self, policy: PollPolicy) -> None:
-        self._policy = policy
-        self._logs: collections.deque[float] = collections.deque(maxlen=policy.history)
-        self.mu = 0.0
-        self.sigma = 0.0
-        self._refit()
-
-    def observe(self, seconds: float) -> None:
-        """Learn one finished generation's duration."""
-        if seconds > 0:
-            self._logs.append(math.log(seconds))
-            self._refit()
-
-    @property
-    def count(self) -> int:
-        """Return how many durations were learned."""
-        return len(self._logs)
-
-    @property
-    def mean(self) -> float:
-        """Return the model's mean generation time in seconds."""
-        return math.exp(self.mu + self.sigma**2 / 2)
-
-    def _refit(self) -> None:
-        # Conjugate-style blend: the prior counts as ``prior_weight`` observations.
-        policy = self._policy
-        prior_mu = math.log(policy.prior_mean) - policy.prior_sigma**2 / 2
-        weight = policy.prior_weight
-        total = weight + len(self._logs)
-        mu = (weight * prior_mu + sum(self._logs)) / total
-        spread = weight * (policy.prior_sigma**2 + (prior_mu - mu) ** 2)
-        spread += sum((x - mu) ** 2 for x in self._logs)
-        self.mu = mu
-        self.sigma = max(0.05, math.sqrt(spread / total))
-
-    def survival(self, age: float) -> float:
-        """Return P(generation time > age)."""
-        if age <= 0:
-            return 1.0
-        z = (math.log(age) - self.mu) / (self.sigma * math.sqrt(2))
-        return 0.5 * math.erfc(z)
-
-    def mean_min(self, age: float) -> float:
-        """Return E[min(generation time, age)], the integral of survival from 0 to ``age``."""
-        if age <= 0:
-            return 0.0
-        log_age = math.log(age)
-        partial = _STANDARD_NORMAL.cdf((log_age - self.mu - self.sigma**2) / self.sigma)
-        return age * self.survival(age) + self.mean * partial
-
-    def age_at_survival(self, survival: float) -> float:
-        """Return the age at which P(generation time > age) falls to ``survival``."""
-        survival = min(max(survival, 1e-12), 1 - 1e-12)
-        return math.exp(self.mu + self.sigma * _STANDARD_NORMAL.inv_cdf(1 - survival))
 
 
 class _Tracked:

@@ -1,0 +1,146 @@
+"""The learned model of generation times that the poll scheduler plans with.
+
+A log-normal fit (starting from the policy's prior) blended with the finished tasks'
+own sorted durations: the fit carries the tails and the first minutes, the sample
+the shape that a log-normal misses (a hard floor, a tight spread, a heavy tail).
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import math
+from statistics import NormalDist
+from typing import Protocol
+
+__all__ = ["GenerationTimes"]
+
+_STANDARD_NORMAL = NormalDist()
+# The log-normal fit weighs like this many durations against the sample.
+_FIT_WEIGHT = 20.0
+
+
+class _Prior(Protocol):
+    @property
+    def prior_mean(self) -> float: ...
+    @property
+    def prior_sigma(self) -> float: ...
+    @property
+    def prior_weight(self) -> float: ...
+    @property
+    def history(self) -> int: ...
+
+
+class GenerationTimes:
+    """A model of generation times, learned from finished tasks."""
+
+    def __init__(self, policy: _Prior) -> None:
+        self._policy = policy
+        self._recent: collections.deque[float] = collections.deque(maxlen=policy.history)
+        self._logs: collections.deque[float] = collections.deque(maxlen=policy.history)
+        self._sorted: list[float] = []
+        self._areas: list[float] = []  # integral of the sample's survival up to each point
+        self._fit = 1.0  # the log-normal fit's share of the blend
+        self.mu = 0.0
+        self.sigma = 0.0
+        self._refit()
+
+    def observe(self, seconds: float) -> None:
+        """Learn one finished generation's duration."""
+        if seconds > 0:
+            if len(self._recent) == self._recent.maxlen:
+                del self._sorted[bisect.bisect_left(self._sorted, self._recent[0])]
+            self._recent.append(seconds)
+            self._logs.append(math.log(seconds))
+            bisect.insort(self._sorted, seconds)
+            self._refit()
+
+    @property
+    def count(self) -> int:
+        """Return how many durations were learned."""
+        return len(self._logs)
+
+    @property
+    def mean(self) -> float:
+        """Return the log-normal fit's mean generation time in seconds."""
+        return math.exp(self.mu + self.sigma**2 / 2)
+
+    def _refit(self) -> None:
+        # Conjugate-style blend: the prior counts as ``prior_weight`` observations.
+        policy = self._policy
+        prior_mu = math.log(policy.prior_mean) - policy.prior_sigma**2 / 2
+        weight = policy.prior_weight
+        total = weight + len(self._logs)
+        mu = (weight * prior_mu + sum(self._logs)) / total
+        spread = weight * (policy.prior_sigma**2 + (prior_mu - mu) ** 2)
+        spread += sum((x - mu) ** 2 for x in self._logs)
+        self.mu = mu
+        self.sigma = max(0.05, math.sqrt(spread / total))
+        # The sample's survival falls linearly from 1 at its least to 0 at its most.
+        points = self._sorted
+        steps = len(points) - 1
+        self._fit = 1.0 if steps < 1 else _FIT_WEIGHT / (_FIT_WEIGHT + len(points))
+        if steps < 1:
+            return
+        areas = [points[0]]
+        for i in range(steps):
+            mid = 1.0 - (i + 0.5) / steps
+            areas.append(areas[-1] + (points[i + 1] - points[i]) * mid)
+        self._areas = areas
+
+    def _sample_survival(self, age: float) -> tuple[float, float]:
+        """Return the sample's survival at ``age`` and its integral from 0 to ``age``."""
+        points = self._sorted
+        if age <= points[0]:
+            return 1.0, max(age, 0.0)
+        if age >= points[-1]:
+            return 0.0, self._areas[-1]
+        i = bisect.bisect_right(points, age) - 1
+        steps = len(points) - 1
+        low, high = points[i], points[i + 1]
+        left = 1.0 - i / steps
+        here = left - (age - low) / ((high - low) * steps)
+        return here, self._areas[i] + (age - low) * (left + here) / 2
+
+    def _fit_survival(self, age: float) -> float:
+        if age <= 0:
+            return 1.0
+        z = (math.log(age) - self.mu) / (self.sigma * math.sqrt(2))
+        return 0.5 * math.erfc(z)
+
+    def survival(self, age: float) -> float:
+        """Return P(generation time > age)."""
+        fit = self._fit_survival(age)
+        if self._fit >= 1.0:
+            return fit
+        sample, _ = self._sample_survival(age)
+        return self._fit * fit + (1.0 - self._fit) * sample
+
+    def mean_min(self, age: float) -> float:
+        """Return E[min(generation time, age)], the integral of survival from 0 to ``age``."""
+        if age <= 0:
+            return 0.0
+        partial = _STANDARD_NORMAL.cdf((math.log(age) - self.mu - self.sigma**2) / self.sigma)
+        fit = age * self._fit_survival(age) + self.mean * partial
+        if self._fit >= 1.0:
+            return fit
+        _, sample = self._sample_survival(age)
+        return self._fit * fit + (1.0 - self._fit) * sample
+
+    def age_at_survival(self, survival: float) -> float:
+        """Return the age at which P(generation time > age) falls to ``survival``."""
+        survival = min(max(survival, 1e-12), 1 - 1e-12)
+        fit = math.exp(self.mu + self.sigma * _STANDARD_NORMAL.inv_cdf(1 - survival))
+        if self._fit >= 1.0:
+            return fit
+        # Past both the fit's age and the sample's largest, the blend is below target.
+        low, high = 0.0, max(fit, self._sorted[-1])
+        for _ in range(40):
+            middle = (low + high) / 2
+            if self.survival(middle) > survival:
+                low = middle
+            else:
+                high = middle
+            if high - low < 1e-3:
+                break
+        return high
