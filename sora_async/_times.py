@@ -91,7 +91,7 @@ class GenerationTimes:
     def _sample_survival(self, age: float) -> tuple[float, float]:
         """Return the sample's survival at ``age`` and its integral from 0 to ``age``."""
         points = self._sorted
-        if age <= points[0]:
+        if age < points[0]:
             return 1.0, max(age, 0.0)
         if age >= points[-1]:
             return 0.0, self._areas[-1]
