@@ -38,8 +38,12 @@ class GenerationTimes:
         self._policy = policy
         self._recent: collections.deque[float] = collections.deque(maxlen=policy.history)
         self._logs: collections.deque[float] = collections.deque(maxlen=policy.history)
+        self._log_sum = 0.0  # running sums of the remembered logs, for the fit
+        self._log_squares = 0.0
         self._sorted: list[float] = []
+        self._points: list[float] = []  # the sample the blend uses (rebuilt now and then)
         self._areas: list[float] = []  # integral of the sample's survival up to each point
+        self._stale = 0  # durations learned since the sample was rebuilt
         self._fit = 1.0  # the log-normal fit's share of the blend
         self.mu = 0.0
         self.sigma = 0.0
@@ -50,9 +54,15 @@ class GenerationTimes:
         if seconds > 0:
             if len(self._recent) == self._recent.maxlen:
                 del self._sorted[bisect.bisect_left(self._sorted, self._recent[0])]
+                self._log_sum -= self._logs[0]
+                self._log_squares -= self._logs[0] ** 2
+            log = math.log(seconds)
             self._recent.append(seconds)
-            self._logs.append(math.log(seconds))
+            self._logs.append(log)
+            self._log_sum += log
+            self._log_squares += log * log
             bisect.insort(self._sorted, seconds)
+            self._stale += 1
             self._refit()
 
     @property
@@ -70,27 +80,35 @@ class GenerationTimes:
         policy = self._policy
         prior_mu = math.log(policy.prior_mean) - policy.prior_sigma**2 / 2
         weight = policy.prior_weight
-        total = weight + len(self._logs)
-        mu = (weight * prior_mu + sum(self._logs)) / total
+        count = len(self._logs)
+        total = weight + count
+        mu = (weight * prior_mu + self._log_sum) / total
         spread = weight * (policy.prior_sigma**2 + (prior_mu - mu) ** 2)
-        spread += sum((x - mu) ** 2 for x in self._logs)
+        # sum((x - mu)^2) from the running sums (never below 0 for rounding).
+        spread += max(0.0, self._log_squares - 2 * mu * self._log_sum + count * mu * mu)
         self.mu = mu
         self.sigma = max(0.05, math.sqrt(spread / total))
+        # The sample moves little with one more duration: rebuild it when it has grown
+        # by 2% (every time while it is small), so learning stays cheap per task.
+        if self._stale * 50 >= len(self._sorted):
+            self._rebuild()
+
+    def _rebuild(self) -> None:
         # The sample's survival falls linearly from 1 at its least to 0 at its most.
-        points = self._sorted
+        self._stale = 0
+        points = self._points = list(self._sorted)
         steps = len(points) - 1
         self._fit = 1.0 if steps < 1 else _FIT_WEIGHT / (_FIT_WEIGHT + len(points))
-        if steps < 1:
-            return
-        areas = [points[0]]
-        for i in range(steps):
-            mid = 1.0 - (i + 0.5) / steps
-            areas.append(areas[-1] + (points[i + 1] - points[i]) * mid)
-        self._areas = areas
+        if steps >= 1:
+            areas = [points[0]]
+            for i in range(steps):
+                mid = 1.0 - (i + 0.5) / steps
+                areas.append(areas[-1] + (points[i + 1] - points[i]) * mid)
+            self._areas = areas
 
     def _sample_survival(self, age: float) -> tuple[float, float]:
         """Return the sample's survival at ``age`` and its integral from 0 to ``age``."""
-        points = self._sorted
+        points = self._points
         if age < points[0]:
             return 1.0, max(age, 0.0)
         if age >= points[-1]:
@@ -134,7 +152,7 @@ class GenerationTimes:
         if self._fit >= 1.0:
             return fit
         # Past both the fit's age and the sample's largest, the blend is below target.
-        low, high = 0.0, max(fit, self._sorted[-1])
+        low, high = 0.0, max(fit, self._points[-1])
         for _ in range(40):
             middle = (low + high) / 2
             if self.survival(middle) > survival:
