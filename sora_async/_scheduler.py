@@ -70,6 +70,7 @@ class _Tracked:
         "model",
         "polling",
         "rechecks",
+        "seen",
         "started",
         "task_id",
         "urgent",
@@ -86,6 +87,8 @@ class _Tracked:
         # age), or "recheck" (a callback said it ended, a status answer did not yet).
         self.urgent: str | None = None
         self.rechecks = 0
+        # (model version, age, survival, its integral) at the last sighting, cached.
+        self.seen: tuple[int, float, float, float] | None = None
         self.done: asyncio.Future[TaskStatus] = asyncio.get_running_loop().create_future()
 
 
@@ -281,16 +284,18 @@ class PollScheduler:
             seen_age = tracked.last_seen - tracked.started
             floor = max(policy.min_interval, policy.relative_interval * age)
             earliest = tracked.last_seen + floor
-            survived = self.times.survival(seen_age)
-            alive = self.times.survival(age)
+            seen = tracked.seen
+            if seen is None or seen[0] != self.times.version or seen[1] != seen_age:
+                # Survival and its integral at the last sighting change only with it.
+                seen = tracked.seen = (self.times.version, seen_age, *self.times.at(seen_age))
+            survived, seen_area = seen[2], seen[3]
+            alive, area = self.times.at(age)
             ended_unseen = loss * (survived - alive)
             unseen = alive + ended_unseen
             hazard = 1.0 if unseen <= 0.0 else ended_unseen / unseen
             if hazard >= threshold and now >= earliest:
                 # E[age - T; seen_age < T <= age] = integral of (S(seen_age) - S(t)) dt.
-                waited = (age - seen_age) * survived - (
-                    self.times.mean_min(age) - self.times.mean_min(seen_age)
-                )
+                waited = (age - seen_age) * survived - (area - seen_area)
                 delay = loss * waited / unseen if unseen > 0.0 else age - seen_age
                 if delay > best_delay:
                     best, best_delay = tracked, delay

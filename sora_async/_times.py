@@ -16,6 +16,7 @@ from typing import Protocol
 __all__ = ["GenerationTimes"]
 
 _STANDARD_NORMAL = NormalDist()
+_SQRT2 = math.sqrt(2.0)
 # The log-normal fit weighs like this many durations against the sample.
 _FIT_WEIGHT = 20.0
 
@@ -45,6 +46,9 @@ class GenerationTimes:
         self._areas: list[float] = []  # integral of the sample's survival up to each point
         self._stale = 0  # durations learned since the sample was rebuilt
         self._fit = 1.0  # the log-normal fit's share of the blend
+        self._fit_mean = 0.0
+        #: Changes whenever the model does (callers may cache what it told them).
+        self.version = 0
         self.mu = 0.0
         self.sigma = 0.0
         self._refit()
@@ -88,6 +92,8 @@ class GenerationTimes:
         spread += max(0.0, self._log_squares - 2 * mu * self._log_sum + count * mu * mu)
         self.mu = mu
         self.sigma = max(0.05, math.sqrt(spread / total))
+        self._fit_mean = math.exp(mu + self.sigma**2 / 2)
+        self.version += 1
         # The sample moves little with one more duration: rebuild it when it has grown
         # by 2% (every time while it is small), so learning stays cheap per task.
         if self._stale * 50 >= len(self._sorted):
@@ -120,30 +126,28 @@ class GenerationTimes:
         here = left - (age - low) / ((high - low) * steps)
         return here, self._areas[i] + (age - low) * (left + here) / 2
 
-    def _fit_survival(self, age: float) -> float:
+    def at(self, age: float) -> tuple[float, float]:
+        """Return P(generation time > age) and E[min(generation time, age)] together."""
         if age <= 0:
-            return 1.0
-        z = (math.log(age) - self.mu) / (self.sigma * math.sqrt(2))
-        return 0.5 * math.erfc(z)
+            return 1.0, 0.0
+        # One logarithm for both parts of the fit: this runs for every task, every poll.
+        z = (math.log(age) - self.mu) / (self.sigma * _SQRT2)
+        fit = 0.5 * math.erfc(z)
+        partial = 0.5 * math.erfc(self.sigma / _SQRT2 - z)
+        area = age * fit + self._fit_mean * partial
+        if self._fit >= 1.0:
+            return fit, area
+        sample, sample_area = self._sample_survival(age)
+        share = self._fit
+        return share * fit + (1.0 - share) * sample, share * area + (1.0 - share) * sample_area
 
     def survival(self, age: float) -> float:
         """Return P(generation time > age)."""
-        fit = self._fit_survival(age)
-        if self._fit >= 1.0:
-            return fit
-        sample, _ = self._sample_survival(age)
-        return self._fit * fit + (1.0 - self._fit) * sample
+        return self.at(age)[0]
 
     def mean_min(self, age: float) -> float:
         """Return E[min(generation time, age)], the integral of survival from 0 to ``age``."""
-        if age <= 0:
-            return 0.0
-        partial = _STANDARD_NORMAL.cdf((math.log(age) - self.mu - self.sigma**2) / self.sigma)
-        fit = age * self._fit_survival(age) + self.mean * partial
-        if self._fit >= 1.0:
-            return fit
-        _, sample = self._sample_survival(age)
-        return self._fit * fit + (1.0 - self._fit) * sample
+        return self.at(age)[1]
 
     def age_at_survival(self, survival: float) -> float:
         """Return the age at which P(generation time > age) falls to ``survival``."""
