@@ -198,8 +198,8 @@ class LocalGovernor:
         self.limits = limits if limits is not None else Limits()
         if jitter_margin < 0:
             raise InputError("jitter_margin", "must be zero or more seconds")
-        if create_reserve < 0:
-            raise InputError("create_reserve", "must be zero or more requests")
+        if not 0 <= create_reserve < self.limits.requests:
+            raise InputError("create_reserve", "must be at least 0 and below limits.requests")
         self._reserve = create_reserve
         self._window = self.limits.period + jitter_margin
         self._spacing = self._window / (self.limits.requests - 1)
