@@ -16,6 +16,11 @@ slot-time in which the server generates for us while prompts still wait for a sl
 makespan is set against its lower bound, the sum of generation times / 10.
 Detection delay is the time from a task's end to the first answer that shows it.
 
+Beside each scenario stands its limit (``poll_limit.py``): the utilisation of the
+best poll schedule any client could follow within the budget, and the gap to it.
+In the shifting scenario the mean moves from 180 s to 300 s halfway through the
+videos; its utilisation is measured after the shift, against the limit for 300 s.
+
     python benchmarks/utilization.py [--videos 500] [--scenario NAME ...]
 """
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import socket
 import statistics
 import time
@@ -35,16 +41,40 @@ import aiohttp
 import looptime
 from aiohttp import web
 from aiolimiter import AsyncLimiter
+from poll_limit import poll_limit
 
 import sora_async as sa
 import sora_async.webhook
-from sora_async.testing import FakeApixo, GenerationTime, heavy_tailed, lognormal
+from sora_async.testing import FakeApixo, GenerationTime, heavy_tailed, lognormal, uniform
 
 RESULTS = Path(__file__).parent / "results"
-SCENARIOS: dict[str, Callable[[], GenerationTime]] = {
-    "lognormal mean 180 s": lambda: lognormal(180.0, 0.4),
-    "fast mean 60 s": lambda: lognormal(60.0, 0.4),
-    "heavy-tailed 60-900 s": lambda: heavy_tailed(60.0, 900.0, 1.2),
+
+
+class Shift:
+    """Generation times whose distribution changes after ``after`` draws."""
+
+    def __init__(self, before: GenerationTime, after: GenerationTime, draws: int) -> None:
+        self.before, self.after, self.draws, self.drawn = before, after, draws, 0
+
+    def __call__(self, rng: random.Random) -> float:
+        self.drawn += 1
+        return (self.before if self.drawn <= self.draws else self.after)(rng)
+
+
+# Each scenario: its generation times for a run of n videos, and what its limit is
+# computed for (after the shift, for the shifting one), with the create index from
+# which utilisation is measured.
+Scenario = Callable[[int], tuple[GenerationTime, GenerationTime, int]]
+SCENARIOS: dict[str, Scenario] = {
+    "lognormal mean 180 s": lambda n: (lognormal(180.0, 0.4), lognormal(180.0, 0.4), 0),
+    "fast mean 60 s": lambda n: (lognormal(60.0, 0.4), lognormal(60.0, 0.4), 0),
+    "heavy-tailed 60-900 s": lambda n: (heavy_tailed(60.0, 900.0), heavy_tailed(60.0, 900.0), 0),
+    "uniform 150-210 s": lambda n: (uniform(150.0, 210.0), uniform(150.0, 210.0), 0),
+    "mean 180 s, then 300 s": lambda n: (
+        Shift(lognormal(180.0, 0.4), lognormal(300.0, 0.4), n // 2),
+        lognormal(300.0, 0.4),
+        n // 2,
+    ),
 }
 Contender = Callable[[FakeApixo, list[str]], Awaitable[None]]
 
@@ -154,7 +184,8 @@ CONTENDERS: dict[str, Contender] = {
 
 async def measure(scenario: str, contender: Contender, videos: int, seed: int) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
-    async with FakeApixo(generation_time=SCENARIOS[scenario](), seed=seed, balance=1e12) as fake:
+    times, _, since = SCENARIOS[scenario](videos)
+    async with FakeApixo(generation_time=times, seed=seed, balance=1e12) as fake:
         prompts = [f"video {i}" for i in range(videos)]
         started = loop.time()
         await contender(fake, prompts)
@@ -164,8 +195,9 @@ async def measure(scenario: str, contender: Contender, videos: int, seed: int) -
     generation = sum(t.complete_at - t.created_at for t in tasks)
     # While prompts still wait for a slot, every idle slot-second is the client's waste
     # (detection delay, a late create); the drain at the end is nobody's, so slot
-    # utilisation is measured from the first create to the last.
-    first = min(t.created_at for t in tasks)
+    # utilisation is measured from the first create to the last (from the shift on,
+    # when the generation times shift).
+    first = sorted(t.created_at for t in tasks)[since]
     last = max(t.created_at for t in tasks)
     busy = sum(max(0.0, min(t.complete_at, last) - max(t.created_at, first)) for t in tasks)
     delays = sorted(
@@ -201,23 +233,29 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     header = (
-        f"| scenario | client | utilisation | detect mean s | detect p95 s | req/video "
-        f"| 429s | max req/60s | makespan / bound |\n|{'---|' * 9}"
+        f"| scenario | client | utilisation | limit | gap | detect mean s | detect p95 s "
+        f"| req/video | 429s | max req/60s | makespan / bound |\n|{'---|' * 11}"
     )
     print(header)
     for scenario in args.scenario or list(SCENARIOS):
+        limit = poll_limit(SCENARIOS[scenario](args.videos)[1]).utilisation
         for name in args.contender or list(CONTENDERS):
             wall = time.perf_counter()
             result = run_virtual(measure(scenario, CONTENDERS[name], args.videos, args.seed))
             result |= {
                 "scenario": scenario,
                 "client": name,
+                "limit": limit,
+                # The limit is for polling: with callbacks a client is told of ends.
+                "gap": None if "callbacks" in name else limit - result["utilisation"],
                 "videos": args.videos,
                 "wall_s": time.perf_counter() - wall,
             }
             rows.append(result)
+            gap = "-" if result["gap"] is None else f"{result['gap']:.3f}"
             print(
                 f"| {scenario} | {name} | {result['utilisation']:.3f} "
+                f"| {limit:.3f} | {gap} "
                 f"| {result['detect_mean_s']:.1f} | {result['detect_p95_s']:.1f} "
                 f"| {result['requests_per_video']:.1f} | {result['429s']} "
                 f"| {result['max_in_window']} "

@@ -140,7 +140,7 @@ def scaled_client_options(
     return {
         "limits": limits,
         "governor": governor,
-        "poll_policy": PollPolicy(prior_mean=180.0 / scale, min_interval=2.0 / scale),
+        "poll_policy": PollPolicy(prior_mean=180.0 / scale, min_interval=1.0 / scale),
         "retry": RetryPolicy(
             base=0.5 / scale, cap=30.0 / scale, deadline=300.0 / scale, timeout=60.0 / scale
         ),

@@ -170,8 +170,9 @@ class LocalGovernor:
     at the server holds more while network delays vary by less than
     ``jitter_margin``. Polls are also paced by an ``aiolimiter`` bucket of capacity
     one, refilled every ``(period + jitter_margin) / (requests - 1)`` seconds, so they
-    never use the window up in a burst: creates and confirmations, which are not
-    paced, find room within a pacing step, or at once when polls leave some. Waiters
+    never use the window up in a burst, and polls leave the last ``create_reserve``
+    places of every window to creates and confirmations, which are not paced: a
+    slot that frees is refilled at once, not a pacing step later. Waiters
     are served by priority (creates first), then first come, first served. After a
     429 every request pauses (``Retry-After``, else exponential back-off with jitter)
     and the rate and slot count shrink (multiplicative decrease), then probe back up
@@ -188,6 +189,7 @@ class LocalGovernor:
         limits: Limits | None = None,
         *,
         jitter_margin: float = 1.0,
+        create_reserve: int = 1,
         backoff_base: float = 1.0,
         backoff_cap: float = 60.0,
         probe_after: int = 10,
@@ -196,6 +198,9 @@ class LocalGovernor:
         self.limits = limits if limits is not None else Limits()
         if jitter_margin < 0:
             raise InputError("jitter_margin", "must be zero or more seconds")
+        if not 0 <= create_reserve < self.limits.requests:
+            raise InputError("create_reserve", "must be at least 0 and below limits.requests")
+        self._reserve = create_reserve
         self._window = self.limits.period + jitter_margin
         self._spacing = self._window / (self.limits.requests - 1)
         self._pacer = AsyncLimiter(1, self._spacing)
@@ -251,6 +256,8 @@ class LocalGovernor:
             self._sent.popleft()
         wait = self._not_before - now
         limit = max(1, int(self.limits.requests * self._rate_factor))
+        if paced:
+            limit = max(1, limit - self._reserve)
         if len(self._sent) >= limit:
             # The send that must leave the window before one more may enter it.
             wait = max(wait, self._sent[len(self._sent) - limit] + self._window - now)

@@ -14,7 +14,6 @@ import logging
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from statistics import NormalDist
 
 import anyio
 import anyio.abc
@@ -29,12 +28,12 @@ from ._errors import (
 )
 from ._governor import Governor
 from ._models import TaskStatus, check_count, check_positive
+from ._times import GenerationTimes
 
 __all__ = ["GenerationTimes", "PollPolicy", "PollScheduler"]
 
 logger = logging.getLogger("sora_async")
 
-_STANDARD_NORMAL = NormalDist()
 # A status answer may lag the callback that announced the end: confirm again after
 # 1 s, 2 s and 3 s before treating the callback as early or forged.
 _RECHECKS = 3
@@ -47,13 +46,16 @@ class PollPolicy:
 
     A task is polled only when the chance that it finished since it was last seen
     reaches ``min_hazard``, and never more often than ``max(min_interval,
-    relative_interval * age)`` seconds. ``prior_mean`` and ``prior_sigma`` (of the
-    log of the generation time) describe generation times before any is seen;
-    ``prior_weight`` is how many observations the prior counts as; ``history``
-    how many finished tasks the model remembers; ``keep_results`` how many ended
-    tasks' statuses stay retrievable by id. With callbacks on, the chance is
-    weighed by the learned share of lost callbacks and the bar rises to
-    ``min_hazard / loss`` (at most 0.5), so polling becomes a safety net.
+    relative_interval * age)`` seconds; among such tasks each permit goes to the one
+    whose unseen end has waited longest in expectation. The floor is low (1 s)
+    because the best schedule for a tight distribution polls densely near its end.
+    ``prior_mean`` and ``prior_sigma`` (of the log of the generation time) describe
+    generation times before any is seen; ``prior_weight`` is how many observations
+    the prior counts as; ``history`` how many finished tasks the model remembers;
+    ``keep_results`` how many ended tasks' statuses stay retrievable by id. With
+    callbacks on, the chance is weighed by the learned share of lost callbacks and
+    the bar rises to ``min_hazard / loss`` (at most 0.5), so polling becomes a
+    safety net.
 
     Patience is bounded: after ``patience`` answers in a row that make no sense
     (ProtocolError) a task ends with that error, and a task tracked for longer than
@@ -63,8 +65,8 @@ class PollPolicy:
     """
 
     min_hazard: float = 0.005
-    min_interval: float = 2.0
-    relative_interval: float = 0.02
+    min_interval: float = 1.0
+    relative_interval: float = 0.005
     prior_mean: float = 180.0
     prior_sigma: float = 0.5
     prior_weight: float = 4.0
@@ -79,57 +81,6 @@ class PollPolicy:
         check_positive("poll_policy.max_task_age", self.max_task_age)
 
 
-class GenerationTimes:
-    """A lognormal model of generation times, learned from finished tasks."""
-
-    def __init__(self, policy: PollPolicy) -> None:
-        self._policy = policy
-        self._logs: collections.deque[float] = collections.deque(maxlen=policy.history)
-        self.mu = 0.0
-        self.sigma = 0.0
-        self._refit()
-
-    def observe(self, seconds: float) -> None:
-        """Learn one finished generation's duration."""
-        if seconds > 0:
-            self._logs.append(math.log(seconds))
-            self._refit()
-
-    @property
-    def count(self) -> int:
-        """Return how many durations were learned."""
-        return len(self._logs)
-
-    @property
-    def mean(self) -> float:
-        """Return the model's mean generation time in seconds."""
-        return math.exp(self.mu + self.sigma**2 / 2)
-
-    def _refit(self) -> None:
-        # Conjugate-style blend: the prior counts as ``prior_weight`` observations.
-        policy = self._policy
-        prior_mu = math.log(policy.prior_mean) - policy.prior_sigma**2 / 2
-        weight = policy.prior_weight
-        total = weight + len(self._logs)
-        mu = (weight * prior_mu + sum(self._logs)) / total
-        spread = weight * (policy.prior_sigma**2 + (prior_mu - mu) ** 2)
-        spread += sum((x - mu) ** 2 for x in self._logs)
-        self.mu = mu
-        self.sigma = max(0.05, math.sqrt(spread / total))
-
-    def survival(self, age: float) -> float:
-        """Return P(generation time > age)."""
-        if age <= 0:
-            return 1.0
-        z = (math.log(age) - self.mu) / (self.sigma * math.sqrt(2))
-        return 0.5 * math.erfc(z)
-
-    def age_at_survival(self, survival: float) -> float:
-        """Return the age at which P(generation time > age) falls to ``survival``."""
-        survival = min(max(survival, 1e-12), 1 - 1e-12)
-        return math.exp(self.mu + self.sigma * _STANDARD_NORMAL.inv_cdf(1 - survival))
-
-
 class _Tracked:
     """One in-flight task as the scheduler sees it."""
 
@@ -140,6 +91,7 @@ class _Tracked:
         "model",
         "polling",
         "rechecks",
+        "seen",
         "started",
         "strikes",
         "task_id",
@@ -158,6 +110,8 @@ class _Tracked:
         self.urgent: str | None = None
         self.rechecks = 0
         self.strikes = 0  # answers in a row that made no sense
+        # (model version, age, survival, its integral) at the last sighting, cached.
+        self.seen: tuple[int, float, float, float] | None = None
         self.done: asyncio.Future[TaskStatus] = asyncio.get_running_loop().create_future()
 
 
@@ -352,14 +306,20 @@ class PollScheduler:
         return next_expiry
 
     def _choose(self, now: float) -> tuple[_Tracked | None, float | None]:
-        """Return the task most likely to have ended unseen, or when one will be worth it.
+        """Return the task whose poll cuts expected detection delay most, or when one is due.
+
+        A task is due when the chance that it ended unseen reaches the threshold;
+        among due tasks, the permit goes to the one whose unseen end has waited
+        longest in expectation (the delay a poll now ends). Spending every permit so
+        keeps that accrued delay equal across tasks when they are polled, which is
+        what the best schedule at the budget's price of a poll does.
 
         With callbacks, a task is unseen only if it ended and its callback was lost,
         so the chance is weighed by the learned loss rate: polling becomes a slow
         safety net where callbacks arrive, and speeds up where they go missing.
         """
         best: _Tracked | None = None
-        best_hazard = -1.0  # any eligible task beats none, even at a hazard of 0
+        best_delay = -1.0  # any eligible task beats none, even at an accrued delay of 0
         wake_at: float | None = None
         policy = self.policy
         loss = self.callback_loss
@@ -377,16 +337,24 @@ class PollScheduler:
             if tracked.urgent:
                 return tracked, now
             age = now - tracked.started
+            seen_age = tracked.last_seen - tracked.started
             floor = max(policy.min_interval, policy.relative_interval * age)
             earliest = tracked.last_seen + floor
-            survived = self.times.survival(tracked.last_seen - tracked.started)
-            alive = self.times.survival(age)
+            seen = tracked.seen
+            if seen is None or seen[0] != self.times.version or seen[1] != seen_age:
+                # Survival and its integral at the last sighting change only with it.
+                seen = tracked.seen = (self.times.version, seen_age, *self.times.at(seen_age))
+            survived, seen_area = seen[2], seen[3]
+            alive, area = self.times.at(age)
             ended_unseen = loss * (survived - alive)
             unseen = alive + ended_unseen
             hazard = 1.0 if unseen <= 0.0 else ended_unseen / unseen
             if hazard >= threshold and now >= earliest:
-                if hazard > best_hazard:
-                    best, best_hazard = tracked, hazard
+                # E[age - T; seen_age < T <= age] = integral of (S(seen_age) - S(t)) dt.
+                waited = (age - seen_age) * survived - (area - seen_area)
+                delay = loss * waited / unseen if unseen > 0.0 else age - seen_age
+                if delay > best_delay:
+                    best, best_delay = tracked, delay
                 continue
             # The age at which the hazard reaches the threshold (solved for survival).
             target_survival = (

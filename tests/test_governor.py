@@ -273,3 +273,24 @@ async def test_429_pauses_everyone_and_shrinks_then_recovers(make_governor: Make
     await asyncio.sleep(0.2)
     assert governor.rate_factor == 1.0
     assert governor.slot_limit == 10
+
+
+async def test_a_create_finds_room_while_polls_use_the_budget() -> None:
+    """Polls leave a place in the window: a create behind a saturating poller goes at once."""
+    governor = sa.LocalGovernor()
+    loop = asyncio.get_running_loop()
+
+    async def poller() -> None:
+        while True:
+            await governor.request("status")
+
+    polls = asyncio.ensure_future(poller())
+    waits = []
+    for _ in range(5):
+        await asyncio.sleep(37.3)  # well inside a saturated window
+        start = loop.time()
+        await governor.request("create")
+        waits.append(loop.time() - start)
+    polls.cancel()
+    await asyncio.gather(polls, return_exceptions=True)
+    assert waits == [0.0] * 5
