@@ -204,7 +204,11 @@ async def test_a_given_up_task_holds_its_shared_slot_then_frees_it(
     quick = sa.PollPolicy(prior_mean=0.3, min_interval=0.05)
     async with FakeApixo(generation_time=fixed(0.3), period=6.0, pending_time=0.0) as fake:
         governor = sa.RedisGovernor(
-            redis_server.url, api_key=secrets.token_hex(8), limits=limits, lease=1.0
+            redis_server.url,
+            api_key=secrets.token_hex(8),
+            limits=limits,
+            lease=1.0,
+            trust_empty_redis=True,  # a fresh key: nothing ran on it before
         )
         async with sa.SoraClient(
             api_key=fake.api_key,
