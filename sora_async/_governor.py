@@ -162,6 +162,49 @@ class RequestQueue:
                     head.set_result(None)
 
 
+class Backoff:
+    """The arithmetic of 429s that both governors share: how long to pause after one,
+    and when enough successes have come to probe the rate and the slots back up."""
+
+    def __init__(
+        self, *, base: float, cap: float, probe_after: int, slots: int, seed: int | None
+    ) -> None:
+        self.random = random.Random(seed)
+        self._base = base
+        self._cap = cap
+        self._probe_after = probe_after
+        self._slots = slots
+        self._consecutive_429 = 0
+        self._successes = 0
+        self._create_successes = 0
+
+    def pause(self, kind: RequestKind, retry_after: float | None) -> float:
+        """Count a 429 and return how long every request must pause for it."""
+        self._consecutive_429 += 1
+        self._successes = 0
+        if kind == "create":
+            self._create_successes = 0
+        if retry_after is not None and retry_after >= 0:
+            return retry_after
+        ceiling = min(self._cap, self._base * 2.0 ** (self._consecutive_429 - 1))
+        return ceiling * self.random.uniform(0.5, 1.0)
+
+    def succeeded(self, kind: RequestKind, *, rate_cut: bool, slots_cut: bool) -> tuple[bool, bool]:
+        """Count a success; return whether to raise the rate, and the slots, one step."""
+        self._consecutive_429 = 0
+        self._successes += 1
+        rate_up = slots_up = False
+        if self._successes >= self._probe_after and rate_cut:
+            self._successes = 0
+            rate_up = True
+        if kind == "create" and slots_cut:
+            self._create_successes += 1
+            if self._create_successes >= self._slots:
+                self._create_successes = 0
+                slots_up = True
+        return rate_up, slots_up
+
+
 class LocalGovernor:
     """Keep one process inside an API key's limits.
 
@@ -204,23 +247,23 @@ class LocalGovernor:
         self._window = self.limits.period + jitter_margin
         self._spacing = self._window / (self.limits.requests - 1)
         self._pacer = AsyncLimiter(1, self._spacing)
-        self._random = random.Random(seed)
-        self._backoff_base = backoff_base
-        self._backoff_cap = backoff_cap
-        self._probe_after = probe_after
+        self._backoff = Backoff(
+            base=backoff_base,
+            cap=backoff_cap,
+            probe_after=probe_after,
+            slots=self.limits.concurrent_tasks,
+            seed=seed,
+        )
         # Request side.
         self._queue = RequestQueue()
         self._sent: collections.deque[float] = collections.deque()  # within the window
         self._last_poll: float | None = None
         self._not_before = 0.0
         self._rate_factor = 1.0
-        self._consecutive_429 = 0
-        self._successes = 0
         # Slot side.
         self._slot_limit = self.limits.concurrent_tasks
         self._in_use = 0
         self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-        self._create_successes = 0
         self._timers: set[asyncio.TimerHandle] = set()
 
     # --- request budget ---------------------------------------------------------------
@@ -274,18 +317,11 @@ class LocalGovernor:
     def rate_limited(self, kind: RequestKind, retry_after: float | None) -> None:
         """Pause every request and shrink rate (and slots, for a create) after a 429."""
         now = asyncio.get_running_loop().time()
-        self._consecutive_429 += 1
-        self._successes = 0
-        if retry_after is not None and retry_after >= 0:
-            pause = retry_after
-        else:
-            ceiling = min(self._backoff_cap, self._backoff_base * 2 ** (self._consecutive_429 - 1))
-            pause = ceiling * self._random.uniform(0.5, 1.0)
+        pause = self._backoff.pause(kind, retry_after)
         self._not_before = max(self._not_before, now + pause)
         self._rate_factor = max(_MIN_RATE_FACTOR, self._rate_factor * _RATE_DECREASE)
         if kind == "create":
             # The key holds fewer free slots than we thought: another program uses some.
-            self._create_successes = 0
             self._slot_limit = max(1, min(self._slot_limit, self._in_use) - 1)
         logger.warning(
             "429 on %s: pausing %.1f s, rate factor %.2f, slot limit %d",
@@ -297,17 +333,16 @@ class LocalGovernor:
 
     def request_succeeded(self, kind: RequestKind) -> None:
         """Count a success; after enough of them, raise rate and slots one step."""
-        self._consecutive_429 = 0
-        self._successes += 1
-        if self._successes >= self._probe_after and self._rate_factor < 1.0:
-            self._successes = 0
+        rate_up, slots_up = self._backoff.succeeded(
+            kind,
+            rate_cut=self._rate_factor < 1.0,
+            slots_cut=self._slot_limit < self.limits.concurrent_tasks,
+        )
+        if rate_up:
             self._rate_factor = min(1.0, self._rate_factor + _RATE_INCREASE)
-        if kind == "create" and self._slot_limit < self.limits.concurrent_tasks:
-            self._create_successes += 1
-            if self._create_successes >= self.limits.concurrent_tasks:
-                self._create_successes = 0
-                self._slot_limit += 1
-                self._hand_on_slots()
+        if slots_up:
+            self._slot_limit += 1
+            self._hand_on_slots()
 
     # --- task slots ---------------------------------------------------------------------
 

@@ -19,7 +19,6 @@ import itertools
 import json
 import logging
 import os
-import random
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ._errors import InputError, RedisUnavailableError
-from ._governor import RequestKind, RequestQueue, TaskNews
+from ._governor import Backoff, RequestKind, RequestQueue, TaskNews
 from ._models import Limits, TaskStatus
 from ._redis_scripts import ACQUIRE, APPLY, RATE_INCREASE, RENEW, REQUEST
 
@@ -130,10 +129,14 @@ class RedisGovernor:
         self._window = self.limits.period + jitter_margin
         self._spacing = self._window / (self.limits.requests - 1)
         self._reserve = create_reserve
-        self._random = random.Random(seed)
-        self._backoff_base = backoff_base
-        self._backoff_cap = backoff_cap
-        self._probe_after = probe_after
+        self._backoff = Backoff(
+            base=backoff_base,
+            cap=backoff_cap,
+            probe_after=probe_after,
+            slots=self.limits.concurrent_tasks,
+            seed=seed,
+        )
+        self._random = self._backoff.random
         self._redis: aioredis.Redis | None = None
         self._scripts: dict[str, Any] = {}
         self._epoch = ""
@@ -142,9 +145,6 @@ class RedisGovernor:
         self._queue = RequestQueue()
         self._members = itertools.count()
         self._not_before = 0.0  # a 429 seen here pauses this process at once
-        self._consecutive_429 = 0
-        self._successes = 0
-        self._create_successes = 0
         # The key's figures as last read from Redis.
         self._rate_factor = 1.0
         self._slot_limit = self.limits.concurrent_tasks
@@ -212,7 +212,7 @@ class RedisGovernor:
                         f"{self.redis_timeout:g} s: {exc}"
                     ) from exc
                 attempt += 1
-                pause = min(2.0, 0.05 * 2**attempt) * self._random.uniform(0.5, 1.0)
+                pause = self._reconnect_pause(attempt)
                 await asyncio.sleep(min(pause, max(deadline - now, _MIN_WAIT)))
                 continue
             except RedisError as exc:
@@ -221,6 +221,10 @@ class RedisGovernor:
             if deadline is not None:
                 logger.warning("Redis reachable again")
             return result
+
+    def _reconnect_pause(self, attempt: int) -> float:
+        """Return how long to wait before trying Redis again (backed off, jittered)."""
+        return min(2.0, 0.05 * 2.0**attempt) * self._random.uniform(0.5, 1.0)
 
     # --- request budget -----------------------------------------------------------------
 
@@ -276,33 +280,24 @@ class RedisGovernor:
     def rate_limited(self, kind: RequestKind, retry_after: float | None) -> None:
         """Pause every process and shrink the key's rate (and slots, for a create)."""
         now = asyncio.get_running_loop().time()
-        self._consecutive_429 += 1
-        self._successes = 0
-        if retry_after is not None and retry_after >= 0:
-            pause = retry_after
-        else:
-            ceiling = min(self._backoff_cap, self._backoff_base * 2 ** (self._consecutive_429 - 1))
-            pause = ceiling * self._random.uniform(0.5, 1.0)
+        pause = self._backoff.pause(kind, retry_after)
         self._not_before = max(self._not_before, now + pause)
-        if kind == "create":
-            self._create_successes = 0
         self._send("limited", "", f"{pause * 1000:.3f}", kind)
         logger.warning("429 on %s: pausing every process %.1f s", kind, pause)
 
     def request_succeeded(self, kind: RequestKind) -> None:
         """Count a success; after enough of them, raise the key's rate and slots one step."""
-        self._consecutive_429 = 0
-        self._successes += 1
-        if self._successes >= self._probe_after and self._rate_factor < 1.0:
-            self._successes = 0
+        rate_up, slots_up = self._backoff.succeeded(
+            kind,
+            rate_cut=self._rate_factor < 1.0,
+            slots_cut=self._slot_limit < self.limits.concurrent_tasks,
+        )
+        if rate_up:
             self._rate_factor = min(1.0, self._rate_factor + RATE_INCREASE)
             self._send("probe")
-        if kind == "create" and self._slot_limit < self.limits.concurrent_tasks:
-            self._create_successes += 1
-            if self._create_successes >= self.limits.concurrent_tasks:
-                self._create_successes = 0
-                self._slot_limit += 1
-                self._send("slot_probe")
+        if slots_up:
+            self._slot_limit += 1
+            self._send("slot_probe")
 
     # --- task slots ---------------------------------------------------------------------
 
@@ -570,7 +565,7 @@ class RedisGovernor:
                         self._take(message.get("data"), news)
             except (RedisError, OSError):
                 attempt += 1
-                await asyncio.sleep(min(2.0, 0.05 * 2**attempt) * self._random.uniform(0.5, 1.0))
+                await asyncio.sleep(self._reconnect_pause(attempt))
             finally:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
