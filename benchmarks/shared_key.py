@@ -2,7 +2,7 @@
 
 1, 2, 4 and 8 OS processes (spawned, each with its own SoraClient and a stream of
 work that never runs dry) share one key through one ``RedisGovernor`` on a real
-``redis-server``, against ONE fake service in this parent process. The limits are
+``redis-server``, against one fake service in this parent process. The limits are
 the real ones compressed tenfold in time: 60 requests per 6 s, 10 slots,
 generations lognormal with a mean of 18 s (the real 180 s), a 0.1-s jitter margin
 and a 3-s lease. For comparison: one process with a ``LocalGovernor``, and the 1/N
@@ -11,9 +11,10 @@ split without Redis (each of N processes a ``LocalGovernor`` with
 
 The fake's own counters are the judge: slot utilisation (the share of slot-time in
 a steady window, after a warm-up, in which the server generated for us), its idle
-slot-time split into detection delay (task ended, nobody has seen it yet) and
-hand-off (seen ended, next create not yet arrived), 429s, the most requests in any
-6-s window, the most unfinished tasks, and duplicate creates. From the workers:
+slot-time split into detection delay (task ended, nobody has seen it yet) and the
+rest (hand-off: seen ended, next create not yet arrived; in the split, also the
+slots no process may use), 429s, the most requests in any 6-s window, the most
+unfinished tasks, and duplicate creates. From the workers:
 Redis round trips per API request (every script run, lease renewals included),
 and the time a request spends in ``governor.request()``, by kind: for a create it
 is the permit's added latency; a poll also waits for its pacing step.
@@ -211,25 +212,18 @@ def quantile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def idle_split(tasks: list[TaskRecord], start: float, end: float) -> tuple[float, float]:
-    """Return the slot-time in [start, end] lost to detection delay, and hand-off delays.
+def milliseconds(values: Sequence[float], q: float) -> float | None:
+    """Return the ``q`` quantile in ms, or None (JSON null) when nothing was timed."""
+    return quantile(values, q) * 1e3 if values else None
 
-    Detection: a task has ended and no answer has shown it yet. Hand-off: the k-th
-    task seen ended frees the slot that the (k + 10)-th create fills.
-    """
 
-    def overlap(a: float, b: float) -> float:
-        return max(0.0, min(b, end) - max(a, start))
-
-    detection = sum(
-        overlap(t.complete_at, t.first_seen_done_at)
+def detection_time(tasks: list[TaskRecord], start: float, end: float) -> float:
+    """Return the slot-time in [start, end] in which a task had ended and no answer showed it."""
+    return sum(
+        max(0.0, min(t.first_seen_done_at, end) - max(t.complete_at, start))
         for t in tasks
         if t.first_seen_done_at is not None
     )
-    seen = sorted(t.first_seen_done_at for t in tasks if t.first_seen_done_at is not None)
-    creates = sorted(t.created_at for t in tasks)[LIMITS.concurrent_tasks :]
-    handoff = sum(overlap(s, c) for s, c in zip(seen, creates, strict=False))
-    return detection, handoff
 
 
 def in_window(
@@ -281,7 +275,8 @@ async def measure(row: Row, warmup: float, seconds: float, seed: int) -> dict[st
             stats = fake.stats
         results = [json.loads(await anyio.Path(job.out).read_text()) for job in jobs]
     start, end = started + warmup, started + warmup + seconds
-    detection, handoff = idle_split(tasks, start, end)
+    utilisation = slot_utilisation(tasks, start, end)
+    detection = detection_time(tasks, start, end)
     delays = [
         t.first_seen_done_at - t.complete_at
         for t in tasks
@@ -298,9 +293,10 @@ async def measure(row: Row, warmup: float, seconds: float, seed: int) -> dict[st
         "row": row.name,
         "processes": row.processes,
         "redis": row.redis,
-        "utilisation": slot_utilisation(tasks, start, end),
+        "utilisation": utilisation,
         "idle_detection": detection / slot_time,
-        "idle_handoff": handoff / slot_time,
+        # The rest of the idle time: a slot seen free and not yet refilled, or never usable.
+        "idle_handoff": 1.0 - utilisation - detection / slot_time,
         "detect_mean_s": statistics.fmean(delays),
         "detect_p95_s": quantile(delays, 0.95),
         "429s": stats.rate_limited,
@@ -314,8 +310,8 @@ async def measure(row: Row, warmup: float, seconds: float, seed: int) -> dict[st
         "round_trips_per_request": sum(r["round_trips"] for r in results) / requests_all,
         "window_requests": requests,
         "window_round_trips_by_script": {name: len(times) for name, times in scripts.items()},
-        "script_p50_ms": quantile(script_seconds, 0.5) * 1e3,
-        "script_p99_ms": quantile(script_seconds, 0.99) * 1e3,
+        "script_p50_ms": milliseconds(script_seconds, 0.5),
+        "script_p99_ms": milliseconds(script_seconds, 0.99),
         "create_permit_p50_ms": quantile(permits["create"], 0.5) * 1e3,
         "create_permit_p99_ms": quantile(permits["create"], 0.99) * 1e3,
         "poll_permit_p50_ms": quantile(permits["status"], 0.5) * 1e3,
