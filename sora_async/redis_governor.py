@@ -63,12 +63,13 @@ class RedisGovernor:
 
     Requests: a sliding log of grants on Redis's clock, so that no window of
     ``period + jitter_margin`` holds more than ``requests`` grants from all
-    processes together; polls are paced and may not take the last
-    ``create_reserve`` places of a window, which stay for creates and callback
-    confirmations. A 429 seen by any process pauses all of them and shrinks a shared
-    rate factor (AIMD). Slots: a lease semaphore with first-come-first-served
-    tickets. Each slot records the task that holds it; when a process dies its
-    tasks are adopted by a live process, polled to their end, and only then freed.
+    processes together; polls are paced, wait in one first-come-first-served line
+    across processes, and may not take the last ``create_reserve`` places of a
+    window, which stay for creates and callback confirmations. A 429 seen by any
+    process pauses all of them and shrinks a shared rate factor (AIMD). Slots: a
+    lease semaphore with first-come-first-served tickets. Each slot records the
+    task that holds it; when a process dies its tasks are adopted by a live
+    process, polled to their end, and only then freed.
     When Redis cannot be reached nothing is sent: work waits up to ``redis_timeout``
     seconds, then raises :class:`RedisUnavailableError`. A Redis that holds nothing for
     the key (its first use, or a restart that lost the data) cannot tell what was sent
