@@ -139,6 +139,7 @@ class TimedRedisGovernor(RedisGovernor):
             uncertain_hold=600.0 / SCALE,
             backoff_base=1.0 / SCALE,
             backoff_cap=60.0 / SCALE,
+            trust_empty_redis=True,  # a fresh redis-server that nothing else used
         )
         self.permits = _Timings()
         self.scripts = _Timings()
