@@ -33,7 +33,7 @@ import random
 import socket
 import statistics
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,14 @@ from poll_limit import poll_limit
 
 import sora_async as sa
 import sora_async.webhook
-from sora_async.testing import FakeApixo, GenerationTime, heavy_tailed, lognormal, uniform
+from sora_async.testing import (
+    FakeApixo,
+    GenerationTime,
+    TaskRecord,
+    heavy_tailed,
+    lognormal,
+    uniform,
+)
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -182,6 +189,14 @@ CONTENDERS: dict[str, Contender] = {
 }
 
 
+def slot_utilisation(
+    tasks: Iterable[TaskRecord], start: float, end: float, slots: int = 10
+) -> float:
+    """Return the share of slot-time in [start, end] (server seconds) spent generating for us."""
+    busy = sum(max(0.0, min(t.complete_at, end) - max(t.created_at, start)) for t in tasks)
+    return busy / (slots * (end - start))
+
+
 async def measure(scenario: str, contender: Contender, videos: int, seed: int) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     times, _, since = SCENARIOS[scenario](videos)
@@ -199,13 +214,12 @@ async def measure(scenario: str, contender: Contender, videos: int, seed: int) -
     # when the generation times shift).
     first = sorted(t.created_at for t in tasks)[since]
     last = max(t.created_at for t in tasks)
-    busy = sum(max(0.0, min(t.complete_at, last) - max(t.created_at, first)) for t in tasks)
     delays = sorted(
         t.first_seen_done_at - t.complete_at for t in tasks if t.first_seen_done_at is not None
     )
     lower_bound = generation / 10
     return {
-        "utilisation": busy / (10 * (last - first)),
+        "utilisation": slot_utilisation(tasks, first, last),
         "detect_mean_s": statistics.fmean(delays),
         "detect_p95_s": delays[int(0.95 * (len(delays) - 1))],
         "requests_per_video": stats.requests / videos,

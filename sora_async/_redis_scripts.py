@@ -47,8 +47,9 @@ local function check_epoch(epoch_key, pause_key, recover_key, known, owner, wind
 end
 """
 
-# KEYS: grants, pause, factor, last_poll, epoch, recover
-# ARGV: epoch, owner, member, window_ms, requests, reserve, paced, spacing_ms, lease_ms
+# KEYS: grants, pause, factor, last_poll, epoch, recover, poll_line, poll_due, poll_seq
+# ARGV: epoch, owner, member, window_ms, requests, reserve, paced, spacing_ms, lease_ms,
+#       ticket (a paced request's place in the poll line, the same on every attempt)
 REQUEST = (
     PRELUDE
     + """
@@ -60,6 +61,7 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', num(now - window))
 local n = redis.call('ZCARD', KEYS[1])
 local limit = math.max(1, math.floor(tonumber(ARGV[5]) * factor + 1e-9))
 local paced = ARGV[7] == '1'
+local step = tonumber(ARGV[8]) / factor
 local cap = limit
 if paced then cap = math.max(1, limit - tonumber(ARGV[6])) end
 if n >= cap then
@@ -68,12 +70,36 @@ if n >= cap then
   wait = math.max(wait, tonumber(leaving[2]) + window - now)
 end
 if paced then
-  wait = math.max(wait, getnum(KEYS[4], -1e18) + tonumber(ARGV[8]) / factor - now)
+  wait = math.max(wait, getnum(KEYS[4], -1e18) + step - now)
+  -- Polls of every process wait in one line, first come first served: only the head
+  -- may be granted, the others sleep until about their turn. A ticket that stops
+  -- asking (cancelled, or its process died) leaves the line when its due time passes.
+  local line, due, ticket = KEYS[7], KEYS[8], ARGV[10]
+  for _, t in ipairs(redis.call('ZRANGE', line, 0, -1)) do
+    if tonumber(redis.call('HGET', due, t) or '0') < now then
+      redis.call('ZREM', line, t)
+      redis.call('HDEL', due, t)
+    end
+  end
+  if not redis.call('ZSCORE', line, ticket) then
+    redis.call('ZADD', line, redis.call('INCR', KEYS[9]), ticket)
+  end
+  -- A waiter behind the head comes back a little before its turn: it then learns its
+  -- exact time as the head, while coming late would leave the budget idle.
+  local rank = redis.call('ZRANK', line, ticket)
+  if rank > 0 then wait = math.max(wait, 0) + rank * step - math.min(step / 4, 25) end
+  redis.call('HSET', due, ticket, num(now + wait + math.max(2000, 2 * step)))
+  redis.call('PEXPIRE', line, math.ceil(window + wait) + 2000)
+  redis.call('PEXPIRE', due, math.ceil(window + wait) + 2000)
 end
 if wait > 0 then return {0, num(wait), epoch, num(factor), n} end
 redis.call('ZADD', KEYS[1], num(now), ARGV[3])
 redis.call('PEXPIRE', KEYS[1], math.ceil(window) + 1000)
-if paced then redis.call('SET', KEYS[4], num(now), 'PX', math.ceil(window)) end
+if paced then
+  redis.call('SET', KEYS[4], num(now), 'PX', math.ceil(window))
+  redis.call('ZREM', KEYS[7], ARGV[10])
+  redis.call('HDEL', KEYS[8], ARGV[10])
+end
 return {1, '0', epoch, num(factor), n + 1}
 """
 )

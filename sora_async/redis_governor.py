@@ -62,12 +62,13 @@ class RedisGovernor:
 
     Requests: a sliding log of grants on Redis's clock, so that no window of
     ``period + jitter_margin`` holds more than ``requests`` grants from all
-    processes together; polls are paced and may not take the last
-    ``create_reserve`` places of a window, which stay for creates and callback
-    confirmations. A 429 seen by any process pauses all of them and shrinks a shared
-    rate factor (AIMD). Slots: a lease semaphore with first-come-first-served
-    tickets. Each slot records the task that holds it; when a process dies its
-    tasks are adopted by a live process, polled to their end, and only then freed.
+    processes together; polls are paced, wait in one first-come-first-served line
+    across processes, and may not take the last ``create_reserve`` places of a
+    window, which stay for creates and callback confirmations. A 429 seen by any
+    process pauses all of them and shrinks a shared rate factor (AIMD). Slots: a
+    lease semaphore with first-come-first-served tickets. Each slot records the
+    task that holds it; when a process dies its tasks are adopted by a live
+    process, polled to their end, and only then freed.
     When Redis cannot be reached nothing is sent: work waits up to ``redis_timeout``
     seconds, then raises :class:`RedisUnavailableError`. A Redis that holds nothing for
     the key (its first use, or a restart that lost the data) cannot tell what was sent
@@ -239,9 +240,11 @@ class RedisGovernor:
 
     async def request(self, kind: RequestKind) -> None:
         """Wait until one request of ``kind`` may be sent by this process, and spend it."""
-        await self._queue.serve(kind, self._try_send)
+        # A poll keeps one place in the key's poll line across its attempts.
+        ticket = f"{self.owner}:p{next(self._members)}" if kind == "status" else ""
+        await self._queue.serve(kind, lambda kind: self._try_send(kind, ticket))
 
-    async def _try_send(self, kind: RequestKind) -> float:
+    async def _try_send(self, kind: RequestKind, ticket: str) -> float:
         now = asyncio.get_running_loop().time()
         if self._not_before > now:
             return self._not_before - now
@@ -255,6 +258,9 @@ class RedisGovernor:
                 self._key("last_poll"),
                 self._key("epoch"),
                 self._key("recover"),
+                self._key("poll_line"),
+                self._key("poll_due"),
+                self._key("poll_seq"),
             ],
             [
                 self._known_epoch,
@@ -266,6 +272,7 @@ class RedisGovernor:
                 1 if paced else 0,
                 self._spacing * 1000,
                 self.lease * 1000,
+                ticket,
             ],
         )
         self._note_epoch(epoch)
@@ -274,6 +281,8 @@ class RedisGovernor:
         if int(granted):
             return 0.0
         wait = max(float(wait_ms) / 1000, _MIN_WAIT)
+        if paced:
+            return wait  # the poll line already orders the processes: a late poll is waste
         # Jitter: processes woken by one event must not all arrive in the same instant.
         return wait + self._random.uniform(0, min(0.05, wait / 10))
 

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import secrets
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
+import anyio.abc
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -218,3 +221,39 @@ async def test_a_create_finds_room_while_another_process_floods_polls(
         await poller.aclose()
         await creator.aclose()
     assert waited < 0.2  # a poll would wait for the window to roll: up to 2.2 s
+
+
+async def test_processes_polling_one_key_take_turns(redis_server: RedisServer) -> None:
+    """Three processes polling as fast as they may share the polls evenly: they wait in
+    one line, first come first served, so none loses race after race to the others."""
+    key = secrets.token_hex(8)
+    limits = sa.Limits(requests=20, period=1.0)
+    governors = [
+        sa.RedisGovernor(
+            redis_server.url, api_key=key, limits=limits, jitter_margin=0.1, trust_empty_redis=True
+        )
+        for _ in range(3)
+    ]
+    order: list[int] = []
+
+    async def poll_until_done(index: int, group: anyio.abc.TaskGroup) -> None:
+        while len(order) < 30:
+            await governors[index].request("status")
+            order.append(index)
+        group.cancel_scope.cancel()
+
+    try:
+        # anyio, as the client does: its cancellation is re-delivered until it lands
+        # (Python 3.11's asyncio.wait_for, inside redis-py, can swallow one).
+        async with anyio.create_task_group() as group:
+            for index in range(3):
+                group.start_soon(poll_until_done, index, group)
+    finally:
+        for governor in governors:
+            await governor.aclose()
+    shares = [order[:30].count(i) for i in range(3)]
+    assert max(shares) - min(shares) <= 1, order
+    # Between two polls of one process, each of the others polls at most twice.
+    for i in range(3):
+        turns = [at for at, who in enumerate(order[:30]) if who == i]
+        assert max(b - a for a, b in itertools.pairwise(turns)) <= 5, order
