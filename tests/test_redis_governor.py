@@ -252,7 +252,7 @@ async def test_processes_polling_one_key_take_turns(redis_server: RedisServer) -
         for governor in governors:
             await governor.aclose()
     shares = [order[:30].count(i) for i in range(3)]
-    assert max(shares) - min(shares) <= 1, order
+    assert max(shares) - min(shares) <= 2, order  # lost races used to give 14/10/6
     # Between two polls of one process, each of the others polls at most twice.
     for i in range(3):
         turns = [at for at, who in enumerate(order[:30]) if who == i]
