@@ -6,23 +6,29 @@ import asyncio
 import math
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
 
 from ._errors import AuthenticationError, InputError, InsufficientCreditsError, SoraError
 from ._governor import Governor
-from ._models import CreateRequest, Video, VideoRequest
+from ._models import Result
+
+Prepared = TypeVar("Prepared")
 
 __all__ = ["Outcome", "fan_out"]
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What became of one request of a fan-out: exactly one of video / error is set."""
+    """What became of one request of a fan-out: exactly one of video / error is set.
 
-    request: VideoRequest
-    video: Video | None = None
+    ``video`` holds the result of any model (a :class:`Video` for video models).
+    """
+
+    request: Any
+    video: Result | None = None
     error: SoraError | None = None
     task_id: str | None = None
 
@@ -34,11 +40,11 @@ class Outcome:
 
 async def fan_out(
     group: anyio.abc.TaskGroup,
-    requests: Iterable[VideoRequest] | AsyncIterable[VideoRequest],
+    requests: Iterable[Any] | AsyncIterable[Any],
     *,
-    governor: Governor,
-    prepare: Callable[[VideoRequest], CreateRequest],
-    run: Callable[[CreateRequest], Awaitable[Video]],
+    governor_for: Callable[[Prepared], Governor],
+    prepare: Callable[[Any], Prepared],
+    run: Callable[[Prepared], Awaitable[Result]],
 ) -> AsyncIterator[Outcome]:
     """Yield an Outcome per request as each finishes.
 
@@ -53,7 +59,7 @@ async def fan_out(
     fatal: list[SoraError] = []
     batch = anyio.CancelScope()
 
-    async def work(request: VideoRequest, body: CreateRequest) -> None:
+    async def work(request: Any, body: Prepared) -> None:
         try:
             video = await run(body)
         except AuthenticationError as exc:
@@ -77,6 +83,7 @@ async def fan_out(
                     except InputError as exc:
                         await send.send(Outcome(request=request, error=exc))
                         continue
+                    governor = governor_for(body)
                     await governor.acquire_slot()
                     if fatal:
                         governor.release_slot()
@@ -95,8 +102,8 @@ async def fan_out(
 
 
 async def _aiter(
-    items: Iterable[VideoRequest] | AsyncIterable[VideoRequest],
-) -> AsyncIterator[VideoRequest]:
+    items: Iterable[Any] | AsyncIterable[Any],
+) -> AsyncIterator[Any]:
     if isinstance(items, AsyncIterable):
         async for item in items:
             yield item
