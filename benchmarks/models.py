@@ -4,7 +4,10 @@ A mixed workload (Sora 2 Pro videos ~180 s, Veo 3.1 videos ~120 s, Nano Banana
 images ~15 s) runs against the fake service, whose limits are per (key, model) at
 the Sora figures (60 requests a minute, 10 tasks). Two clients drive it:
 
-- per-model: the default, one governor and one scheduler per model;
+- per-model: the default, one governor and one scheduler per model, one
+  ``generate_many`` per model;
+- per-model, one stream: the same, with every request in one interleaved
+  ``generate_many`` (a model whose slots are full must not stall the others);
 - shared: ``shared_budget=True``, one governor for every model (what a user must
   choose when the key's limits are counted across models).
 
@@ -31,6 +34,13 @@ from sora_async.testing import FakeApixo, lognormal
 
 RESULTS = Path(__file__).parent / "results"
 MODELS = ("sora-2-pro", "veo-3-1", "nano-banana")
+CONTENDERS = ("per-model", "per-model, one stream", "shared")
+
+
+def interleave(streams: list[list[Any]]) -> list[Any]:
+    """Return the requests of every stream taken in turn (a mixed stream)."""
+    longest = max(len(stream) for stream in streams)
+    return [stream[i] for i in range(longest) for stream in streams if i < len(stream)]
 
 
 def workload(scale: int) -> dict[str, list[Any]]:
@@ -60,7 +70,10 @@ async def run(contender: str, scale: int) -> dict[str, Any]:
                 async for outcome in client.generate_many(requests):
                     assert outcome.ok, outcome.error
 
-            await asyncio.gather(*(drain(reqs) for reqs in workload(scale).values()))
+            streams = list(workload(scale).values())
+            if contender == "per-model, one stream":
+                streams = [interleave(streams)]
+            await asyncio.gather(*(drain(reqs) for reqs in streams))
         makespan = loop.time() - start
         stats = fake.stats
         delays: dict[str, list[float]] = {model: [] for model in MODELS}
@@ -83,7 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=int, default=1)
     args = parser.parse_args()
-    rows = [run_virtual(run(contender, args.scale)) for contender in ("per-model", "shared")]
+    rows = [run_virtual(run(contender, args.scale)) for contender in CONTENDERS]
     header = "| contender | tasks | makespan s | requests/task | 429s | most tasks at once "
     header += "(sora, veo, banana) | detection s (sora, veo, banana) |"
     print(header)

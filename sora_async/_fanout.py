@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -16,6 +17,9 @@ from ._governor import Governor
 from ._models import Result
 
 Prepared = TypeVar("Prepared")
+# With several models, how many requests may wait for slots per model while the
+# others keep pulling (a model whose slots are full must not stall the rest).
+_LOOKAHEAD = 16
 
 __all__ = ["Outcome", "fan_out"]
 
@@ -49,9 +53,11 @@ async def fan_out(
     """Yield an Outcome per request as each finishes.
 
     ``prepare`` validates a request into a create body (InputError: an Outcome, no
-    slot spent); a slot is then taken and ``run`` creates and awaits the video with
-    it. The work runs in ``group`` (the client's), so it may outlive an abandoned
-    iterator only until the iterator is closed. AuthenticationError stops everything
+    slot spent); a slot of its governor is then taken and ``run`` creates and awaits
+    the result with it. Requests of one governor take its slots in order; while one
+    model's slots are all taken, the requests of others still go ahead. The work runs
+    in ``group`` (the client's), so it may outlive an abandoned iterator only until
+    the iterator is closed. AuthenticationError stops everything
     and is raised; InsufficientCreditsError stops new creates, lets the others
     finish, then is raised.
     """
@@ -74,6 +80,36 @@ async def fan_out(
         else:
             await send.send(Outcome(request=request, video=video, task_id=video.task_id))
 
+    # Requests pulled but still waiting for a slot, in one queue per governor: a
+    # model whose slots are all taken must not hold back the requests of another.
+    queues: dict[int, collections.deque[tuple[Any, Prepared]]] = {}
+    moved = asyncio.Event()  # a waiting request got its slot (or gave up)
+
+    def waiting() -> int:
+        return sum(len(queue) for queue in queues.values())
+
+    def lookahead() -> int:
+        # One model: one request waits, as many as there are slots run (pulled lazily).
+        # Several: room for some to wait per model while the others keep pulling.
+        return 1 if len(queues) <= 1 else _LOOKAHEAD * len(queues)
+
+    async def serve(
+        workers: anyio.abc.TaskGroup,
+        governor: Governor,
+        queue: collections.deque[tuple[Any, Prepared]],
+    ) -> None:
+        # Hands the governor's slots to its queue in order, first come, first served.
+        while queue:
+            request, body = queue[0]
+            await governor.acquire_slot()
+            if fatal:
+                governor.release_slot()
+                queue.clear()
+            else:
+                queue.popleft()
+                workers.start_soon(work, request, body)
+            moved.set()
+
     async def feed() -> None:
         with batch:
             async with send, anyio.create_task_group() as workers:
@@ -84,11 +120,15 @@ async def fan_out(
                         await send.send(Outcome(request=request, error=exc))
                         continue
                     governor = governor_for(body)
-                    await governor.acquire_slot()
+                    queue = queues.setdefault(id(governor), collections.deque())
+                    queue.append((request, body))
+                    if len(queue) == 1:
+                        workers.start_soon(serve, workers, governor, queue)
+                    while waiting() >= lookahead() and not fatal:
+                        moved.clear()
+                        await moved.wait()
                     if fatal:
-                        governor.release_slot()
                         break
-                    workers.start_soon(work, request, body)
 
     group.start_soon(feed)
     try:

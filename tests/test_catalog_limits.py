@@ -3,8 +3,6 @@ and generation times learned per model."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 import sora_async as sa
@@ -56,11 +54,9 @@ async def test_each_model_stays_inside_its_own_limits() -> None:
             base_url=fake.url,
             model_limits={"veo-3-1": sa.Limits(requests=30, concurrent_tasks=3)},
         ) as client:
-            # One waiter per request: generate_many pulls in order, so a request
-            # waiting for veo-3-1's slots would hold back the others.
-            results = await asyncio.gather(*(client.generate(r) for r in requests(60)))
+            outcomes = [o async for o in client.generate_many(requests(60))]
         stats = fake.stats
-    assert len({result.task_id for result in results}) == 60
+    assert all(outcome.ok for outcome in outcomes)
     assert stats.rate_limited == 0
     assert stats.max_concurrent_tasks_by_model["veo-3-1"] == 3
     assert stats.max_concurrent_tasks_by_model["sora-2-pro"] == 10
