@@ -115,3 +115,17 @@ async def test_generation_times_are_learned_per_model() -> None:
     assert images.count == 10
     assert videos.count == 10
     assert images.mean < 30 < 150 < videos.mean
+
+
+async def test_ltx_runs_at_its_own_far_larger_limits() -> None:
+    """ltx-2-19b's page states 10,000 requests a minute and 1,000 tasks: the fake serves
+    it so by default, and the client's table lets 40 of its tasks run at once."""
+    async with FakeApixo(generation_time=fixed(60.0), balance=1e6) as fake:
+        assert fake.limits_of("ltx-2-19b") == (10000, 1000)
+        async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
+            raw = [sa.RawInput(model="ltx-2-19b", input={"prompt": f"p{i}"}) for i in range(40)]
+            outcomes = [o async for o in client.generate_many(raw)]
+        stats = fake.stats
+    assert all(outcome.ok for outcome in outcomes)
+    assert stats.max_concurrent_tasks_by_model["ltx-2-19b"] == 40
+    assert stats.rate_limited == 0

@@ -35,7 +35,7 @@ from ._state import KeyLimits, Neighbour, Stats, TaskRecord
 from ._timing import DEFAULT_EPOCH_MS, Clock, GenerationTime, lognormal
 from ._validate import InvalidBody, parse_create
 
-__all__ = ["DEFAULT_MODELS", "FakeApixo"]
+__all__ = ["DEFAULT_MODELS", "DEFAULT_MODEL_LIMITS", "FakeApixo"]
 
 DEFAULT_MODELS = frozenset(
     {
@@ -51,6 +51,11 @@ DEFAULT_MODELS = frozenset(
         "nano-banana-2",
         "seedream-4-5",
     }
+)
+#: ``(requests a minute, unfinished tasks)`` of models whose pages state other figures
+#: than Sora 2 Pro's 60 and 10.
+DEFAULT_MODEL_LIMITS: Mapping[str, tuple[int, int]] = types.MappingProxyType(
+    {"ltx-2-19b": (10000, 1000)}
 )
 # Balance calls name no model: they count against this one's window.
 _BALANCE_MODEL = "sora-2-pro"
@@ -124,7 +129,8 @@ class FakeApixo:
             balance, price_per_second: USD; a create costs price x seconds (12 official).
             epoch_ms: wire time (ms) at start; later times add loop-time elapsed.
             model_limits: ``{model: (requests, concurrent_tasks)}`` for models whose limits
-                differ from ``requests`` / ``concurrent_tasks``.
+                differ from ``requests`` / ``concurrent_tasks`` (added to
+                :data:`DEFAULT_MODEL_LIMITS`, the figures the models' pages state).
             limits_per: ``"model"`` (default): each model has its own rate window and task
                 slots on the key (balance calls count in ``sora-2-pro``'s); ``"key"``: all
                 models share one. Neighbours play on every model's limits.
@@ -165,7 +171,7 @@ class FakeApixo:
         self.host = host
         self.port = port
         self.models = set(models)
-        self.model_limits = dict(model_limits or {})
+        self.model_limits = {**DEFAULT_MODEL_LIMITS, **(model_limits or {})}
         if limits_per not in ("model", "key"):
             raise ValueError("limits_per must be 'model' or 'key'")
         self.limits_per = limits_per
