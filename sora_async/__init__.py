@@ -1,4 +1,4 @@
-"""sora-async: an asyncio-native client for the APIXO task API, typed for Sora 2 Pro.
+"""sora-async: an asyncio-native client for the APIXO task API and its model catalogue.
 
 It keeps every request inside one API key's limits (60 requests a minute, 10
 unfinished tasks), fills every task slot the moment it frees, and never pays twice
@@ -14,6 +14,19 @@ from ._batch import (
     BatchReport,
     load_requests,
     run_batch,
+)
+from ._catalog import (
+    MODELS,
+    Kling25TurboPro,
+    ModelInfo,
+    ModelInput,
+    NanoBanana,
+    NanoBanana2,
+    RawInput,
+    Sora2,
+    Veo31,
+    Veo31Extend,
+    Wan25,
 )
 from ._client import Outcome, SoraClient
 from ._errors import (
@@ -39,7 +52,16 @@ from ._errors import (
 )
 from ._governor import Governor, LocalGovernor
 from ._journal import ItemState
-from ._models import ImageToVideo, Limits, TaskState, TaskStatus, TextToVideo, Video, VideoRequest
+from ._models import (
+    ImageToVideo,
+    Limits,
+    Result,
+    TaskState,
+    TaskStatus,
+    TextToVideo,
+    Video,
+    VideoRequest,
+)
 from ._scheduler import PollPolicy
 from ._transport import RetryPolicy
 
@@ -49,6 +71,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "MODELS",
     "APIError",
     "AuthenticationError",
     "BatchDefaults",
@@ -63,18 +86,26 @@ __all__ = [
     "InsufficientCreditsError",
     "InvalidRequestError",
     "ItemState",
+    "Kling25TurboPro",
     "Limits",
     "LocalGovernor",
+    "ModelInfo",
+    "ModelInput",
+    "NanoBanana",
+    "NanoBanana2",
     "NotFoundError",
     "Outcome",
     "PermissionDeniedError",
     "PollPolicy",
     "ProtocolError",
     "RateLimitError",
+    "RawInput",
     "RedisGovernor",
     "RedisUnavailableError",
+    "Result",
     "RetryPolicy",
     "ServerError",
+    "Sora2",
     "SoraClient",
     "SoraError",
     "SubmitUncertainError",
@@ -85,8 +116,11 @@ __all__ = [
     "TaskTimeoutError",
     "TextToVideo",
     "TransportError",
+    "Veo31",
+    "Veo31Extend",
     "Video",
     "VideoRequest",
+    "Wan25",
     "__version__",
     "load_requests",
     "run_batch",

@@ -23,9 +23,9 @@ from typing import Any
 import anyio
 import anyio.abc
 import anyio.to_thread
-import msgspec
 
-from ._batch_file import BatchDefaults, BatchLineError, load_requests
+from ._batch_file import BatchDefaults, BatchLineError, load_requests, request_from
+from ._catalog import Request
 from ._client import SoraClient
 from ._download import check_folder
 from ._errors import (
@@ -42,7 +42,7 @@ from ._errors import (
     TransportError,
 )
 from ._journal import ItemState, Journal, JournalRow
-from ._models import Video, VideoRequest
+from ._models import Video
 
 __all__ = [
     "BatchDefaults",
@@ -58,7 +58,6 @@ logger = logging.getLogger("sora_async")
 
 JOURNAL_NAME = ".sora-async-journal.sqlite"
 MANIFEST_NAME = "manifest.jsonl"
-_request_decoder = msgspec.json.Decoder(VideoRequest)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -188,7 +187,8 @@ class _Runner:
         for row in self.rows:
             if row.state is ItemState.RUNNING:
                 assert row.task_id is not None
-                await self.client.adopt(row.task_id)
+                model = self.client.model_for(_row_request(row))
+                await self.client.adopt(row.task_id, model=model)
                 group.start_soon(self.follow, row)
             elif row.state is ItemState.SUCCEEDED:
                 group.start_soon(self.fetch, row)
@@ -237,7 +237,7 @@ class _Runner:
         group: anyio.abc.TaskGroup,
         mark: Callable[[], Awaitable[None]],
     ) -> bool:
-        request = _request_decoder.decode(row.request)
+        request = _row_request(row)
         try:
             task_id = await self.client.submit(request, before_create=mark)
         except SubmitUncertainError as exc:
@@ -274,7 +274,8 @@ class _Runner:
         except TaskTimeoutError as exc:
             row.error = str(exc)  # still running: the next run picks it up
             return
-        status = self.client.scheduler.result(row.task_id)
+        model = video.model or self.client.model
+        status = self.client.scheduler_for(model).result(row.task_id)
         seconds = status.generation_seconds if status is not None else None
         await self.set(row, ItemState.SUCCEEDED, result_urls=list(video.urls), seconds=seconds)
         await self.fetch(row)
@@ -288,6 +289,10 @@ class _Runner:
             await self.set(row, ItemState.SUCCEEDED, error=f"download: {exc}")
             return
         await self.set(row, ItemState.DOWNLOADED, files=[str(p) for p in paths], error=None)
+
+
+def _row_request(row: JournalRow) -> Request:
+    return request_from(json.loads(row.request), BatchDefaults())
 
 
 def _named_for(name: str, suffix: str) -> str:
@@ -314,6 +319,7 @@ def _manifest_line(row: JournalRow) -> str:
     request = json.loads(row.request)
     entry = {
         "id": row.id,
+        "model": request.get("model", "sora-2-pro"),
         "prompt": request.get("prompt"),
         "task_id": row.task_id,
         "state": row.state.value,
@@ -393,3 +399,6 @@ async def run_batch(
     counts = {k: v for k, v in runner.counts.items() if v}
     seconds = time.monotonic() - started
     return BatchReport(runner.rows, manifest, book_path, seconds, counts, runner.stopping)
+
+
+SoraClient._batch_runner = run_batch  # client.run_batch(...) without an upward import

@@ -10,15 +10,16 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
+from ._catalog import MODELS, ModelInput, RawInput, Request, check_model_id
 from ._download import file_stem
 from ._errors import InputError
 from ._models import VideoRequest
 
-__all__ = ["BatchDefaults", "BatchItem", "BatchLineError", "load_requests"]
+__all__ = ["BatchDefaults", "BatchItem", "BatchLineError", "load_requests", "request_from"]
 
 _encoder = msgspec.json.Encoder(order="sorted")
 
@@ -48,12 +49,40 @@ class BatchItem:
 
     id: str
     line: int
-    request: VideoRequest
+    request: Request
 
     @property
     def request_json(self) -> str:
-        """Return the request as canonical JSON."""
-        return _encoder.encode(self.request).decode()
+        """Return the request as canonical JSON (with ``model`` unless Sora 2 Pro's)."""
+        return _request_json(self.request)
+
+
+def _request_json(request: Request) -> str:
+    data: Any
+    if isinstance(request, RawInput):
+        data = {**request.input, "model": request.model}
+    elif isinstance(request, ModelInput):
+        data = {**msgspec.to_builtins(request), "model": type(request).MODEL}
+    else:
+        data = request  # Sora 2 Pro's lines stay as they were: old journals resume
+    return _encoder.encode(data).decode()
+
+
+def request_from(fields: dict[str, Any], defaults: BatchDefaults) -> Request:
+    """Return the request a batch line's fields describe: ``model`` (default sora-2-pro)
+    picks the typed input; a model without one gets a :class:`RawInput`.
+
+    Raises InputError or msgspec.ValidationError for fields the model refuses.
+    """
+    fields = dict(fields)
+    model = fields.pop("model", None)
+    if model is None or model == "sora-2-pro":
+        return cast(Request, msgspec.convert(_with_defaults(fields, defaults), VideoRequest))
+    check_model_id(model)
+    info = MODELS.get(model)
+    if info is not None and len(info.inputs) == 1:
+        return cast(Request, msgspec.convert(fields, info.inputs[0]))
+    return RawInput(model=model, input=fields)
 
 
 def _with_defaults(row: dict[str, Any], defaults: BatchDefaults) -> dict[str, Any]:
@@ -68,11 +97,11 @@ def _with_defaults(row: dict[str, Any], defaults: BatchDefaults) -> dict[str, An
     return row
 
 
-def _item_id(row: dict[str, Any], request: VideoRequest) -> str:
+def _item_id(row: dict[str, Any], request: Request) -> str:
     given = row.pop("id", None)
     if given is None:
         # The same request always gets the same id, so a re-run recognises it.
-        return hashlib.sha256(_encoder.encode(request)).hexdigest()[:16]
+        return hashlib.sha256(_request_json(request).encode()).hexdigest()[:16]
     if isinstance(given, bool) or not isinstance(given, (str, int)) or not str(given).strip():
         raise InputError("id", "must be a non-empty string or a number")
     try:
@@ -110,8 +139,7 @@ def load_requests(path: Path, defaults: BatchDefaults | None = None) -> list[Bat
             if not isinstance(row, dict):
                 raise InputError("line", "must be a JSON object")
             item_id = row.get("id")
-            fields = _with_defaults({k: v for k, v in row.items() if k != "id"}, defaults)
-            request = msgspec.convert(fields, VideoRequest)
+            request = request_from({k: v for k, v in row.items() if k != "id"}, defaults)
             item_id = _item_id(row, request)
         except InputError as exc:
             raise BatchLineError(str(path), number, exc.field, exc.rule) from exc

@@ -7,15 +7,31 @@ import contextlib
 import logging
 import os
 import secrets
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+)
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, overload
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
 import anyio.abc
 
+from ._catalog import (
+    RawInput,
+    Request,
+    VideoInput,
+    check_model_id,
+    limits_for,
+    model_info,
+    model_of,
+)
 from ._download import DEFAULT_MAX_DOWNLOAD_BYTES, Downloader
 from ._errors import (
     ClientClosedError,
@@ -27,16 +43,15 @@ from ._errors import (
 )
 from ._fanout import Outcome, fan_out
 from ._governor import Governor, LocalGovernor
+from ._lanes import Lanes
 from ._models import (
     PROVIDERS,
     CreateRequest,
-    ImageToVideo,
     Limits,
+    Result,
     TaskState,
     TaskStatus,
-    TextToVideo,
     Video,
-    VideoRequest,
     check_choice,
     check_http_url,
 )
@@ -55,10 +70,15 @@ UncertainPolicy = Literal["raise", "resubmit"]
 
 
 class SoraClient:
-    """Generate Sora 2 Pro videos through the APIXO task API, inside the key's limits.
+    """Generate videos and images on any APIXO model, inside the key's limits.
 
-    Every request spends from the governor's budget, every create holds a task slot
-    until its task is seen to end, and one scheduler polls all in-flight tasks.
+    Every request spends from its model's governor's budget, every create holds a
+    task slot until its task is seen to end, and one scheduler per model polls its
+    in-flight tasks. The request decides the model: Sora 2 Pro's TextToVideo /
+    ImageToVideo go to ``model``; ``limits`` and ``governor`` are that model's. Other
+    models get their limits from :data:`sa.MODELS` unless ``model_limits`` names them,
+    and a governor of their own unless ``governors`` names one (the same governor
+    for several models shares it) or ``shared_budget`` is set.
     Raises :class:`InputError` for a bad configuration (no key, unknown provider).
 
     Example::
@@ -68,6 +88,9 @@ class SoraClient:
             print(video.url)
     """
 
+    #: ``sora_async.run_batch``, set by the batch layer when it is imported.
+    _batch_runner: ClassVar[Callable[..., Awaitable[BatchReport]] | None] = None
+
     def __init__(
         self,
         *,
@@ -76,6 +99,9 @@ class SoraClient:
         model: str = "sora-2-pro",
         limits: Limits | None = None,
         governor: Governor | None = None,
+        model_limits: Mapping[str, Limits] | None = None,
+        governors: Mapping[str, Governor] | None = None,
+        shared_budget: bool = False,
         provider: str = "auto",
         retry: RetryPolicy | None = None,
         poll_policy: PollPolicy | None = None,
@@ -91,8 +117,7 @@ class SoraClient:
         key = api_key if api_key is not None else os.environ.get("APIXO_API_KEY")
         if not key:
             raise InputError("api_key", "is required: pass api_key= or set APIXO_API_KEY")
-        if not model or "/" in model:
-            raise InputError("model", f"must be a model id such as 'sora-2-pro', got {model!r}")
+        check_model_id(model)
         check_choice("provider", provider, PROVIDERS)
         check_choice("on_uncertain", on_uncertain, ("raise", "resubmit"))
         if wait_timeout <= 0:
@@ -114,31 +139,66 @@ class SoraClient:
         self.confirm_callbacks = confirm_callbacks
         self.base_url = base_url or os.environ.get("APIXO_BASE_URL") or DEFAULT_BASE_URL
         self.model = model
-        self.limits = limits if limits is not None else Limits()
-        self.governor: Governor = governor if governor is not None else LocalGovernor(self.limits)
+        for other in (*(model_limits or {}), *(governors or {})):
+            check_model_id(other, "model_limits" if other in (model_limits or {}) else "governors")
+        self.model_limits: dict[str, Limits] = dict(model_limits or {})
+        self.limits = limits if limits is not None else limits_for(model, self.model_limits)
+        default_governor = governor if governor is not None else LocalGovernor(self.limits)
         self.provider = provider
         self.on_uncertain: UncertainPolicy = on_uncertain
         self.uncertain_hold = uncertain_hold
         self.wait_timeout = wait_timeout
-        self._transport = Transport(
-            api_key=key,
-            base_url=self.base_url,
-            governor=self.governor,
-            retry=retry if retry is not None else RetryPolicy(),
-        )
-        self.scheduler = PollScheduler(
-            governor=self.governor,
+        self._lanes = Lanes(
+            default_model=model,
+            default_governor=default_governor,
+            governors=governors or {},
+            model_limits=self.model_limits,
+            shared=shared_budget,
             poll=lambda model, task_id: self._transport.status(model, task_id, prepaid=True),
             policy=poll_policy,
             callbacks=callback_url is not None,
             uncertain_hold=uncertain_hold,
         )
+        self._transport = Transport(
+            api_key=key,
+            base_url=self.base_url,
+            governor_for=self._lanes.governor_for,
+            retry=retry if retry is not None else RetryPolicy(),
+        )
         self._state: Literal["new", "open", "closed"] = "new"
+        # The model of each task this client created (status and wait need it).
+        self._models: dict[str, str] = {}
         self.download_concurrency = download_concurrency
         self.max_download_bytes = max_download_bytes
         self._downloader: Downloader | None = None
         self._host: asyncio.Task[None] | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
+
+    @property
+    def governor(self) -> Governor:
+        """Return the governor of the client's default ``model``."""
+        return self._lanes.default.governor
+
+    @property
+    def scheduler(self) -> PollScheduler:
+        """Return the scheduler of the client's default ``model``."""
+        return self._lanes.default.scheduler
+
+    def governor_for(self, model: str) -> Governor:
+        """Return the governor that holds ``model``'s budget on this key.
+
+        Each model has its own, built from its limits (:data:`sa.MODELS`, overridden by
+        ``model_limits``), unless ``governors`` names one for it or ``shared_budget``
+        gives every model the default model's."""
+        return self._lanes.governor_for(check_model_id(model))
+
+    def scheduler_for(self, model: str) -> PollScheduler:
+        """Return the scheduler that polls ``model``'s tasks (it learns their times)."""
+        return self._lanes.get(check_model_id(model)).scheduler
+
+    def announce(self, status: TaskStatus, *, trusted: bool) -> bool:
+        """Take a callback's news of a task, whatever its model; return whether it is ours."""
+        return self._lanes.announce(status, trusted=trusted)
 
     def __repr__(self) -> str:
         return f"SoraClient(base_url={self.base_url!r}, model={self.model!r}, api_key='***')"
@@ -168,8 +228,7 @@ class SoraClient:
     async def _host_background(self, ready: asyncio.Event) -> None:
         async with anyio.create_task_group() as group:
             self._task_group = group
-            group.start_soon(self.scheduler.run)
-            group.start_soon(self.governor.run, _SchedulerNews(self.scheduler))
+            self._lanes.start(group)
             ready.set()
 
     async def __aexit__(
@@ -183,7 +242,7 @@ class SoraClient:
             self._host.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._host
-        await self.governor.aclose()
+        await self._lanes.aclose()
         await self._transport.close()
 
     def _check_open(self) -> anyio.abc.TaskGroup:
@@ -199,25 +258,30 @@ class SoraClient:
 
     # --- single tasks ---------------------------------------------------------------------
 
-    def create_request(self, request: VideoRequest) -> CreateRequest:
+    def model_for(self, request: Request) -> str:
+        """Return the model ``request`` goes to: its own, or the client's ``model`` for
+        Sora 2 Pro's TextToVideo / ImageToVideo. Raises InputError for anything else."""
+        return model_of(request, self.model)
+
+    def create_request(self, request: Request) -> CreateRequest:
         """Return the create body for ``request`` (validated; no request is sent)."""
-        if not isinstance(request, (TextToVideo, ImageToVideo)):
-            raise InputError(
-                "request",
-                f"must be sa.TextToVideo or sa.ImageToVideo, got {type(request).__name__}",
-            )
+        self.model_for(request)
+        data: Any = request.input if isinstance(request, RawInput) else request
         if self.callback_url is None:
             return CreateRequest(
-                input=request,
+                input=data,
                 request_type="async",
                 provider=self.provider,  # type: ignore[arg-type]
             )
         return CreateRequest(
-            input=request,
+            input=data,
             request_type="callback",
             callback_url=self._callback_endpoint(),
             provider=self.provider,  # type: ignore[arg-type]
         )
+
+    def _prepare(self, request: Request) -> tuple[str, CreateRequest]:
+        return self.model_for(request), self.create_request(request)
 
     def _callback_endpoint(self) -> str:
         assert self.callback_url is not None
@@ -229,11 +293,11 @@ class SoraClient:
 
     async def submit(
         self,
-        request: VideoRequest,
+        request: Request,
         *,
         before_create: Callable[[], Awaitable[None]] | None = None,
     ) -> str:
-        """Create a task for ``request`` and return its task id.
+        """Create a task for ``request`` on its model and return its task id.
 
         Waits first come, first served for a task slot; the slot stays taken until
         the task is seen to end. Raises InputError before any request for a bad
@@ -243,31 +307,36 @@ class SoraClient:
         is sent (a journal writes its row there).
         """
         self._check_open()
-        body = self.create_request(request)
-        await self.governor.acquire_slot()
+        prepared = self._prepare(request)
+        governor = self._lanes.get(prepared[0]).governor
+        await governor.acquire_slot()
         if before_create is not None:
             try:
                 await before_create()
             except BaseException:
-                self.governor.release_slot()
+                governor.release_slot()
                 raise
-        return await self._create_with_slot(body)
+        return await self._create_with_slot(prepared)
 
-    async def adopt(self, task_id: str) -> None:
+    async def adopt(self, task_id: str, *, model: str | None = None) -> None:
         """Track a task made elsewhere (say, by a run that was killed) until it ends.
 
         Takes a task slot for it, since it holds one on the server, and polls it at
-        once. ``wait(task_id)`` then returns its video.
+        once. ``wait(task_id)`` then returns its result. ``model`` is the task's
+        model (default: the client's ``model``).
         """
         self._check_open()
         _check_task_id(task_id)
-        if self.scheduler.is_tracked(task_id):
+        model = self.model if model is None else check_model_id(model)
+        lane = self._lanes.get(model)
+        if lane.scheduler.is_tracked(task_id):
             return
-        await self.governor.acquire_slot()
-        self.governor.bind_slot(task_id, self.model)
-        self.scheduler.track(task_id, self.model, holds_slot=True, adopted=True)
+        await lane.governor.acquire_slot()
+        lane.governor.bind_slot(task_id, model)
+        self._models[task_id] = model
+        lane.scheduler.track(task_id, model, holds_slot=True, adopted=True)
 
-    async def _create_with_slot(self, body: CreateRequest) -> str:
+    async def _create_with_slot(self, prepared: tuple[str, CreateRequest]) -> str:
         """Create a task with a slot already taken; the slot is accounted for either way.
 
         The create runs in the client's own task group: a caller cancelled while it
@@ -276,27 +345,32 @@ class SoraClient:
         """
         group = self._check_open()
         created: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        group.start_soon(self._create_detached, body, created)
+        group.start_soon(self._create_detached, prepared, created)
         return await asyncio.shield(created)
 
-    async def _create_detached(self, body: CreateRequest, created: asyncio.Future[str]) -> None:
+    async def _create_detached(
+        self, prepared: tuple[str, CreateRequest], created: asyncio.Future[str]
+    ) -> None:
+        model, body = prepared
+        lane = self._lanes.get(model)
         try:
             while True:
                 try:
-                    task_id = await self._transport.create(self.model, body)
+                    task_id = await self._transport.create(model, body)
                 except SubmitUncertainError:
                     # The task may exist and hold a slot on the server for a while.
-                    self.governor.release_slot_later(self.uncertain_hold)
+                    lane.governor.release_slot_later(self.uncertain_hold)
                     if self.on_uncertain == "raise":
                         raise
                     logger.warning("create uncertain; resubmitting (on_uncertain='resubmit')")
-                    await self.governor.acquire_slot()
+                    await lane.governor.acquire_slot()
                     continue
                 except BaseException:
-                    self.governor.release_slot()
+                    lane.governor.release_slot()
                     raise
-                self.governor.bind_slot(task_id, self.model)
-                self.scheduler.track(task_id, self.model, holds_slot=True)
+                lane.governor.bind_slot(task_id, model)
+                lane.scheduler.track(task_id, model, holds_slot=True)
+                self._models[task_id] = model
                 created.set_result(task_id)
                 return
         except SoraError as exc:
@@ -305,47 +379,68 @@ class SoraClient:
             created.cancel()
             raise
 
-    async def status(self, task_id: str) -> TaskStatus:
-        """Return the task's status as the service reports it now (one request)."""
-        self._check_open()
-        _check_task_id(task_id)
-        status = await self._transport.status(self.model, task_id)
-        self.scheduler.observe(status)
-        return status
+    def _model_of_task(self, task_id: str, model: str | None) -> str:
+        if model is not None:
+            return check_model_id(model)
+        return self._models.get(task_id, self.model)
 
-    async def wait(self, task_id: str, *, timeout: float | None = None) -> Video:
-        """Wait for a task to end and return its Video.
+    async def status(self, task_id: str, *, model: str | None = None) -> TaskStatus:
+        """Return the task's status as the service reports it now (one request).
 
-        Raises TaskFailedError if it failed, TaskTimeoutError after ``timeout``
-        seconds (default: the client's ``wait_timeout``; the task stays tracked).
+        ``model``: the task's model, for a task this client did not create
+        (default: the model it was created on, else the client's ``model``).
         """
         self._check_open()
         _check_task_id(task_id)
-        if not self.scheduler.is_tracked(task_id):
+        model = self._model_of_task(task_id, model)
+        status = await self._transport.status(model, task_id)
+        self._lanes.get(model).scheduler.observe(status)
+        return status
+
+    async def wait(
+        self, task_id: str, *, timeout: float | None = None, model: str | None = None
+    ) -> Result:
+        """Wait for a task to end and return its result: a :class:`Video` for a video
+        model, else a :class:`Result`.
+
+        Raises TaskFailedError if it failed, TaskTimeoutError after ``timeout``
+        seconds (default: the client's ``wait_timeout``; the task stays tracked).
+        ``model`` is as in :meth:`status`.
+        """
+        self._check_open()
+        _check_task_id(task_id)
+        model = self._model_of_task(task_id, model)
+        scheduler = self._lanes.get(model).scheduler
+        if not scheduler.is_tracked(task_id):
             try:
-                status = await self.status(task_id)  # learn where an unknown task stands
+                status: TaskStatus | None = await self.status(task_id, model=model)
             except ProtocolError:
                 status = None  # the scheduler's patience decides, as for any task
             if status is not None and status.terminal:
-                return _video_or_raise(status)
-            self.scheduler.track(task_id, self.model, holds_slot=False)
-        status = await self.scheduler.wait(
-            task_id, self.wait_timeout if timeout is None else timeout
-        )
-        return _video_or_raise(status)
+                return _result_or_raise(status, model)
+            scheduler.track(task_id, model, holds_slot=False)
+        ended = await scheduler.wait(task_id, self.wait_timeout if timeout is None else timeout)
+        return _result_or_raise(ended, model)
 
-    async def generate(self, request: VideoRequest, *, timeout: float | None = None) -> Video:
-        """Submit ``request``, wait for it and return its Video (see submit and wait)."""
+    @overload
+    async def generate(self, request: VideoInput, *, timeout: float | None = None) -> Video: ...
+
+    @overload
+    async def generate(self, request: Request, *, timeout: float | None = None) -> Result: ...
+
+    async def generate(self, request: Request, *, timeout: float | None = None) -> Result:
+        """Submit ``request`` to its model, wait for it and return its result: a
+        :class:`Video` for a video model (see submit and wait)."""
         task_id = await self.submit(request)
         return await self.wait(task_id, timeout=timeout)
 
     async def balance(self) -> float:
         """Return the key's remaining balance in USD."""
         self._check_open()
-        return await self._transport.balance()
+        return await self._transport.balance(self.model)
 
     async def download(
-        self, video: Video, dest: str | os.PathLike[str] = ".", *, name: str | None = None
+        self, video: Result, dest: str | os.PathLike[str] = ".", *, name: str | None = None
     ) -> Path:
         """Save the video under folder ``dest`` as ``<task id>.mp4`` and return its path.
 
@@ -361,7 +456,7 @@ class SoraClient:
         return (await self.download_all(video, dest, name=name))[0]
 
     async def download_all(
-        self, video: Video, dest: str | os.PathLike[str] = ".", *, name: str | None = None
+        self, video: Result, dest: str | os.PathLike[str] = ".", *, name: str | None = None
     ) -> list[Path]:
         """Save every result URL of the video under ``dest`` (see download); return the paths."""
         self._check_open()
@@ -375,15 +470,18 @@ class SoraClient:
         **options: Any,
     ) -> BatchReport:
         """Run a durable batch from a file into folder ``out``: see :func:`sora_async.run_batch`."""
-        from ._batch import run_batch  # the batch layer sits above the client
-
-        return await run_batch(self, source, out, **options)
+        # The batch layer sits above the client and registers itself here when
+        # imported (sora_async imports it), so no import points upward.
+        runner = SoraClient._batch_runner
+        if runner is None:
+            raise ClientClosedError("batches need sora_async._batch: import sora_async")
+        return await runner(self, source, out, **options)
 
     # --- fan-out --------------------------------------------------------------------------
 
     def generate_many(
         self,
-        requests: Iterable[VideoRequest] | AsyncIterable[VideoRequest],
+        requests: Iterable[Request] | AsyncIterable[Request],
         *,
         timeout: float | None = None,
     ) -> AsyncIterator[Outcome]:
@@ -396,35 +494,25 @@ class SoraClient:
         ``timeout`` bounds each wait, as in wait().
         """
 
-        async def run(body: CreateRequest) -> Video:
-            task_id = await self._create_with_slot(body)
+        async def run(prepared: tuple[str, CreateRequest]) -> Result:
+            task_id = await self._create_with_slot(prepared)
             return await self.wait(task_id, timeout=timeout)
 
         return fan_out(
             self._check_open(),
             requests,
-            governor=self.governor,
-            prepare=self.create_request,
+            governor_for=lambda prepared: self._lanes.get(prepared[0]).governor,
+            prepare=self._prepare,
             run=run,
         )
 
 
-class _SchedulerNews:
-    """Hand what the governor learns from other processes to the scheduler."""
-
-    def __init__(self, scheduler: PollScheduler) -> None:
-        self._scheduler = scheduler
-
-    def adopt(self, task_id: str, model: str) -> None:
-        self._scheduler.track(task_id, model, holds_slot=True, adopted=True)
-
-    def announce(self, status: TaskStatus, trusted: bool) -> None:
-        self._scheduler.announce(status, trusted=trusted, relayed=True)
-
-
-def _video_or_raise(status: TaskStatus) -> Video:
+def _result_or_raise(status: TaskStatus, model: str) -> Result:
     if status.state is TaskState.SUCCESS:
-        return Video.from_status(status)
+        info = model_info(model)
+        if info is not None and info.kind == "video":
+            return Video.from_status(status, model)
+        return Result.from_status(status, model)
     raise TaskFailedError(status.task_id, status.fail_code, status.fail_msg)
 
 

@@ -1,4 +1,4 @@
-"""Downloads of result videos: streamed, checked, resumed, renamed atomically.
+"""Downloads of result files (videos, images): streamed, checked, resumed, renamed atomically.
 
 Result URLs live on a CDN, not the API: downloads never carry the API key and do
 not spend the API's request budget; they have a concurrency limit of their own.
@@ -20,14 +20,25 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from ._errors import InputError, TransportError
-from ._models import Video, check_http_url
+from ._models import Result, Video, check_http_url
 
 __all__ = ["DEFAULT_MAX_DOWNLOAD_BYTES", "Downloader", "check_folder", "file_stem", "targets"]
 
 logger = logging.getLogger("sora_async")
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-_VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".webm", ".m4v"})
+#: What a result file is, by Content-Type; the URL's suffix is the fallback.
+_TYPE_SUFFIXES = {
+    "video/mp4": ".mp4",
+    "video/quicktime": ".mov",
+    "video/webm": ".webm",
+    "video/x-m4v": ".m4v",
+    "image/png": ".png",
+    "image/jpeg": ".jpg",
+    "image/webp": ".webp",
+    "image/gif": ".gif",
+}
+_MEDIA_SUFFIXES = frozenset({*_TYPE_SUFFIXES.values(), ".jpeg"})
 _CHUNK = 1 << 16
 
 
@@ -73,23 +84,26 @@ def check_folder(folder: Path, field: str = "output") -> None:
         raise InputError(field, f"cannot write to {folder}: {exc.strerror or exc}") from exc
 
 
-def _suffix(url: str) -> str:
+def _suffix(url: str, fallback: str) -> str:
     suffix = PurePosixPath(urlsplit(url).path).suffix.lower()
-    return suffix if suffix in _VIDEO_SUFFIXES else ".mp4"
+    return suffix if suffix in _MEDIA_SUFFIXES else fallback
 
 
-def targets(video: Video, dest: Path, stem: str | None = None) -> list[Path]:
-    """Return where each of the video's URLs is saved: ``<stem>.mp4``, ``<stem>+2.mp4``...
+def targets(video: Result, dest: Path, stem: str | None = None) -> list[Path]:
+    """Return where each result URL is first aimed: ``<stem>.mp4``, ``<stem>+2.png``...
 
     The stem is :func:`file_stem` of ``stem`` (default: the task id). ``+`` never
     occurs in a stem, so an extra file never takes the name of another id's file.
+    The suffix comes from the URL (``.mp4`` for a video, ``.bin`` for another result,
+    when the URL has none); the answer's Content-Type may correct it on download.
     """
     base = file_stem(stem if stem is not None else video.task_id)
+    fallback = ".mp4" if isinstance(video, Video) else ".bin"
     paths = []
     for index, url in enumerate(video.urls):
         check_http_url(f"urls[{index}]", url)
         name = base if index == 0 else f"{base}+{index + 1}"
-        path = dest / f"{name}{_suffix(url)}"
+        path = dest / f"{name}{_suffix(url, fallback)}"
         if path.resolve().parent != dest.resolve():
             raise InputError("task_id", f"file name {name!r} would leave {dest}")
         paths.append(path)
@@ -115,23 +129,26 @@ class Downloader:
         self._random = random.Random()
 
     async def download(
-        self, video: Video, dest: str | os.PathLike[str], stem: str | None = None
+        self, video: Result, dest: str | os.PathLike[str], stem: str | None = None
     ) -> list[Path]:
-        """Save every URL of ``video`` under ``dest``; return the paths in URL order."""
+        """Save every URL of ``video`` under ``dest``; return the paths in URL order.
+
+        A file is named for what it is: the suffix of its Content-Type, else its URL's."""
         if not video.urls:
             raise InputError("video.urls", "has no result URL to download")
         folder = _make_folder(Path(dest))
         paths = targets(video, folder, stem)
+        saved = []
         for url, path in zip(video.urls, paths, strict=True):
             async with self._slots:
-                await self._fetch_with_retries(url, path)
-        return paths
+                saved.append(await self._fetch_with_retries(url, path))
+        return saved
 
-    async def _fetch_with_retries(self, url: str, path: Path) -> None:
+    async def _fetch_with_retries(self, url: str, path: Path) -> Path:
         partial = path.with_name(f".{path.name}.part")
         for attempt in range(1, self._attempts + 1):
             try:
-                await self._fetch(url, partial)
+                kind = await self._fetch(url, partial)
             except _Retryable as exc:
                 if attempt == self._attempts:
                     raise TransportError(f"download of {path.name} failed: {exc}") from exc
@@ -142,10 +159,19 @@ class Downloader:
                 _size(partial, remove=True)  # refused for good: leave nothing half-written
                 raise
             else:
+                suffix = _TYPE_SUFFIXES.get(kind)
+                if (
+                    suffix is not None
+                    and path.suffix != suffix
+                    and not (suffix == ".jpg" and path.suffix == ".jpeg")
+                ):
+                    path = path.with_suffix(suffix)
                 os.replace(partial, path)  # atomic: the target is whole or absent
-                return
+                return path
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
-    async def _fetch(self, url: str, partial: Path) -> None:
+    async def _fetch(self, url: str, partial: Path) -> str:
+        """Fetch into ``partial`` (resuming it); return the answer's media type."""
         have = _size(partial)
         headers = {"Range": f"bytes={have}-"} if have else {}
         try:
@@ -157,10 +183,10 @@ class Downloader:
                     raise _Retryable(f"HTTP {response.status}")
                 if response.status not in (200, 206):
                     raise TransportError(f"download refused: HTTP {response.status} for {url}")
-                kind = response.headers.get("Content-Type", "")
-                if kind and not kind.startswith(("video/", "application/octet-stream")):
+                kind = response.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+                if kind and not kind.startswith(("video/", "image/", "application/octet-stream")):
                     # A CDN's error page: often passing, so tried again (a few times).
-                    raise _Retryable(f"got {kind!r}, not a video")
+                    raise _Retryable(f"got {kind!r}, not a video or image")
                 if response.status == 200:
                     have = 0  # the server ignored Range: start over
                 length = response.content_length
@@ -180,6 +206,7 @@ class Downloader:
         size = _size(partial)
         if expected is not None and size != expected:
             raise _Retryable(f"got {size} of {expected} bytes")
+        return kind
 
     def _too_large(self, url: str, what: str) -> str:
         return (

@@ -3,26 +3,36 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
 
 from ._errors import AuthenticationError, InputError, InsufficientCreditsError, SoraError
 from ._governor import Governor
-from ._models import CreateRequest, Video, VideoRequest
+from ._models import Result
+
+Prepared = TypeVar("Prepared")
+# With several models, how many requests may wait for slots per model while the
+# others keep pulling (a model whose slots are full must not stall the rest).
+_LOOKAHEAD = 16
 
 __all__ = ["Outcome", "fan_out"]
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What became of one request of a fan-out: exactly one of video / error is set."""
+    """What became of one request of a fan-out: exactly one of video / error is set.
 
-    request: VideoRequest
-    video: Video | None = None
+    ``video`` holds the result of any model (a :class:`Video` for video models).
+    """
+
+    request: Any
+    video: Result | None = None
     error: SoraError | None = None
     task_id: str | None = None
 
@@ -34,18 +44,20 @@ class Outcome:
 
 async def fan_out(
     group: anyio.abc.TaskGroup,
-    requests: Iterable[VideoRequest] | AsyncIterable[VideoRequest],
+    requests: Iterable[Any] | AsyncIterable[Any],
     *,
-    governor: Governor,
-    prepare: Callable[[VideoRequest], CreateRequest],
-    run: Callable[[CreateRequest], Awaitable[Video]],
+    governor_for: Callable[[Prepared], Governor],
+    prepare: Callable[[Any], Prepared],
+    run: Callable[[Prepared], Awaitable[Result]],
 ) -> AsyncIterator[Outcome]:
     """Yield an Outcome per request as each finishes.
 
     ``prepare`` validates a request into a create body (InputError: an Outcome, no
-    slot spent); a slot is then taken and ``run`` creates and awaits the video with
-    it. The work runs in ``group`` (the client's), so it may outlive an abandoned
-    iterator only until the iterator is closed. AuthenticationError stops everything
+    slot spent); a slot of its governor is then taken and ``run`` creates and awaits
+    the result with it. Requests of one governor take its slots in order; while one
+    model's slots are all taken, the requests of others still go ahead. The work runs
+    in ``group`` (the client's), so it may outlive an abandoned iterator only until
+    the iterator is closed. AuthenticationError stops everything
     and is raised; InsufficientCreditsError stops new creates, lets the others
     finish, then is raised.
     """
@@ -53,7 +65,7 @@ async def fan_out(
     fatal: list[SoraError] = []
     batch = anyio.CancelScope()
 
-    async def work(request: VideoRequest, body: CreateRequest) -> None:
+    async def work(request: Any, body: Prepared) -> None:
         try:
             video = await run(body)
         except AuthenticationError as exc:
@@ -68,6 +80,36 @@ async def fan_out(
         else:
             await send.send(Outcome(request=request, video=video, task_id=video.task_id))
 
+    # Requests pulled but still waiting for a slot, in one queue per governor: a
+    # model whose slots are all taken must not hold back the requests of another.
+    queues: dict[int, collections.deque[tuple[Any, Prepared]]] = {}
+    moved = asyncio.Event()  # a waiting request got its slot (or gave up)
+
+    def waiting() -> int:
+        return sum(len(queue) for queue in queues.values())
+
+    def lookahead() -> int:
+        # One model: one request waits, as many as there are slots run (pulled lazily).
+        # Several: room for some to wait per model while the others keep pulling.
+        return 1 if len(queues) <= 1 else _LOOKAHEAD * len(queues)
+
+    async def serve(
+        workers: anyio.abc.TaskGroup,
+        governor: Governor,
+        queue: collections.deque[tuple[Any, Prepared]],
+    ) -> None:
+        # Hands the governor's slots to its queue in order, first come, first served.
+        while queue:
+            request, body = queue[0]
+            await governor.acquire_slot()
+            if fatal:
+                governor.release_slot()
+                queue.clear()
+            else:
+                queue.popleft()
+                workers.start_soon(work, request, body)
+            moved.set()
+
     async def feed() -> None:
         with batch:
             async with send, anyio.create_task_group() as workers:
@@ -77,11 +119,16 @@ async def fan_out(
                     except InputError as exc:
                         await send.send(Outcome(request=request, error=exc))
                         continue
-                    await governor.acquire_slot()
+                    governor = governor_for(body)
+                    queue = queues.setdefault(id(governor), collections.deque())
+                    queue.append((request, body))
+                    if len(queue) == 1:
+                        workers.start_soon(serve, workers, governor, queue)
+                    while waiting() >= lookahead() and not fatal:
+                        moved.clear()
+                        await moved.wait()
                     if fatal:
-                        governor.release_slot()
                         break
-                    workers.start_soon(work, request, body)
 
     group.start_soon(feed)
     try:
@@ -95,8 +142,8 @@ async def fan_out(
 
 
 async def _aiter(
-    items: Iterable[VideoRequest] | AsyncIterable[VideoRequest],
-) -> AsyncIterator[VideoRequest]:
+    items: Iterable[Any] | AsyncIterable[Any],
+) -> AsyncIterator[Any]:
     if isinstance(items, AsyncIterable):
         async for item in items:
             yield item

@@ -1,10 +1,10 @@
-"""Typed inputs, wire envelopes and results for Sora 2 Pro on the APIXO task API."""
+"""Sora 2 Pro's typed inputs, the wire envelopes and results of the APIXO task API."""
 
 from __future__ import annotations
 
 import enum
 import math
-from typing import Final, Literal, Union
+from typing import Any, Final, Literal, TypeVar, Union
 from urllib.parse import urlsplit
 
 import msgspec
@@ -19,6 +19,7 @@ __all__ = [
     "CreateRequest",
     "ImageToVideo",
     "Limits",
+    "Result",
     "TaskState",
     "TaskStatus",
     "TextToVideo",
@@ -165,9 +166,12 @@ VideoRequest = Union[TextToVideo, ImageToVideo]  # noqa: UP007 - a runtime alias
 
 
 class CreateRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """The body of ``POST /generateTask/{model}``."""
+    """The body of ``POST /generateTask/{model}``.
 
-    input: VideoRequest
+    ``input`` is a typed input (a msgspec Struct) or, for ``sa.RawInput``, its dict.
+    """
+
+    input: Any
     # No default: the seed always sends request_type, and omit_defaults would drop it.
     request_type: RequestType
     callback_url: str | None = None
@@ -243,28 +247,41 @@ class TaskStatus(msgspec.Struct, frozen=True, kw_only=True):
         return (self.complete_time - self.create_time) / 1000.0
 
 
-class Video(msgspec.Struct, frozen=True, kw_only=True):
-    """A finished generation: its task id and result URLs (which expire: download soon)."""
+_R = TypeVar("_R", bound="Result")
+
+
+class Result(msgspec.Struct, frozen=True, kw_only=True):
+    """A finished task of any model: its task id and result URLs (which expire: download soon).
+
+    A task may have several results (an image model asked for several images).
+    ``model`` is the model that made it, when known.
+    """
 
     task_id: str
     urls: tuple[str, ...]
     create_time: int | None = None
     complete_time: int | None = None
+    model: str | None = None
 
     @classmethod
-    def from_status(cls, status: TaskStatus) -> Video:
-        """Build a Video from a successful status."""
+    def from_status(cls: type[_R], status: TaskStatus, model: str | None = None) -> _R:
+        """Build a result from a successful status."""
         return cls(
             task_id=status.task_id,
             urls=status.result_urls,
             create_time=status.create_time,
             complete_time=status.complete_time,
+            model=model,
         )
 
     @property
     def url(self) -> str:
         """Return the first result URL."""
         return self.urls[0]
+
+
+class Video(Result, frozen=True, kw_only=True):
+    """A finished video generation (a :class:`Result` of a video model)."""
 
 
 # --- the wire ---------------------------------------------------------------------------

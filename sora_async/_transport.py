@@ -1,7 +1,7 @@
 """HTTP to the APIXO service: aiohttp, msgspec, retries and error mapping.
 
 The transport knows nothing of task slots. Before every attempt it asks the
-governor for a permit, and it tells the governor about 429s and successes.
+governor of the call's model for a permit, and tells it about 429s and successes.
 """
 
 from __future__ import annotations
@@ -109,13 +109,14 @@ class Transport:
         *,
         api_key: str,
         base_url: str,
-        governor: Governor,
+        governor_for: Callable[[str], Governor],
         retry: RetryPolicy,
         seed: int | None = None,
     ) -> None:
         self._api_key = api_key
         self._base_url = base_url.rstrip("/")
-        self._governor = governor
+        # Each (key, model) may have its own budget: the model picks the governor.
+        self._governor_for = governor_for
         self._retry = retry
         self._random = random.Random(seed)
         self._session: aiohttp.ClientSession | None = None
@@ -159,7 +160,7 @@ class Transport:
 
         async def attempt() -> str:
             try:
-                raw = await self._send("create", "POST", url, body=body)
+                raw = await self._send("create", model, "POST", url, body=body)
             except _Retry as retry:
                 cause = retry.cause
                 if retry.refused or isinstance(cause, RateLimitError):
@@ -186,7 +187,9 @@ class Transport:
 
         async def attempt() -> TaskStatus:
             paid, first[0] = first[0], False
-            raw = await self._send("status", "GET", url, params={"taskId": task_id}, prepaid=paid)
+            raw = await self._send(
+                "status", model, "GET", url, params={"taskId": task_id}, prepaid=paid
+            )
             # An answer that reads but makes no sense is not retried here: the
             # scheduler counts such answers per task and gives up after a few.
             return decode_status(raw, task_id)
@@ -198,12 +201,12 @@ class Transport:
                 raise
             raise ProtocolError(task_id, exc.problem) from exc.__cause__
 
-    async def balance(self) -> float:
-        """Return the key's remaining balance in USD."""
+    async def balance(self, model: str) -> float:
+        """Return the key's remaining balance in USD, spending from ``model``'s budget."""
         url = f"{self._base_url}/apikeys/current-balance"
 
         async def attempt() -> float:
-            raw = await self._send("balance", "GET", url)
+            raw = await self._send("balance", model, "GET", url)
             try:
                 return _balance_decoder.decode(raw)
             except (msgspec.MsgspecError, RecursionError) as exc:
@@ -242,6 +245,7 @@ class Transport:
     async def _send(
         self,
         kind: RequestKind,
+        model: str,
         method: str,
         url: str,
         *,
@@ -254,8 +258,9 @@ class Transport:
         Raises an APIError for a definitive error answer, or _Retry wrapping the
         failure for anything that may be retried.
         """
+        governor = self._governor_for(model)
         if self._key_refused is None and not prepaid:
-            await self._governor.request(kind)
+            await governor.request(kind)
         if self._key_refused is not None:
             raise self._key_refused
         # The key goes on API calls only, never on the session: result URLs may live
@@ -290,12 +295,12 @@ class Transport:
                 status, code, message, _error_data(data), retry_after=retry_after
             )
             if isinstance(error, RateLimitError):
-                self._governor.rate_limited(kind, error.retry_after)
+                governor.rate_limited(kind, error.retry_after)
                 raise _Retry(error, wait=error.retry_after)
             if isinstance(error, ServerError):
                 raise _Retry(error, wait=retry_after)
             if isinstance(error, AuthenticationError):
                 self._key_refused = error
             raise error
-        self._governor.request_succeeded(kind)
+        governor.request_succeeded(kind)
         return bytes(data)

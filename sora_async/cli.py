@@ -29,6 +29,8 @@ from ._batch import (
     parse_shard,
     run_batch,
 )
+from ._batch_file import request_from
+from ._catalog import MODELS
 from ._cli_run import Note, Stop, emit, fail, run
 from ._cli_run import err as _err
 from ._cli_run import out as _out
@@ -36,7 +38,6 @@ from ._client import SoraClient
 from ._download import check_folder
 from ._errors import InputError, SoraError
 from ._journal import ItemState
-from ._models import ImageToVideo, TextToVideo, VideoRequest
 
 __all__ = ["main"]
 
@@ -100,27 +101,50 @@ _media_options = [
 @click.group()
 @click.version_option(package_name="sora-async")
 def cli() -> None:
-    """Generate Sora 2 Pro videos through the APIXO task API, inside the key's limits."""
+    """Generate videos and images through the APIXO task API, inside the key's limits."""
 
 
 @cli.command()
 @click.argument("prompt")
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), default=Path("."))
 @click.option("--image-url", "image_urls", multiple=True, help="Animate this image (repeatable).")
+@click.option(
+    "--set",
+    "settings",
+    multiple=True,
+    metavar="FIELD=VALUE",
+    help="Another input field of the model (VALUE as JSON, else text; repeatable).",
+)
 @_common
-def generate(prompt: str, out: Path, image_urls: tuple[str, ...], **kwargs: Any) -> None:
-    """Generate one video from PROMPT and save it in the output folder."""
+def generate(
+    prompt: str, out: Path, image_urls: tuple[str, ...], settings: tuple[str, ...], **kwargs: Any
+) -> None:
+    """Generate from PROMPT on --model and save the result files in the output folder."""
     params = _params(kwargs)
     fields = {k: v for k, v in kwargs.items() if v is not None}
+    fields["prompt"] = prompt
+    if image_urls:
+        fields["image_urls"] = list(image_urls)
+    for pair in settings:
+        key, equals, value = pair.partition("=")
+        if not equals or not key:
+            fail(f"--set: {pair!r} must be FIELD=VALUE", as_json=params["as_json"], field="set")
+        try:
+            fields[key] = json.loads(value)
+        except json.JSONDecodeError:
+            fields[key] = value  # a bare word is a string
+    if params["model"] != "sora-2-pro":
+        fields["model"] = params["model"]
     try:
-        request: VideoRequest = (
-            ImageToVideo(prompt=prompt, image_urls=image_urls, **fields)
-            if image_urls
-            else TextToVideo(prompt=prompt, **fields)
-        )
+        request = request_from(fields, BatchDefaults())
         check_folder(out)  # before the create: never pay for a video with nowhere to go
     except InputError as exc:
         fail(str(exc), as_json=params["as_json"], field=exc.field)
+    except msgspec.ValidationError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, InputError):
+            fail(str(cause), as_json=params["as_json"], field=cause.field)
+        fail(f"{params['model']}: {exc}", as_json=params["as_json"])
 
     # A signal while the create is in flight waits for its answer, so that the task
     # (paid for) can be named.
@@ -139,7 +163,7 @@ def generate(prompt: str, out: Path, image_urls: tuple[str, ...], **kwargs: Any)
 
 
 async def _save(
-    client: SoraClient, video: _models.Video, out: Path, note: Note, as_json: bool
+    client: SoraClient, video: _models.Result, out: Path, note: Note, as_json: bool
 ) -> int:
     """Download the video and print where it went; if that fails, say how to get it."""
     try:
@@ -370,6 +394,20 @@ def balance(**kwargs: Any) -> None:
         return 0
 
     run(params, work)
+
+
+@cli.command()
+def models() -> None:
+    """List the models this client knows: id, kind, typed fields and default limits."""
+    table = Table("model", "kind", "input", "fields", "limits (requests/min, tasks)")
+    for info in MODELS.values():
+        names = ", ".join(f"sa.{kind.__name__}" for kind in info.inputs) or "sa.RawInput"
+        limits = info.limits
+        per_minute = round(limits.requests * 60 / limits.period)
+        source = "documented" if info.limits_documented else "Sora default"
+        figures = f"{per_minute}, {limits.concurrent_tasks} ({source})"
+        table.add_row(info.id, info.kind, names, info.fields, figures)
+    _out.print(table)
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})

@@ -74,7 +74,7 @@ def handle_callback(client: SoraClient, body: bytes, token: str | None) -> int:
         logger.warning("callback refused: not a status envelope (%s)", exc)
         return 400
     trusted = verified and not client.confirm_callbacks
-    if not client.scheduler.announce(status, trusted=trusted):
+    if not client.announce(status, trusted=trusted):
         # Another process sharing the key (through Redis) may track it.
         client.governor.share(status, trusted=trusted)
         logger.info("callback for task %s not tracked here: shared", status.task_id)

@@ -146,8 +146,8 @@ def test_every_documented_duration_is_accepted(duration: int) -> None:
 def test_any_nonblank_prompt_up_to_5000_chars_round_trips(prompt: str) -> None:
     """Any non-blank prompt within the limit encodes and decodes unchanged."""
     request = CreateRequest(request_type="async", input=sa.TextToVideo(prompt=prompt, duration=10))
-    decoded = msgspec.json.decode(msgspec.json.encode(request), type=CreateRequest)
-    assert decoded == request
+    sent = msgspec.json.decode(msgspec.json.encode(request))["input"]
+    assert msgspec.convert(sent, sa.TextToVideo) == request.input
 
 
 @given(st.integers().filter(lambda d: d not in {4, 8, 10, 12, 15}))

@@ -35,3 +35,23 @@ def test_the_first_screen_has_both_commands() -> None:
     test_command = '.venv/bin/pip install -e ".[test]" && .venv/bin/python -m pytest'
     assert test_command in first_screen
     assert test_command in (README.parent / ".ci" / "run").read_text()
+
+
+def test_the_catalogue_example_keeps_each_model_inside_its_limits(tmp_path: Path) -> None:
+    """The README's three-model script: images saved as .png, and the fake's per-model
+    counters show each model filling its own slots and no more."""
+    (script,) = [block for block in python_blocks() if "max_concurrent_tasks_by_model" in block]
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    printed = done.stdout.strip()
+    assert printed == (
+        "['.png', '.png', '.png'] {'sora-2-pro': 10, 'veo-3-1': 3, 'seedream-4-5': 1}"
+    )
+    assert f"prints `{printed}`" in README.read_text()

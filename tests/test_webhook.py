@@ -434,3 +434,16 @@ async def test_a_callback_ahead_of_the_status_is_confirmed_again_soon() -> None:
     assert video.url == true_url(fake, task_id)
     assert record.polls == 3  # the confirmation, then rechecks 1 s and 2 s later
     assert 0 <= seen_at - record.complete_at < 2.0
+
+
+async def test_callbacks_resolve_tasks_of_every_model() -> None:
+    """A callback ends a task whatever its model: Veo 3.1 and Nano Banana tasks are
+    resolved by their callbacks, through their own model's scheduler."""
+    async with FakeApixo(generation_time=fixed(60.0), balance=1e9) as fake:
+        async with callback_client(fake) as client:
+            veo = await client.generate(sa.Veo31(prompt="a city", mode="fast"))
+            images = await client.generate(sa.NanoBanana(prompt="a cafe"))
+        stats = fake.stats
+    assert (veo.model, images.model) == ("veo-3-1", "nano-banana")
+    assert stats.callbacks_delivered == 2
+    assert stats.creates_by_model == {"veo-3-1": 1, "nano-banana": 1}

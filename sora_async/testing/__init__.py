@@ -7,7 +7,7 @@ limits on the server clock, injects faults, and counts what it saw in
 run it standalone.
 """
 
-from ._fake import DEFAULT_MODELS, FakeApixo
+from ._fake import DEFAULT_MODEL_LIMITS, DEFAULT_MODELS, FakeApixo
 from ._faults import Fault, FaultSpec
 from ._redis import RedisServer, redis_server_binary
 from ._serve import main, serve
@@ -16,6 +16,7 @@ from ._timing import GenerationTime, fixed, heavy_tailed, lognormal, uniform
 
 __all__ = [
     "DEFAULT_MODELS",
+    "DEFAULT_MODEL_LIMITS",
     "FakeApixo",
     "Fault",
     "FaultSpec",

@@ -166,7 +166,7 @@ class CallbackSender:
         """Return the status envelope of a task that has ended, as the status endpoint sends it."""
         owner = self._owner
         moment = max(owner.now(), record.complete_at)  # float rounding: the end has come
-        data = record.status_data(moment, f"{owner.origin}/files/{record.task_id}.mp4")
+        data = record.status_data(moment, f"{owner.origin}/files")
         return envelope_body(200, "success", data)
 
     async def _attempt(self, record: TaskRecord) -> bool:

@@ -28,15 +28,37 @@ from ._http import (
     retry_headers,
     send_bytes,
 )
+from ._images import IMAGE_TYPES, cached_image
 from ._media import cached_mp4
 from ._persist import StateFile
 from ._state import KeyLimits, Neighbour, Stats, TaskRecord
 from ._timing import DEFAULT_EPOCH_MS, Clock, GenerationTime, lognormal
 from ._validate import InvalidBody, parse_create
 
-__all__ = ["DEFAULT_MODELS", "FakeApixo"]
+__all__ = ["DEFAULT_MODELS", "DEFAULT_MODEL_LIMITS", "FakeApixo"]
 
-DEFAULT_MODELS = frozenset({"sora-2-pro", "sora-2", "veo-3-1", "kling-2-6", "nano-banana"})
+DEFAULT_MODELS = frozenset(
+    {
+        "sora-2-pro",
+        "sora-2",
+        "veo-3-1",
+        "veo-3-1-extend",
+        "kling-2-5-turbo-pro",
+        "kling-2-6",
+        "wan-2-5",
+        "ltx-2-19b",
+        "nano-banana",
+        "nano-banana-2",
+        "seedream-4-5",
+    }
+)
+#: ``(requests a minute, unfinished tasks)`` of models whose pages state other figures
+#: than Sora 2 Pro's 60 and 10.
+DEFAULT_MODEL_LIMITS: Mapping[str, tuple[int, int]] = types.MappingProxyType(
+    {"ltx-2-19b": (10000, 1000)}
+)
+# Balance calls name no model: they count against this one's window.
+_BALANCE_MODEL = "sora-2-pro"
 _FAIL_MARK = re.compile(r"\[fail:([^\]\s]+)\]")
 _VIOLATE_MARK = "[violate]"
 
@@ -65,6 +87,7 @@ class FakeApixo:
         period: float = 60.0,
         concurrent_tasks: int = 10,
         generation_time: GenerationTime | None = None,
+        generation_times: Mapping[str, GenerationTime] | None = None,
         pending_time: float = 2.0,
         failure_rate: float = 0.0,
         fail_code: str = "GENERATION_FAILED",
@@ -75,6 +98,8 @@ class FakeApixo:
         port: int = 0,
         epoch_ms: int = DEFAULT_EPOCH_MS,
         models: Collection[str] = DEFAULT_MODELS,
+        model_limits: Mapping[str, tuple[int, int]] | None = None,
+        limits_per: Literal["model", "key"] = "model",
         credits_error_code: int = 400,
         violation_error_code: int = 400,
         retry_after: float | None = None,
@@ -97,11 +122,18 @@ class FakeApixo:
             concurrent_tasks: creates beyond this many unfinished tasks get 429.
             generation_time: seconds from create to end, drawn per task
                 (:func:`lognormal`, :func:`uniform`, :func:`fixed`, :func:`heavy_tailed`).
+            generation_times: per model, overriding ``generation_time`` for that model.
             pending_time: seconds a task stays ``pending`` before ``processing``.
             failure_rate, fail_code: share of tasks that end ``failed``, and their code.
             seed: seeds generation times, failures and task ids.
             balance, price_per_second: USD; a create costs price x seconds (12 official).
             epoch_ms: wire time (ms) at start; later times add loop-time elapsed.
+            model_limits: ``{model: (requests, concurrent_tasks)}`` for models whose limits
+                differ from ``requests`` / ``concurrent_tasks`` (added to
+                :data:`DEFAULT_MODEL_LIMITS`, the figures the models' pages state).
+            limits_per: ``"model"`` (default): each model has its own rate window and task
+                slots on the key (balance calls count in ``sora-2-pro``'s); ``"key"``: all
+                models share one. Neighbours play on every model's limits.
             credits_error_code, violation_error_code: HTTP/envelope code of those 400s.
             retry_after: if set, 429 answers carry ``Retry-After`` (seconds).
             callback_timeout, callback_retry_delays: a callback POST not answered 200 in
@@ -131,6 +163,7 @@ class FakeApixo:
         self.requests = requests
         self.concurrent_tasks = concurrent_tasks
         self.generation_time: GenerationTime = generation_time or lognormal(180.0, 0.4)
+        self.generation_times = dict(generation_times or {})
         self.pending_time = pending_time
         self.failure_rate = failure_rate
         self.fail_code = fail_code
@@ -138,6 +171,10 @@ class FakeApixo:
         self.host = host
         self.port = port
         self.models = set(models)
+        self.model_limits = {**DEFAULT_MODEL_LIMITS, **(model_limits or {})}
+        if limits_per not in ("model", "key"):
+            raise ValueError("limits_per must be 'model' or 'key'")
+        self.limits_per = limits_per
         self.credits_error_code = credits_error_code
         self.violation_error_code = violation_error_code
         self.retry_after = retry_after
@@ -161,7 +198,8 @@ class FakeApixo:
         self._rng = random.Random(seed)
         self._ids = random.Random(f"task-ids-{seed}")
         self._clock = Clock(epoch_ms)
-        self._limits = KeyLimits(period)
+        self._neighbours: list[Neighbour] = []
+        self._windows: dict[str, KeyLimits] = {}
         self._faults = FaultPlan()
         self._tasks: dict[str, TaskRecord] = {}
         self._runner: web.AppRunner | None = None
@@ -207,7 +245,7 @@ class FakeApixo:
     def _restore(self, record: TaskRecord) -> None:
         self._tasks[record.task_id] = record
         if not record.finished:
-            self._limits.track(record)
+            self._window(record.model).track(record)
             self._callbacks.schedule(record)
         self.stats.creates += 1
         self.stats.creates_per_prompt[record.prompt] += 1
@@ -293,8 +331,31 @@ class FakeApixo:
         self._balance = float(usd)
 
     def unfinished_tasks(self) -> int:
-        """Return our pending or processing tasks now (neighbours' slots not included)."""
-        return self._limits.unfinished(self._clock.now())
+        """Return our pending or processing tasks now, of every model (neighbours' slots
+        not included)."""
+        now = self._clock.now()
+        return sum(limits.unfinished(now) for limits in self._windows.values())
+
+    def unfinished_tasks_of(self, model: str) -> int:
+        """Return our pending or processing tasks of ``model`` now."""
+        now = self._clock.now()
+        if self.limits_per == "model":
+            return self._window(model).unfinished(now)
+        return sum(1 for t in self._tasks.values() if t.model == model and not t.ended_by(now))
+
+    def limits_of(self, model: str) -> tuple[int, int]:
+        """Return ``(requests, concurrent_tasks)`` that bind ``model`` on this key."""
+        if self.limits_per == "model" and model in self.model_limits:
+            return self.model_limits[model]
+        return self.requests, self.concurrent_tasks
+
+    def _window(self, model: str) -> KeyLimits:
+        key = model if self.limits_per == "model" else ""
+        limits = self._windows.get(key)
+        if limits is None:
+            limits = self._windows[key] = KeyLimits(self._period)
+            limits.neighbours = self._neighbours  # one list: neighbours play everywhere
+        return limits
 
     def finish(
         self,
@@ -354,11 +415,11 @@ class FakeApixo:
         if requests_per_minute < 0 or tasks < 0:
             raise ValueError("requests_per_minute and tasks must be >= 0")
         neighbour = Neighbour(requests_per_minute, tasks, self._clock.now_us())
-        self._limits.neighbours.append(neighbour)
+        self._neighbours.append(neighbour)
 
     def remove_neighbours(self) -> None:
         """Stop every neighbour: their slots free and their requests stop now."""
-        self._limits.neighbours.clear()
+        self._neighbours.clear()
 
     # -- limits ------------------------------------------------------------------------
 
@@ -387,10 +448,13 @@ class FakeApixo:
             self._count_fault(kind, first)
             retry_after = first.retry_after if first.retry_after is not None else self.retry_after
             return self._too_many(kind, "Rate limit exceeded", retry_after)
-        in_window = self._limits.admit(self._clock.now_us(), self.requests)
+        model = request.match_info.get("model", _BALANCE_MODEL)
+        in_window = self._window(model).admit(self._clock.now_us(), self.limits_of(model)[0])
         if in_window is None:
             return self._too_many(kind, "Rate limit exceeded", self.retry_after)
         self.stats.max_requests_in_window = max(self.stats.max_requests_in_window, in_window)
+        by_model = self.stats.max_requests_in_window_by_model
+        by_model[model] = max(by_model[model], in_window)
         fault = self._faults.take(kind) if queued else first
         if fault is None:
             return await work(request)
@@ -428,18 +492,22 @@ class FakeApixo:
         if _VIOLATE_MARK in spec.prompt:
             message = "Content violates provider policy, please adjust the prompt"
             return envelope(self.violation_error_code, message)
-        cost = self.price_per_second * spec.duration
+        # An image costs as one second of video: the fake's prices are only relative.
+        cost = self.price_per_second * (spec.images if spec.kind == "image" else spec.duration)
         if self._balance + 1e-9 < cost:
             return envelope(self.credits_error_code, "Insufficient credits")
-        if self._limits.slots_taken(self._clock.now()) >= self.concurrent_tasks:
+        if self._window(model).slots_taken(self._clock.now()) >= self.limits_of(model)[1]:
             self.stats.concurrency_limited += 1
             return self._too_many("create", "Concurrent task limit exceeded", self.retry_after)
         now = self._clock.now()
-        generation = max(0.0, float(self.generation_time(self._rng)))
+        draw = self.generation_times.get(model, self.generation_time)
+        generation = max(0.0, float(draw(self._rng)))
         # Always draw, so a marked prompt does not shift the random sequence.
         unlucky = self._rng.random() < self.failure_rate
         marked = _FAIL_MARK.search(spec.prompt)
         fail_code = marked.group(1) if marked else (self.fail_code if unlucky else None)
+        if model == "veo-3-1-extend" and not self._extends_veo(spec.input.get("taskId")):
+            fail_code = "TASKID_ERROR"  # the page: an unknown or non-veo-3-1 taskId fails
         task_id = self._new_task_id()
         record = TaskRecord.plan(
             task_id, model, spec, now, cost, generation, self.pending_time, fail_code, self._clock
@@ -447,14 +515,17 @@ class FakeApixo:
         self._tasks[task_id] = record
         if self._state_file is not None:
             self._state_file.made(record, self._clock.now)
-        self._limits.track(record)
+        self._window(model).track(record)
         self._callbacks.schedule(record)
         self._balance = round(self._balance - cost, 9)
         self.stats.creates += 1
         self.stats.creates_per_prompt[spec.prompt] += 1
+        self.stats.creates_by_model[model] += 1
         self.stats.max_concurrent_tasks = max(
             self.stats.max_concurrent_tasks, self.unfinished_tasks()
         )
+        by_model = self.stats.max_concurrent_tasks_by_model
+        by_model[model] = max(by_model[model], self.unfinished_tasks_of(model))
         return envelope(200, "success", {"taskId": task_id})
 
     async def _on_stats(self, request: web.Request) -> web.Response:
@@ -467,6 +538,10 @@ class FakeApixo:
         }
         counters["unfinished_tasks"] = self.unfinished_tasks()
         return web.json_response(counters)
+
+    def _extends_veo(self, task_id: object) -> bool:
+        source = self._tasks.get(task_id) if isinstance(task_id, str) else None
+        return source is not None and source.model == "veo-3-1"
 
     def _new_task_id(self) -> str:
         while True:
@@ -486,7 +561,7 @@ class FakeApixo:
             return envelope(404, "Task not found")
         record.polls += 1
         now = self._clock.now()
-        data = record.status_data(now, f"{request.url.origin()}/files/{task_id}.mp4")
+        data = record.status_data(now, f"{request.url.origin()}/files")
         if record.first_seen_done_at is None and data["state"] in ("success", "failed"):
             record.first_seen_done_at = now
         return envelope(200, "success", data)
@@ -512,9 +587,13 @@ class FakeApixo:
 
     async def _file(self, request: web.Request, *, truncate: bool = False) -> web.StreamResponse:
         name = request.match_info["name"]
-        task_id = name[: -len(".mp4")] if name.endswith(".mp4") else ""
+        stem, _, extension = name.rpartition(".")
+        task_id = stem.rpartition("-")[0] if extension in IMAGE_TYPES else stem
         record = self._tasks.get(task_id)
-        if record is None or record.state != "success":
+        if record is None or record.state != "success" or name not in record.result_files():
             return envelope(404, "File not found")
+        if record.kind == "image":
+            data = cached_image(stem, extension)
+            return await send_bytes(request, data, IMAGE_TYPES[extension], truncate=truncate)
         data = cached_mp4(task_id, record.duration, record.width, record.height)
         return await send_bytes(request, data, "video/mp4", truncate=truncate)

@@ -34,6 +34,7 @@ _FAIL_MESSAGES = {
     "GENERATION_FAILED": "Video generation failed, please try again",
     "INVALID_IMAGE_URL": "Cannot access provided image URL",
     "PROCESSING_TIMEOUT": "Processing timed out",
+    "TASKID_ERROR": "taskId is invalid, expired or not from veo-3-1",
     "SensitiveContent": "The prompt or output was flagged as sensitive content",
 }
 
@@ -70,6 +71,16 @@ class Stats:
     concurrency_limited: int = 0
     #: Largest number of our unfinished (pending or processing) tasks at any instant.
     max_concurrent_tasks: int = 0
+    #: ``max_requests_in_window`` per model's window (balance calls count in sora-2-pro's).
+    max_requests_in_window_by_model: collections.Counter[str] = field(
+        default_factory=collections.Counter
+    )
+    #: Largest number of one model's unfinished tasks at any instant, per model.
+    max_concurrent_tasks_by_model: collections.Counter[str] = field(
+        default_factory=collections.Counter
+    )
+    #: Tasks made, per model.
+    creates_by_model: collections.Counter[str] = field(default_factory=collections.Counter)
     #: Tasks made.
     creates: int = 0
     #: Tasks made per prompt: more than 1 means a prompt was paid for more than once.
@@ -128,6 +139,10 @@ class TaskRecord:
     #: When a status answer first showed this task terminal, or a callback about it was
     #: answered 200, whichever came first (detection time).
     first_seen_done_at: float | None = None
+    #: ``video`` or ``image``; image tasks make ``images`` files of ``image_format``.
+    kind: str = "video"
+    images: int = 0
+    image_format: str = "png"
     _now: Callable[[], float] = field(default=lambda: 0.0, repr=False)
     _epoch_ms: int = field(default=0, repr=False)
 
@@ -163,6 +178,9 @@ class TaskRecord:
             final_state="failed" if fail_code else "success",
             fail_code=fail_code,
             fail_msg=fail_message(fail_code) if fail_code else None,
+            kind=spec.kind,
+            images=spec.images,
+            image_format=spec.image_format,
             _now=clock.now,
             _epoch_ms=clock.epoch_ms,
         )
@@ -222,12 +240,21 @@ class TaskRecord:
             return 99
         return max(0, min(99, int(100 * (t - self.created_at) / span)))
 
-    def status_data(self, t: float, result_url: str) -> dict[str, Any]:
-        """Return the status endpoint's ``data`` at server time ``t``, shaped as the seed."""
+    def result_files(self) -> list[str]:
+        """Return the names of the task's result files under ``/files/``."""
+        if self.kind == "image":
+            return [f"{self.task_id}-{n}.{self.image_format}" for n in range(1, self.images + 1)]
+        return [f"{self.task_id}.mp4"]
+
+    def status_data(self, t: float, files_url: str) -> dict[str, Any]:
+        """Return the status endpoint's ``data`` at server time ``t``, shaped as the seed.
+
+        ``files_url`` is where result files are served (``.../files``)."""
         state = self.state_at(t)
         data: dict[str, Any] = {"taskId": self.task_id, "state": state}
         if state == "success":
-            data["resultJson"] = msgspec.json.encode({"resultUrls": [result_url]}).decode()
+            urls = [f"{files_url}/{name}" for name in self.result_files()]
+            data["resultJson"] = msgspec.json.encode({"resultUrls": urls}).decode()
         elif state == "failed":
             data["failCode"] = self.fail_code
             data["failMsg"] = self.fail_msg

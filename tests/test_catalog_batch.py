@@ -1,0 +1,140 @@
+"""Batches and the CLI across several models of the catalogue, against the fake."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import sora_async as sa
+from sora_async.cli import cli
+from sora_async.testing import FakeApixo, lognormal
+
+
+def mixed_lines(count: int) -> str:
+    """Return JSONL lines cycling through Sora 2 Pro, Veo 3.1 and Seedream (raw input, 2 images)."""
+    rows = []
+    for i in range(count):
+        if i % 3 == 0:
+            rows.append({"id": f"s{i}", "prompt": f"sora {i}", "duration": 10})
+        elif i % 3 == 1:
+            rows.append({"id": f"v{i}", "model": "veo-3-1", "prompt": f"veo {i}", "mode": "fast"})
+        else:
+            rows.append(
+                {"id": f"n{i}", "model": "seedream-4-5", "prompt": f"seed {i}", "max_images": 2}
+            )
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+def manifest(out: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"model": "veo-3-1", "prompt": "x", "aspect_ratio": "4:3"}', ":1: "),
+        ('{"model": "wan-2-5", "prompt": "x", "duration": 7}', ":1: duration: "),
+        ('{"model": "bad/id", "prompt": "x"}', ":1: model: "),
+        ('{"model": "kling-2-5-turbo-pro", "prompt": "x", "size": "1280*720"}', ":1: "),
+    ],
+)
+def test_a_line_with_a_bad_model_field_names_file_and_line(
+    tmp_path: Path, line: str, message: str
+) -> None:
+    """A JSONL line's model fields are checked before anything is sent."""
+    source = tmp_path / "p.jsonl"
+    source.write_text(line + "\n")
+    with pytest.raises(sa.BatchLineError, match=message):
+        sa.load_requests(source)
+
+
+def test_a_line_names_its_model(tmp_path: Path) -> None:
+    """``model`` picks the typed input; an untyped model gets a RawInput."""
+    rows = [
+        {"model": "veo-3-1", "prompt": "x", "generationType": "TEXT_2_VIDEO"},
+        {"model": "seedream-4-5", "prompt": "x", "max_images": 3},
+        {"prompt": "x"},
+    ]
+    source = tmp_path / "p.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    made = [item.request for item in sa.load_requests(source)]
+    assert isinstance(made[0], sa.Veo31)
+    assert made[1] == sa.RawInput(model="seedream-4-5", input={"prompt": "x", "max_images": 3})
+    assert isinstance(made[2], sa.TextToVideo)
+
+
+@pytest.mark.looptime
+async def test_a_mixed_batch_resumes_after_a_kill(tmp_path: Path) -> None:
+    """A JSONL batch over three models, stopped mid-way and run again: every item
+    once, each file named for what it is, several images per image task."""
+    source = tmp_path / "mixed.jsonl"
+    source.write_text(mixed_lines(90))
+    out = tmp_path / "out"
+    async with FakeApixo(generation_time=lognormal(120, 0.3), balance=1e6) as fake:
+        async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
+            run = asyncio.ensure_future(sa.run_batch(client, source, out))
+            await asyncio.sleep(200)
+            run.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await run
+        assert {row["state"] for row in manifest(out)} & {"running", "queued"}
+        async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
+            report = await sa.run_batch(client, source, out)
+        assert report.ok
+        stats = fake.stats
+        models = {task.model for task in fake.tasks.values()}
+    assert set(stats.creates_per_prompt.values()) == {1}
+    assert stats.creates == 90
+    assert models == {"sora-2-pro", "veo-3-1", "seedream-4-5"}
+    rows = {str(row["id"]): row for row in manifest(out)}
+    assert rows["v1"]["model"] == "veo-3-1"
+    assert rows["s0"]["model"] == "sora-2-pro"
+    files = rows["n2"]["files"]
+    assert isinstance(files, list)
+    assert [Path(f).suffix for f in files] == [".png", ".png"]
+    assert len(list(out.glob("*.mp4"))) == 60
+    assert len(list(out.glob("*.png"))) == 60
+
+
+def test_cli_lists_the_models() -> None:
+    """``sora-async models`` shows every model of the table with its kind and limits."""
+    result = CliRunner().invoke(cli, ["models"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for model in sa.MODELS:
+        assert model in result.output
+    assert "10000, 1000" in result.output
+
+
+def test_cli_generates_on_another_model(tmp_path: Path) -> None:
+    """``generate --model nano-banana --set output_format=jpeg`` saves a .jpg."""
+    result = CliRunner().invoke(
+        cli,
+        [
+            "generate",
+            "a cafe",
+            "--model",
+            "nano-banana",
+            "--set",
+            "output_format=jpeg",
+            "--simulate",
+            "--json",
+            "-o",
+            str(tmp_path),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["file"].endswith(".jpg")
+
+
+def test_cli_refuses_a_bad_field_in_one_line(tmp_path: Path) -> None:
+    """A field the model refuses: exit 2, one line, no traceback."""
+    result = CliRunner().invoke(
+        cli, ["generate", "x", "--model", "veo-3-1", "--set", "mode=slow", "--simulate"]
+    )
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
