@@ -63,6 +63,7 @@ from ._models import (
     VideoRequest,
 )
 from ._scheduler import PollPolicy
+from ._snapshot import ModelSnapshot, Snapshot
 from ._transport import RetryPolicy
 
 if TYPE_CHECKING:
@@ -91,6 +92,7 @@ __all__ = [
     "LocalGovernor",
     "ModelInfo",
     "ModelInput",
+    "ModelSnapshot",
     "NanoBanana",
     "NanoBanana2",
     "NotFoundError",
@@ -105,6 +107,7 @@ __all__ = [
     "Result",
     "RetryPolicy",
     "ServerError",
+    "Snapshot",
     "Sora2",
     "SoraClient",
     "SoraError",

@@ -56,6 +56,7 @@ from ._models import (
     check_http_url,
 )
 from ._scheduler import PollPolicy, PollScheduler
+from ._snapshot import Snapshot, model_snapshot, snapshot_of
 from ._transport import RetryPolicy, Transport
 
 if TYPE_CHECKING:
@@ -195,6 +196,18 @@ class SoraClient:
     def scheduler_for(self, model: str) -> PollScheduler:
         """Return the scheduler that polls ``model``'s tasks (it learns their times)."""
         return self._lanes.get(check_model_id(model)).scheduler
+
+    def snapshot(self) -> Snapshot:
+        """Return the figures an operator watches, at this instant (cheap: no request).
+
+        Slots, window use, rate factor and 429s come from each model's governor (for a
+        :class:`RedisGovernor`, the key's, summed over every process, as last read);
+        tasks in flight, learned generation times, polls per finished task and
+        callback loss from each model's scheduler.
+        """
+        lanes = self._lanes.all()
+        parts = [model_snapshot(lane.model, lane.governor, lane.scheduler) for lane in lanes]
+        return snapshot_of(self.model, parts)
 
     def announce(self, status: TaskStatus, *, trusted: bool) -> bool:
         """Take a callback's news of a task, whatever its model; return whether it is ours."""

@@ -56,6 +56,9 @@ class Governor(Protocol):
     applies them locally at once and carries them to the others in the background.
     """
 
+    #: The key's nominal limits for the model(s) this governor serves.
+    limits: Limits
+
     async def request(self, kind: RequestKind) -> None:
         """Wait until one request may be sent, and spend it."""
 
@@ -94,6 +97,14 @@ class Governor(Protocol):
 
     def requests_in_window(self) -> int:
         """Return how many requests were sent in the last period."""
+
+    @property
+    def rate_limited_seen(self) -> int:
+        """Return how many 429s were reported since the governor was made."""
+
+    @property
+    def slot_waiters(self) -> int:
+        """Return how many creates wait for a task slot now."""
 
     async def run(self, news: TaskNews) -> None:
         """Do the governor's background work until cancelled (nothing, in process)."""
@@ -260,6 +271,7 @@ class LocalGovernor:
         self._last_poll: float | None = None
         self._not_before = 0.0
         self._rate_factor = 1.0
+        self._rate_limited_seen = 0
         # Slot side.
         self._slot_limit = self.limits.concurrent_tasks
         self._in_use = 0
@@ -277,6 +289,11 @@ class LocalGovernor:
         """Return how many requests this governor granted in the last period."""
         since = asyncio.get_running_loop().time() - self.limits.period
         return sum(1 for sent in self._sent if sent > since)
+
+    @property
+    def rate_limited_seen(self) -> int:
+        """Return how many 429s were reported since the governor was made."""
+        return self._rate_limited_seen
 
     async def request(self, kind: RequestKind) -> None:
         """Wait until one request of ``kind`` may be sent, and spend it."""
@@ -317,6 +334,7 @@ class LocalGovernor:
     def rate_limited(self, kind: RequestKind, retry_after: float | None) -> None:
         """Pause every request and shrink rate (and slots, for a create) after a 429."""
         now = asyncio.get_running_loop().time()
+        self._rate_limited_seen += 1
         pause = self._backoff.pause(kind, retry_after)
         self._not_before = max(self._not_before, now + pause)
         self._rate_factor = max(_MIN_RATE_FACTOR, self._rate_factor * _RATE_DECREASE)
@@ -355,6 +373,11 @@ class LocalGovernor:
     def slot_limit(self) -> int:
         """Return how many slots may be taken now."""
         return self._slot_limit
+
+    @property
+    def slot_waiters(self) -> int:
+        """Return how many creates wait for a task slot now."""
+        return sum(1 for waiter in self._slot_waiters if not waiter.done())
 
     async def acquire_slot(self) -> None:
         """Wait, first come first served, for a task slot."""

@@ -142,7 +142,7 @@ return {0, '-1', epoch, used}
 """
 )
 
-# KEYS: slots, tickets, pause, factor, slot_limit
+# KEYS: slots, tickets, pause, factor, slot_limit, limited (429s seen on the key)
 # ARGV: owner, channel, nominal, then groups of four: op, token, a, b
 APPLY = PRELUDE + (
     """
@@ -171,6 +171,7 @@ for i = 4, #ARGV, 4 do
   elseif op == 'news' then
     redis.call('PUBLISH', ARGV[2], a)
   elseif op == 'limited' then
+    redis.call('INCR', KEYS[6])
     raise_to(KEYS[3], now + tonumber(a))
     redis.call('SET', KEYS[4], num(math.max(@MIN_FACTOR@, getnum(KEYS[4], 1) * @DECREASE@)))
     if b == 'create' then
@@ -185,7 +186,8 @@ for i = 4, #ARGV, 4 do
   end
 end
 if freed then redis.call('PUBLISH', ARGV[2], '{"kind":"freed"}') end
-return {num(getnum(KEYS[4], 1)), getnum(KEYS[5], tonumber(ARGV[3])), redis.call('HLEN', KEYS[1])}
+return {num(getnum(KEYS[4], 1)), getnum(KEYS[5], tonumber(ARGV[3])), redis.call('HLEN', KEYS[1]),
+        getnum(KEYS[6], 0), redis.call('ZCARD', KEYS[2])}
 """.replace("@MIN_FACTOR@", repr(MIN_RATE_FACTOR))
     .replace("@DECREASE@", repr(RATE_DECREASE))
     .replace("@INCREASE@", repr(RATE_INCREASE))

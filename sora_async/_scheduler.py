@@ -151,6 +151,7 @@ class PollScheduler:
         self._changed = asyncio.Event()
         self._fatal: BaseException | None = None
         self.polls = 0
+        self.settled = 0  # tasks seen to end, by poll or callback
 
     # --- what the client calls ------------------------------------------------------------
 
@@ -415,6 +416,7 @@ class PollScheduler:
         seconds = status.generation_seconds
         if seconds is not None:
             self.times.observe(seconds)
+        self.settled += 1
         self._drop(tracked)
         self._finished[tracked.task_id] = status
         while len(self._finished) > self.policy.keep_results:

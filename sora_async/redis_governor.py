@@ -151,6 +151,8 @@ class RedisGovernor:
         self._slot_limit = self.limits.concurrent_tasks
         self._slots_in_use = 0
         self._in_window = 0
+        self._rate_limited_seen = 0
+        self._slot_waiters = 0
         # Slots: what this process holds, and what it must still tell Redis.
         self._mine: dict[str, _Slot] = {}
         self._outbox: list[str] = []
@@ -238,6 +240,16 @@ class RedisGovernor:
         """Return how many requests all processes were granted in the last window, as last read."""
         return self._in_window
 
+    @property
+    def rate_limited_seen(self) -> int:
+        """Return how many 429s all processes reported on the key, as last read."""
+        return self._rate_limited_seen
+
+    @property
+    def slot_waiters(self) -> int:
+        """Return how many creates of all processes waited for a slot, as last read."""
+        return self._slot_waiters
+
     async def request(self, kind: RequestKind) -> None:
         """Wait until one request of ``kind`` may be sent by this process, and spend it."""
         # A poll keeps one place in the key's poll line across its attempts.
@@ -291,6 +303,7 @@ class RedisGovernor:
         now = asyncio.get_running_loop().time()
         pause = self._backoff.pause(kind, retry_after)
         self._not_before = max(self._not_before, now + pause)
+        self._rate_limited_seen += 1  # counted on the key when the report is carried
         self._send("limited", "", f"{pause * 1000:.3f}", kind)
         logger.warning("429 on %s: pausing every process %.1f s", kind, pause)
 
@@ -474,7 +487,7 @@ class RedisGovernor:
         while self._outbox:
             ops, self._outbox = self._outbox, []
             try:
-                factor, slot_limit, used = await self._script(
+                factor, slot_limit, used, limited, waiters = await self._script(
                     "apply",
                     [
                         self._key("slots"),
@@ -482,6 +495,7 @@ class RedisGovernor:
                         self._key("pause"),
                         self._key("factor"),
                         self._key("slot_limit"),
+                        self._key("limited"),
                     ],
                     [self.owner, self._channel, self.limits.concurrent_tasks, *ops],
                 )
@@ -491,6 +505,8 @@ class RedisGovernor:
             self._rate_factor = float(factor)
             self._slot_limit = int(slot_limit)
             self._slots_in_use = int(used)
+            self._rate_limited_seen = int(limited)
+            self._slot_waiters = int(waiters)
 
     async def _renew(self, news: TaskNews) -> None:
         loop = asyncio.get_running_loop()
