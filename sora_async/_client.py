@@ -55,6 +55,7 @@ from ._models import (
     check_choice,
     check_http_url,
 )
+from ._recorder import Recorder
 from ._scheduler import PollPolicy, PollScheduler
 from ._snapshot import Snapshot, model_snapshot, snapshot_of
 from ._transport import RetryPolicy, Transport
@@ -208,6 +209,11 @@ class SoraClient:
         lanes = self._lanes.all()
         parts = [model_snapshot(lane.model, lane.governor, lane.scheduler) for lane in lanes]
         return snapshot_of(self.model, parts)
+
+    def _record(self, recorder: Recorder | None) -> None:
+        """Send request and task events to ``recorder`` (see :mod:`sora_async.otel`)."""
+        self._transport.recorder = recorder
+        self._lanes.record(recorder)
 
     def announce(self, status: TaskStatus, *, trusted: bool) -> bool:
         """Take a callback's news of a task, whatever its model; return whether it is ours."""

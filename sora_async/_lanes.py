@@ -18,6 +18,7 @@ import anyio.abc
 from ._catalog import limits_for, model_info
 from ._governor import Governor, LocalGovernor
 from ._models import Limits, TaskStatus
+from ._recorder import Recorder
 from ._scheduler import PollPolicy, PollScheduler
 
 __all__ = ["Lane", "Lanes"]
@@ -62,6 +63,7 @@ class Lanes:
         self._lanes: dict[str, Lane] = {}
         self._started: list[Governor] = []  # governors whose run() is started
         self._group: anyio.abc.TaskGroup | None = None
+        self._recorder: Recorder | None = None
         self.default = self.get(default_model)
 
     def governor_for(self, model: str) -> Governor:
@@ -91,6 +93,7 @@ class Lanes:
                     uncertain_hold=self._uncertain_hold,
                 ),
             )
+            lane.scheduler.recorder = self._recorder
             self._lanes[model] = lane
             if self._group is not None:
                 self._start(lane, self._group)
@@ -116,6 +119,12 @@ class Lanes:
         if not any(governor is lane.governor for governor in self._started):
             self._started.append(lane.governor)
             group.start_soon(lane.governor.run, _News(self))
+
+    def record(self, recorder: Recorder | None) -> None:
+        """Send every scheduler's task ends, now and later, to ``recorder``."""
+        self._recorder = recorder
+        for lane in self._lanes.values():
+            lane.scheduler.recorder = recorder
 
     def all(self) -> list[Lane]:
         """Return every lane made so far."""

@@ -28,6 +28,7 @@ from ._errors import (
 )
 from ._governor import Governor
 from ._models import TaskStatus, check_count, check_positive
+from ._recorder import Recorder
 from ._times import GenerationTimes
 
 __all__ = ["GenerationTimes", "PollPolicy", "PollScheduler"]
@@ -152,6 +153,7 @@ class PollScheduler:
         self._fatal: BaseException | None = None
         self.polls = 0
         self.settled = 0  # tasks seen to end, by poll or callback
+        self.recorder: Recorder | None = None  # set by sora_async.otel.instrument()
 
     # --- what the client calls ------------------------------------------------------------
 
@@ -417,6 +419,13 @@ class PollScheduler:
         if seconds is not None:
             self.times.observe(seconds)
         self.settled += 1
+        if self.recorder is not None:
+            # The end as our clock places it: tracked at create, plus the generation.
+            now = asyncio.get_running_loop().time()
+            late = None if seconds is None else max(0.0, now - tracked.started - seconds)
+            self.recorder.task_ended(
+                tracked.model, status.state.value, status.fail_code, seconds, late
+            )
         self._drop(tracked)
         self._finished[tracked.task_id] = status
         while len(self._finished) > self.policy.keep_results:

@@ -21,12 +21,14 @@ from ._errors import (
     ProtocolError,
     RateLimitError,
     ServerError,
+    SoraError,
     SubmitUncertainError,
     TransportError,
     error_from_response,
 )
 from ._governor import Governor, RequestKind
 from ._models import CreatedTask, CreateRequest, TaskStatus, decode_envelope, decode_status
+from ._recorder import Recorder
 
 __all__ = ["RetryPolicy", "Transport"]
 
@@ -122,6 +124,7 @@ class Transport:
         self._session: aiohttp.ClientSession | None = None
         # After a 401 nothing that uses the key can succeed: refuse without sending.
         self._key_refused: AuthenticationError | None = None
+        self.recorder: Recorder | None = None  # set by sora_async.otel.instrument()
 
     def __repr__(self) -> str:
         return f"Transport(base_url={self._base_url!r})"
@@ -259,10 +262,40 @@ class Transport:
         failure for anything that may be retried.
         """
         governor = self._governor_for(model)
+        recorder = self.recorder
+        waited = 0.0
         if self._key_refused is None and not prepaid:
-            await governor.request(kind)
+            if recorder is None:
+                await governor.request(kind)
+            else:
+                asked = asyncio.get_running_loop().time()
+                await governor.request(kind)
+                waited = asyncio.get_running_loop().time() - asked
         if self._key_refused is not None:
             raise self._key_refused
+        if recorder is None:
+            return await self._attempt(kind, governor, method, url, body, params)
+        outcome = "ok"
+        try:
+            return await self._attempt(kind, governor, method, url, body, params)
+        except _Retry as retry:
+            outcome = _outcome(retry.cause)
+            raise
+        except SoraError as error:
+            outcome = _outcome(error)
+            raise
+        finally:
+            recorder.request(kind, model, outcome, waited)
+
+    async def _attempt(
+        self,
+        kind: RequestKind,
+        governor: Governor,
+        method: str,
+        url: str,
+        body: bytes | None,
+        params: dict[str, str] | None,
+    ) -> bytes:
         # The key goes on API calls only, never on the session: result URLs may live
         # on another host.
         headers = {"Authorization": f"Bearer {self._api_key}"}
@@ -304,3 +337,8 @@ class Transport:
             raise error
         governor.request_succeeded(kind)
         return bytes(data)
+
+
+def _outcome(error: BaseException) -> str:
+    """Name a failed attempt's outcome for metrics: "rate_limited" or the error's class."""
+    return "rate_limited" if isinstance(error, RateLimitError) else type(error).__name__
