@@ -12,6 +12,11 @@ Routes:
   ``{"task_id", "url", "urls"}``; 504 if the video is not ready by then (ask again: the
   task goes on), 502 with the ``fail_code`` if the generation failed, 404 for an
   unknown task id.
+- ``GET /status`` answers :meth:`SoraClient.snapshot` as JSON: slots in use and their
+  limit, requests in the window and its limit, rate factor, 429s seen, creates waiting
+  for a slot, tasks in flight, learned generation times, polls per finished task and
+  callback loss, for the default model and under ``models`` for each model used (with
+  Redis: the key's figures, summed over every worker).
 - ``POST`` at the path of ``APIXO_CALLBACK_URL`` (when set) receives the provider's
   callbacks, so a finished task is known at once instead of at the next poll.
 
@@ -46,6 +51,21 @@ worker (one asyncio process serves thousands of waiting requests), or give each 
 workers 1/N of the limits (set ``APIXO_WORKERS=N``; ``10 // 4`` leaves 2 slots a
 worker, 8 of 10 in all, and an idle worker's share is wasted).
 
+Metrics for Prometheus: install ``sora-async[otel]``, ``opentelemetry-sdk`` and
+``opentelemetry-exporter-prometheus``, then in ``lifespan`` after ``async with client``::
+
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from opentelemetry.sdk.metrics import MeterProvider
+    from prometheus_client import start_http_server
+    import sora_async.otel
+
+    start_http_server(9464)  # Prometheus scrapes http://host:9464/metrics
+    provider = MeterProvider(metric_readers=[PrometheusMetricReader()])
+    sora_async.otel.instrument(client, meter_provider=provider)
+
+Prometheus then shows ``sora_async_slots_usage``, ``sora_async_requests_rate_limited_total``,
+``sora_async_generation_duration_seconds`` and the rest (see :mod:`sora_async.otel`).
+
 Callbacks with several workers: a callback lands on whichever worker the load balancer
 picks, and ``GET /videos/{id}`` may wait in another one than the worker that created
 the task. The callback secret must be the same for every worker: set
@@ -65,9 +85,10 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
+import msgspec
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict
 
 import sora_async as sa
@@ -235,6 +256,11 @@ def create_app(client_factory: ClientFactory | None = None) -> FastAPI:
         except sa.InputError as exc:
             raise _invalid("body", exc) from exc
         return {"task_id": await client.submit(request)}
+
+    @app.get("/status")
+    async def status() -> Response:
+        """Return the client's snapshot: its governors' and schedulers' figures now."""
+        return Response(msgspec.json.encode(client.snapshot()), media_type="application/json")
 
     @app.get("/videos/{task_id}")
     async def get_video(

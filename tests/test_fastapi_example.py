@@ -11,6 +11,7 @@ import socket
 from collections.abc import AsyncIterator
 
 import httpx
+import msgspec
 import pytest
 import uvicorn
 
@@ -94,6 +95,20 @@ async def test_post_then_get_returns_the_video_url(
     assert loop.time() - started < 5
     assert fake.stats.callbacks_delivered >= 1
     assert fake.tasks[task_id].polls == 1  # the confirmation of the callback
+
+
+async def test_status_returns_the_snapshot(fake: FakeApixo, http: httpx.AsyncClient) -> None:
+    """GET /status answers the client's snapshot as JSON: the task just created holds a
+    slot, and the requests the service counted are in the window."""
+    created = await http.post("/videos", json={"prompt": "a status kite"})
+    assert created.status_code == 200, created.text
+    got = await http.get("/status")
+    assert got.status_code == 200, got.text
+    status = msgspec.json.decode(got.content, type=sa.Snapshot)
+    assert (status.slots_in_use, status.tasks_in_flight) == (1, fake.unfinished_tasks())
+    assert status.requests_in_window == fake.stats.requests == 1
+    assert (status.slot_limit, status.request_limit, status.rate_limited) == (10, 600, 0)
+    assert set(status.models) == {"sora-2-pro"}
 
 
 async def test_bad_input_is_422_naming_the_field(fake: FakeApixo, http: httpx.AsyncClient) -> None:
