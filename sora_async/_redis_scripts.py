@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ACQUIRE", "APPLY", "RATE_INCREASE", "RENEW", "REQUEST"]
+__all__ = ["ACQUIRE", "APPLY", "RATE_INCREASE", "READ", "RENEW", "REQUEST"]
 
 # AIMD, as in LocalGovernor: cut 30% per 429, win back 2.5% per `probe_after` successes.
 RATE_DECREASE = 0.7
@@ -270,5 +270,17 @@ if freed then redis.call('PUBLISH', ARGV[6], '{"kind":"freed"}') end
 local in_window = redis.call('ZCOUNT', KEYS[7], num(now - tonumber(ARGV[7])), '+inf')
 return {epoch, lost, adopted, redis.call('HLEN', KEYS[2]),
         getnum(KEYS[9], tonumber(ARGV[8])), num(getnum(KEYS[8], 1)), in_window}
+"""
+)
+
+# Read the key's figures, writing nothing (an operator's view: sora-async top).
+# KEYS: grants, slots, tickets, factor, slot_limit, limited
+# ARGV: period_ms, nominal slots
+READ = (
+    PRELUDE
+    + """
+return {redis.call('ZCOUNT', KEYS[1], '(' .. num(now - tonumber(ARGV[1])), '+inf'),
+        redis.call('HLEN', KEYS[2]), redis.call('ZCARD', KEYS[3]), num(getnum(KEYS[4], 1)),
+        getnum(KEYS[5], tonumber(ARGV[2])), getnum(KEYS[6], 0)}
 """
 )

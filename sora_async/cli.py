@@ -1,4 +1,4 @@
-"""The ``sora-async`` command line: generate, batch, download, status, balance, simulate.
+"""The ``sora-async`` command line: generate, batch, download, status, balance, top, simulate.
 
 ``--simulate`` runs against an in-process fake service with every timing (the key's
 60-s window, ~180-s generations, back-offs) divided by ``--time-scale``. Outcomes,
@@ -7,6 +7,7 @@ exit codes and signals: see ``_cli_run``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import sys
@@ -30,14 +31,16 @@ from ._batch import (
     run_batch,
 )
 from ._batch_file import request_from
-from ._catalog import MODELS
+from ._catalog import MODELS, check_model_id, limits_for
 from ._cli_run import Note, Stop, emit, fail, run
 from ._cli_run import err as _err
 from ._cli_run import out as _out
 from ._client import SoraClient
 from ._download import check_folder
 from ._errors import InputError, SoraError
+from ._governor import Governor
 from ._journal import ItemState
+from ._models import Limits
 
 __all__ = ["main"]
 
@@ -394,6 +397,96 @@ def balance(**kwargs: Any) -> None:
         return 0
 
     run(params, work)
+
+
+def _key_table(governor: Governor, watched: str) -> Table:
+    """Render the figures of a key shared through Redis as one table."""
+    table = Table("figure", "value", title=watched, title_justify="left")
+    table.add_row("task slots", f"{governor.slots_in_use} / {governor.slot_limit}")
+    table.add_row("creates waiting for a slot", str(governor.slot_waiters))
+    limit = governor.limits.requests
+    table.add_row("requests in the window", f"{governor.requests_in_window()} / {limit}")
+    table.add_row("rate factor", f"{governor.rate_factor:.2f}")
+    table.add_row("429s seen", str(governor.rate_limited_seen))
+    return table
+
+
+@cli.command()
+@click.option(
+    "--redis-url",
+    envvar="SORA_ASYNC_REDIS_URL",
+    required=True,
+    help="The Redis the workers share [env SORA_ASYNC_REDIS_URL].",
+)
+@click.option("--api-key", envvar="APIXO_API_KEY", help="API key [env APIXO_API_KEY]")
+@click.option("--model", default="sora-2-pro", show_default=True)
+@click.option(
+    "--time-scale",
+    type=click.FloatRange(min=1.0),
+    default=1.0,
+    help="The workers' --time-scale (their window is 60 s divided by it).",
+)
+@click.option("--once", is_flag=True, help="Print the figures once and exit.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (implies --once).")
+def top(
+    redis_url: str, api_key: str | None, model: str, time_scale: float, once: bool, as_json: bool
+) -> None:
+    """Watch a key shared through Redis: slots, window, 429s, queue, refreshed each second.
+
+    Reads only: it takes no permit and no slot. Ctrl-C to leave.
+    """
+    try:
+        check_model_id(model)
+        from .redis_governor import RedisGovernor
+
+        limits = limits_for(model, {})
+        limits = Limits(
+            requests=limits.requests,
+            period=limits.period / time_scale,
+            concurrent_tasks=limits.concurrent_tasks,
+        )
+        governor = RedisGovernor(
+            redis_url, api_key=api_key, model=model, limits=limits, redis_timeout=5.0
+        )
+    except ImportError:
+        fail("sora-async top needs Redis: pip install 'sora-async[redis]'", as_json=as_json)
+    except InputError as exc:
+        fail(str(exc), as_json=as_json, field=exc.field)
+    watched = f"{model} on {redis_url.rsplit('@', 1)[-1]}"
+
+    async def watch() -> None:
+        try:
+            await governor.refresh()
+            if once or as_json:
+                figures = {
+                    "model": model,
+                    "slots_in_use": governor.slots_in_use,
+                    "slot_limit": governor.slot_limit,
+                    "slot_waiters": governor.slot_waiters,
+                    "requests_in_window": governor.requests_in_window(),
+                    "request_limit": limits.requests,
+                    "rate_factor": governor.rate_factor,
+                    "rate_limited": governor.rate_limited_seen,
+                }
+                if as_json:
+                    emit(True, "", **figures)
+                else:
+                    _out.print(_key_table(governor, watched))
+                return
+            with Live(_key_table(governor, watched), console=_out, auto_refresh=False) as live:
+                while True:
+                    await asyncio.sleep(1.0)
+                    await governor.refresh()
+                    live.update(_key_table(governor, watched), refresh=True)
+        finally:
+            await governor.aclose()
+
+    try:
+        asyncio.run(watch())
+    except SoraError as exc:
+        fail(str(exc), 1, as_json=as_json, error=type(exc).__name__)
+    except KeyboardInterrupt:
+        sys.exit(0)
 
 
 @cli.command()

@@ -34,7 +34,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ._errors import InputError, RedisUnavailableError
 from ._governor import Backoff, RequestKind, RequestQueue, TaskNews
 from ._models import Limits, TaskStatus
-from ._redis_scripts import ACQUIRE, APPLY, RATE_INCREASE, RENEW, REQUEST
+from ._redis_scripts import ACQUIRE, APPLY, RATE_INCREASE, READ, RENEW, REQUEST
 
 __all__ = ["RedisGovernor"]
 
@@ -188,6 +188,7 @@ class RedisGovernor:
                 ("acquire", ACQUIRE),
                 ("apply", APPLY),
                 ("renew", RENEW),
+                ("read", READ),
             ):
                 self._scripts[name] = self._redis.register_script(lua)
         return self._redis
@@ -228,6 +229,32 @@ class RedisGovernor:
     def _reconnect_pause(self, attempt: int) -> float:
         """Return how long to wait before trying Redis again (backed off, jittered)."""
         return min(2.0, 0.05 * 2.0**attempt) * self._random.uniform(0.5, 1.0)
+
+    async def refresh(self) -> None:
+        """Read the key's figures from Redis now, taking nothing and writing nothing.
+
+        The figures (slots, window use, rate factor, 429s, waiting creates) are
+        otherwise as last read while requesting; an operator's view calls this to
+        watch a key without using it. Raises :class:`RedisUnavailableError`.
+        """
+        in_window, used, waiting, factor, slot_limit, limited = await self._script(
+            "read",
+            [
+                self._key("grants"),
+                self._key("slots"),
+                self._key("tickets"),
+                self._key("factor"),
+                self._key("slot_limit"),
+                self._key("limited"),
+            ],
+            [self.limits.period * 1000, self.limits.concurrent_tasks],
+        )
+        self._in_window = int(in_window)
+        self._slots_in_use = int(used)
+        self._slot_waiters = int(waiting)
+        self._rate_factor = float(factor)
+        self._slot_limit = int(slot_limit)
+        self._rate_limited_seen = int(limited)
 
     # --- request budget -----------------------------------------------------------------
 
@@ -622,7 +649,8 @@ class RedisGovernor:
         try:
             with anyio.move_on_after(2.0):
                 await self._flush()
-                await self._redis.zadd(self._key("owners"), {self.owner: 0})
+                if self._renewed_at is not None:  # a watcher (refresh() only) never joined
+                    await self._redis.zadd(self._key("owners"), {self.owner: 0})
         except (RedisError, OSError, RedisUnavailableError):
             logger.warning("could not tell Redis that this process stopped; its lease will lapse")
         finally:

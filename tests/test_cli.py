@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from benchmarks.kill9 import start_cli
-from sora_async.testing import FakeApixo, lognormal
+from sora_async.testing import FakeApixo, RedisServer, fixed, lognormal
 
 SCALE = 100.0  # every timing divided by this: a 180-s generation takes 1.8 s
 
@@ -96,6 +96,7 @@ async def test_failed_item_gives_exit_code_1(tmp_path: Path) -> None:
         (["status", "task_1", "--simulate"], "--simulate starts an empty fake service"),
         (["balance", "--simulate"], "--simulate starts an empty fake service"),
         (["download", "task_1", "--simulate"], "--simulate starts an empty fake service"),
+        (["top", "--redis-url", "http://x", "--api-key", "k"], "url: must be a redis://"),
     ],
 )
 async def test_clear_one_line_errors(tmp_path: Path, args: list[str], message: str) -> None:
@@ -398,3 +399,26 @@ async def test_failed_generation_is_one_line_naming_its_fail_code() -> None:
     assert code == 1
     (task_id,) = fake.tasks
     assert stderr.strip() == f"error: task {task_id} failed: NSFW: Task failed: NSFW"
+
+
+async def test_top_shows_the_figures_of_a_shared_key(redis_server: RedisServer) -> None:
+    """`sora-async top` reads the key a worker uses through Redis, taking nothing: its
+    slots and window use are the service's counts; --once prints the table."""
+    import sora_async as sa
+
+    async with FakeApixo(generation_time=fixed(60.0), pending_time=0.05) as fake:
+        governor = sa.RedisGovernor(redis_server.url, api_key=fake.api_key, trust_empty_redis=True)
+        async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url, governor=governor) as c:
+            for i in range(2):
+                await c.submit(sa.TextToVideo(prompt=f"top {i}"))
+            args = ["top", "--redis-url", redis_server.url, "--api-key", fake.api_key]
+            code, out, err = await run_cli(*args, "--json")
+            assert (code, err) == (0, "")
+            figures = json.loads(out)
+            assert (figures["slots_in_use"], figures["slot_limit"]) == (fake.unfinished_tasks(), 10)
+            assert figures["requests_in_window"] == fake.stats.requests == 2
+            assert (figures["rate_limited"], figures["slot_waiters"]) == (0, 0)
+            code, out, _ = await run_cli(*args, "--once")
+            assert code == 0
+            assert "task slots" in out
+            assert "2 / 10" in out

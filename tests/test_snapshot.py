@@ -93,3 +93,14 @@ async def test_a_shared_key_shows_the_figures_of_every_process(redis_server: Red
             for view in views:
                 assert view.rate_limited == fake.stats.rate_limited == 2
                 assert view.slots_in_use == fake.unfinished_tasks() == 4
+            # A watcher that takes nothing reads the same key-wide figures.
+            watcher = sa.RedisGovernor(redis_server.url, api_key=fake.api_key)
+            try:
+                await watcher.refresh()
+            finally:
+                await watcher.aclose()
+            assert watcher.rate_limited_seen == fake.stats.rate_limited == 2
+            assert watcher.slots_in_use == fake.unfinished_tasks() == 4
+            assert watcher.requests_in_window() == fake.stats.requests
+            assert (watcher.slot_waiters, watcher.slot_limit) == (0, 10)
+            assert watcher.rate_factor == views[0].rate_factor < 1.0
