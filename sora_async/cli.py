@@ -41,6 +41,7 @@ from ._errors import InputError, SoraError
 from ._governor import Governor
 from ._journal import ItemState
 from ._models import Limits
+from ._snapshot import Snapshot
 
 __all__ = ["main"]
 
@@ -192,15 +193,21 @@ for _option in reversed(_media_options):
     generate = _option(generate)
 
 
-def _progress_line(progress: BatchProgress) -> str:
+def _progress_line(progress: BatchProgress, seen: Snapshot) -> str:
     order = [state.value for state in ItemState]
     counts = " · ".join(
         f"{state} {progress.counts[state]}" for state in order if progress.counts.get(state)
     )
     eta = f"{progress.eta_seconds / 60:.1f} min" if progress.eta_seconds else "-"
+    # The snapshot's figures an operator acts on: 429s (someone else on the key), a rate
+    # cut, and the generation time learned so far.
+    pressure = (
+        f" | 429s {seen.rate_limited} (rate x{seen.rate_factor:.2f})" if seen.rate_limited else ""
+    )
     return (
         f"{progress.total} items: {counts} | slots {progress.slots_in_use}/{progress.slot_limit}"
-        f" | {progress.requests_last_period} requests in the last minute | ETA {eta}"
+        f" | {progress.requests_last_period} requests in the last minute{pressure}"
+        f" | generation ~{seen.generation_mean:.3g} s | ETA {eta}"
     )
 
 
@@ -296,10 +303,11 @@ def batch(
 
         def show(progress: BatchProgress) -> None:
             if live is not None:
-                live.update(_progress_line(progress))
+                live.update(_progress_line(progress, client.snapshot()))
             elif not as_json and time.monotonic() - last_line[0] > 2.0:
                 last_line[0] = time.monotonic()
-                _err.print(_progress_line(progress), highlight=False, soft_wrap=True)
+                line = _progress_line(progress, client.snapshot())
+                _err.print(line, highlight=False, soft_wrap=True)
 
         with live if live is not None else contextlib.nullcontext():
             report = await run_batch(

@@ -54,16 +54,19 @@ async def test_simulated_batch_writes_files_and_manifest(tmp_path: Path) -> None
 
 
 async def test_failed_item_gives_exit_code_1(tmp_path: Path) -> None:
-    """A batch with a failed item exits 1 and says so in the manifest."""
+    """A batch with a failed item exits 1 and says so in the manifest; its progress
+    shows the slots, the window and the generation time learned."""
     source = write_jsonl(
         tmp_path / "p.jsonl",
         [{"id": "good", "prompt": "fine"}, {"id": "bad", "prompt": "no [fail:NSFW]"}],
     )
-    code, stdout, _ = await run_cli(
+    code, stdout, stderr = await run_cli(
         "batch", str(source), "-o", str(tmp_path / "out"), "--simulate", "--time-scale", "200"
     )
     assert code == 1
     assert "failed" in stdout
+    assert "slots 0/10 | " in stderr
+    assert "requests in the last minute | generation ~0.9 s | ETA" in stderr  # 180 s / 200
     rows = {
         json.loads(x)["id"]: json.loads(x)
         for x in (tmp_path / "out/manifest.jsonl").read_text().splitlines()
