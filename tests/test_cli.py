@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import signal
 import sys
 from pathlib import Path
@@ -409,7 +410,9 @@ async def test_top_shows_the_figures_of_a_shared_key(redis_server: RedisServer) 
     slots and window use are the service's counts; --once prints the table."""
     import sora_async as sa
 
-    async with FakeApixo(generation_time=fixed(60.0), pending_time=0.05) as fake:
+    # A key of its own: the session's Redis holds other tests' keys.
+    key = secrets.token_hex(8)
+    async with FakeApixo(api_key=key, generation_time=fixed(60.0), pending_time=0.05) as fake:
         governor = sa.RedisGovernor(redis_server.url, api_key=fake.api_key, trust_empty_redis=True)
         async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url, governor=governor) as c:
             for i in range(2):

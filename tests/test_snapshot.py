@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 
 import msgspec
 import pytest
@@ -72,7 +73,9 @@ async def test_snapshot_figures_match_the_service_counters() -> None:
 async def test_a_shared_key_shows_the_figures_of_every_process(redis_server: RedisServer) -> None:
     """Two clients sharing a key through Redis each see the key's 429s and slots, summed
     over both, as the service counted them."""
-    async with FakeApixo(generation_time=fixed(30.0), pending_time=0.05) as fake:
+    # A key of its own: the session's Redis holds other tests' keys.
+    key = secrets.token_hex(8)
+    async with FakeApixo(api_key=key, generation_time=fixed(30.0), pending_time=0.05) as fake:
         fake.inject("rate_limit", on="balance", times=2, retry_after=0.0)
 
         def client() -> sa.SoraClient:
