@@ -34,6 +34,7 @@ from ._errors import (
     AuthenticationError,
     ClientClosedError,
     ContentPolicyError,
+    IdempotencyConflictError,
     InputError,
     InsufficientCreditsError,
     InvalidRequestError,
@@ -64,6 +65,7 @@ from ._models import (
 )
 from ._scheduler import PollPolicy
 from ._snapshot import ModelSnapshot, Snapshot
+from ._store import MemoryStore, RecordState, SQLiteStore, TaskRecord, TaskStore
 from ._transport import RetryPolicy
 
 if TYPE_CHECKING:
@@ -82,6 +84,7 @@ __all__ = [
     "ClientClosedError",
     "ContentPolicyError",
     "Governor",
+    "IdempotencyConflictError",
     "ImageToVideo",
     "InputError",
     "InsufficientCreditsError",
@@ -90,6 +93,7 @@ __all__ = [
     "Kling25TurboPro",
     "Limits",
     "LocalGovernor",
+    "MemoryStore",
     "ModelInfo",
     "ModelInput",
     "ModelSnapshot",
@@ -102,10 +106,12 @@ __all__ = [
     "ProtocolError",
     "RateLimitError",
     "RawInput",
+    "RecordState",
     "RedisGovernor",
     "RedisUnavailableError",
     "Result",
     "RetryPolicy",
+    "SQLiteStore",
     "ServerError",
     "Snapshot",
     "Sora2",
@@ -114,8 +120,10 @@ __all__ = [
     "SubmitUncertainError",
     "TaskAbandonedError",
     "TaskFailedError",
+    "TaskRecord",
     "TaskState",
     "TaskStatus",
+    "TaskStore",
     "TaskTimeoutError",
     "TextToVideo",
     "TransportError",

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import secrets
+import time
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -22,6 +23,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
 import anyio.abc
+import msgspec
 
 from ._catalog import (
     RawInput,
@@ -35,11 +37,14 @@ from ._catalog import (
 from ._download import DEFAULT_MAX_DOWNLOAD_BYTES, Downloader
 from ._errors import (
     ClientClosedError,
+    IdempotencyConflictError,
     InputError,
+    NotFoundError,
     ProtocolError,
     SoraError,
     SubmitUncertainError,
     TaskFailedError,
+    TaskTimeoutError,
 )
 from ._fanout import Outcome, fan_out
 from ._governor import Governor, LocalGovernor
@@ -58,6 +63,14 @@ from ._models import (
 from ._recorder import Recorder
 from ._scheduler import PollPolicy, PollScheduler
 from ._snapshot import Snapshot, model_snapshot, snapshot_of
+from ._store import (
+    MemoryStore,
+    RecordState,
+    TaskRecord,
+    TaskStore,
+    check_idempotency_key,
+    fingerprint_of,
+)
 from ._transport import RetryPolicy, Transport
 
 if TYPE_CHECKING:
@@ -81,6 +94,10 @@ class SoraClient:
     models get their limits from :data:`sa.MODELS` unless ``model_limits`` names them,
     and a governor of their own unless ``governors`` names one (the same governor
     for several models shares it) or ``shared_budget`` is set.
+    ``store`` (a :class:`SQLiteStore`) records every task before its create is sent
+    and after every transition; a client opened on a store adopts the unfinished
+    tasks of the process that used it before (it holds their slots and polls them to
+    the end), and idempotency keys hold across restarts.
     Raises :class:`InputError` for a bad configuration (no key, unknown provider).
 
     Example::
@@ -115,6 +132,7 @@ class SoraClient:
         callback_url: str | None = None,
         callback_secret: str | None = None,
         confirm_callbacks: bool = True,
+        store: TaskStore | None = None,
     ) -> None:
         key = api_key if api_key is not None else os.environ.get("APIXO_API_KEY")
         if not key:
@@ -132,6 +150,15 @@ class SoraClient:
             raise InputError("max_download_bytes", "must be a whole number of at least 1")
         if callback_url is not None:
             check_http_url("callback_url", callback_url)
+        if store is not None and not isinstance(store, TaskStore):
+            raise InputError("store", "must be a task store, like sa.SQLiteStore(path)")
+        self.store = store
+        # Idempotency keys given without a store live as long as the process.
+        self._key_records: TaskStore | None = store
+        self._key_locks: dict[str, _KeyLock] = {}
+        # Creates in flight by idempotency key: a second submit of a key joins them.
+        self._creating: dict[str, asyncio.Future[str]] = {}
+        self._end_writes: set[asyncio.Task[None]] = set()
         self.callback_url = callback_url
         # A per-client secret in the callback URL's query lets the receiver tell the
         # provider's callbacks from forged ones (the provider signs nothing).
@@ -227,6 +254,8 @@ class SoraClient:
     async def __aenter__(self) -> SoraClient:
         if self._state != "new":
             raise ClientClosedError("a SoraClient can be entered once; create a new one")
+        if self.store is not None:
+            await self.store.open()
         await self._transport.open()
         self._downloader = Downloader(
             self._transport.session,
@@ -242,6 +271,12 @@ class SoraClient:
         )
         await ready.wait()
         self._state = "open"
+        if self.store is not None and self.store.durable:
+            try:
+                await self._adopt_recorded(self.store)
+            except BaseException as exc:
+                await self.__aexit__(type(exc), exc, exc.__traceback__)
+                raise
         return self
 
     async def _host_background(self, ready: asyncio.Event) -> None:
@@ -257,12 +292,17 @@ class SoraClient:
         tb: TracebackType | None,
     ) -> None:
         self._state = "closed"
+        if self._end_writes:  # ends already learned reach the store before it closes
+            await asyncio.wait(set(self._end_writes), timeout=10.0)
         if self._host is not None:
             self._host.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._host
         await self._lanes.aclose()
         await self._transport.close()
+        if self.store is not None:
+            # Tasks still running stay recorded: the next client on the store adopts them.
+            await self.store.close()
 
     def _check_open(self) -> anyio.abc.TaskGroup:
         if self._state != "open" or self._task_group is None or self._host is None:
@@ -314,6 +354,7 @@ class SoraClient:
         self,
         request: Request,
         *,
+        idempotency_key: str | None = None,
         before_create: Callable[[], Awaitable[None]] | None = None,
     ) -> str:
         """Create a task for ``request`` on its model and return its task id.
@@ -322,11 +363,23 @@ class SoraClient:
         the task is seen to end. Raises InputError before any request for a bad
         input, an APIError subclass when the service refuses, and
         SubmitUncertainError when a create may have made a task (``on_uncertain``).
+
+        ``idempotency_key``: a submit with a key already used returns the task made
+        for it and never creates twice: while the first create is in flight, after it,
+        and, with a ``store``, across restarts (without one, for the process's life).
+        The same key with another request raises IdempotencyConflictError; a key
+        whose create may have made a task nobody can name raises SubmitUncertainError.
         ``before_create`` is awaited once the slot is taken, just before the create
         is sent (a journal writes its row there).
         """
         self._check_open()
         prepared = self._prepare(request)
+        if idempotency_key is not None:
+            check_idempotency_key(idempotency_key)
+        records = self._records_for(idempotency_key)
+        if records is not None:
+            key = idempotency_key or f"auto:{secrets.token_hex(16)}"
+            return await self._submit_recorded(records, key, prepared, before_create)
         governor = self._lanes.get(prepared[0]).governor
         await governor.acquire_slot()
         if before_create is not None:
@@ -336,6 +389,69 @@ class SoraClient:
                 governor.release_slot()
                 raise
         return await self._create_with_slot(prepared)
+
+    def _records_for(self, idempotency_key: str | None) -> TaskStore | None:
+        """Return where this submit is recorded: the store, or (for a key given
+        without a store) the process's memory; None when nothing needs recording."""
+        if self._key_records is None and idempotency_key is not None:
+            self._key_records = MemoryStore()
+        return self.store if idempotency_key is None else self._key_records
+
+    async def _submit_recorded(
+        self,
+        records: TaskStore,
+        key: str,
+        prepared: tuple[str, CreateRequest],
+        before_create: Callable[[], Awaitable[None]] | None,
+    ) -> str:
+        model, body = prepared
+        fingerprint = fingerprint_of(model, body.input)
+        async with self._key_lock(key):
+            record = await records.claim(
+                TaskRecord(
+                    key=key,
+                    fingerprint=fingerprint,
+                    model=model,
+                    request=msgspec.json.encode(body.input).decode(),
+                )
+            )
+            if record.fingerprint != fingerprint:
+                raise IdempotencyConflictError(key)
+            creating = self._creating.get(key)
+            if creating is not None:  # its first caller stopped waiting; the create goes on
+                return await asyncio.shield(creating)
+            if record.task_id is not None:
+                return record.task_id
+            if record.state in (RecordState.SUBMITTING, RecordState.UNCERTAIN):
+                raise SubmitUncertainError(
+                    f"the create for idempotency key {key!r} may have made a task whose id "
+                    "was never learned; it is not sent again (never pay twice)"
+                )
+            # Queued or refused: no task exists for this key, so creating is safe.
+            governor = self._lanes.get(model).governor
+            await governor.acquire_slot()
+            try:
+                record.state, record.error = RecordState.SUBMITTING, None
+                await records.save(record)  # before the create is sent
+                if before_create is not None:
+                    await before_create()
+            except BaseException:
+                governor.release_slot()
+                raise
+            return await self._create_with_slot(prepared, (records, record))
+
+    @contextlib.asynccontextmanager
+    async def _key_lock(self, key: str) -> AsyncIterator[None]:
+        """Serialise submits of one key (and drop the lock when nobody holds it)."""
+        entry = self._key_locks.setdefault(key, _KeyLock())
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._key_locks[key]
 
     async def adopt(self, task_id: str, *, model: str | None = None) -> None:
         """Track a task made elsewhere (say, by a run that was killed) until it ends.
@@ -347,28 +463,70 @@ class SoraClient:
         self._check_open()
         _check_task_id(task_id)
         model = self.model if model is None else check_model_id(model)
+        await self._adopt(task_id, model)
+
+    async def _adopt(self, task_id: str, model: str) -> bool:
         lane = self._lanes.get(model)
         if lane.scheduler.is_tracked(task_id):
-            return
+            return False
         await lane.governor.acquire_slot()
         lane.governor.bind_slot(task_id, model)
         self._models[task_id] = model
         lane.scheduler.track(task_id, model, holds_slot=True, adopted=True)
+        return True
 
-    async def _create_with_slot(self, prepared: tuple[str, CreateRequest]) -> str:
+    async def _adopt_recorded(self, store: TaskStore) -> None:
+        """Take over the unfinished tasks a previous process recorded in ``store``.
+
+        A task with an id holds a slot and is polled to its end; a create whose fate
+        was never learned holds a slot for what is left of ``uncertain_hold`` (its
+        task may run, unnamed). Where the model's governor adopts the tasks of dead
+        processes itself (Redis), it does so by its leases, so the records are only
+        watched.
+        """
+        for record in await store.unfinished():
+            lane = self._lanes.get(record.model)
+            if record.task_id is not None and record.state is RecordState.RUNNING:
+                if lane.governor.adopts_orphans or await self._adopt(record.task_id, record.model):
+                    logger.info("adopting task %s from the store", record.task_id)
+                    self._models[record.task_id] = record.model
+                    if not lane.governor.adopts_orphans:
+                        self._record_end_of(store, record)
+                continue
+            if record.state is RecordState.SUBMITTING:
+                record.state = RecordState.UNCERTAIN
+                record.error = "the process that sent its create stopped before the answer"
+                await store.save(record)
+            left = self.uncertain_hold - (time.time() - record.updated_at)
+            if left > 0 and not lane.governor.adopts_orphans:
+                await lane.governor.acquire_slot()
+                lane.governor.release_slot_later(left)
+
+    async def _create_with_slot(
+        self,
+        prepared: tuple[str, CreateRequest],
+        recorded: tuple[TaskStore, TaskRecord] | None = None,
+    ) -> str:
         """Create a task with a slot already taken; the slot is accounted for either way.
 
         The create runs in the client's own task group: a caller cancelled while it
         is in flight stops waiting, but the create runs to its end, so a task made
-        for it is still tracked (its slot kept) and never made twice.
+        for it is still tracked (its slot kept), recorded, and never made twice.
         """
         group = self._check_open()
         created: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        group.start_soon(self._create_detached, prepared, created)
+        if recorded is not None:
+            key = recorded[1].key
+            self._creating[key] = created
+            created.add_done_callback(lambda _: self._creating.pop(key, None))
+        group.start_soon(self._create_detached, prepared, created, recorded)
         return await asyncio.shield(created)
 
     async def _create_detached(
-        self, prepared: tuple[str, CreateRequest], created: asyncio.Future[str]
+        self,
+        prepared: tuple[str, CreateRequest],
+        created: asyncio.Future[str],
+        recorded: tuple[TaskStore, TaskRecord] | None,
     ) -> None:
         model, body = prepared
         lane = self._lanes.get(model)
@@ -376,20 +534,28 @@ class SoraClient:
             while True:
                 try:
                     task_id = await self._transport.create(model, body)
-                except SubmitUncertainError:
+                except SubmitUncertainError as exc:
                     # The task may exist and hold a slot on the server for a while.
                     lane.governor.release_slot_later(self.uncertain_hold)
-                    if self.on_uncertain == "raise":
+                    if self.on_uncertain == "raise" or recorded is not None:
+                        await _note(recorded, RecordState.UNCERTAIN, error=str(exc))
                         raise
                     logger.warning("create uncertain; resubmitting (on_uncertain='resubmit')")
                     await lane.governor.acquire_slot()
                     continue
+                except SoraError as exc:
+                    lane.governor.release_slot()
+                    await _note(recorded, RecordState.REFUSED, error=str(exc))
+                    raise
                 except BaseException:
                     lane.governor.release_slot()
                     raise
                 lane.governor.bind_slot(task_id, model)
                 lane.scheduler.track(task_id, model, holds_slot=True)
                 self._models[task_id] = model
+                if recorded is not None:
+                    self._record_end_of(*recorded, task_id=task_id)
+                    await _note(recorded, RecordState.RUNNING, task_id=task_id)
                 created.set_result(task_id)
                 return
         except SoraError as exc:
@@ -397,6 +563,38 @@ class SoraClient:
         except BaseException:
             created.cancel()
             raise
+
+    def _record_end_of(
+        self, store: TaskStore, record: TaskRecord, *, task_id: str | None = None
+    ) -> None:
+        """Write the task's end to ``store`` the moment its scheduler learns it (the
+        write is started before any waiter resumes, and the client awaits it on exit)."""
+        task_id = task_id or record.task_id
+        assert task_id is not None
+
+        def ended(done: asyncio.Future[TaskStatus]) -> None:
+            write = asyncio.get_running_loop().create_task(self._record_end(store, record, done))
+            self._end_writes.add(write)
+            write.add_done_callback(self._end_writes.discard)
+
+        self._lanes.get(record.model).scheduler.when_ended(task_id, ended)
+
+    async def _record_end(
+        self, store: TaskStore, record: TaskRecord, done: asyncio.Future[TaskStatus]
+    ) -> None:
+        if done.cancelled():
+            return
+        error = done.exception()
+        if isinstance(error, (NotFoundError, ProtocolError, TaskTimeoutError)):
+            # Unknown to the service, or given up: it no longer holds a slot of ours.
+            await _note((store, record), RecordState.FAILED, error=str(error))
+        elif error is not None:
+            return  # tracking stopped without an answer (the key was refused): unknown
+        elif (status := done.result()).state is TaskState.SUCCESS:
+            await _note((store, record), RecordState.SUCCEEDED, urls=list(status.result_urls))
+        else:
+            failure = f"{status.fail_code or 'failed'}: {status.fail_msg or ''}"
+            await _note((store, record), RecordState.FAILED, error=failure)
 
     def _model_of_task(self, task_id: str, model: str | None) -> str:
         if model is not None:
@@ -424,10 +622,23 @@ class SoraClient:
 
         Raises TaskFailedError if it failed, TaskTimeoutError after ``timeout``
         seconds (default: the client's ``wait_timeout``; the task stays tracked).
-        ``model`` is as in :meth:`status`.
+        ``model`` is as in :meth:`status`; with a ``store``, a task an earlier process
+        recorded needs no ``model``, and one recorded as succeeded costs no request.
         """
         self._check_open()
         _check_task_id(task_id)
+        if model is None and task_id not in self._models and self.store is not None:
+            # A task of an earlier process: the store knows its model, maybe its end.
+            record = await self.store.find_task(task_id)
+            if record is not None:
+                if record.state is RecordState.SUCCEEDED:
+                    ended = TaskStatus(
+                        task_id=task_id,
+                        state=TaskState.SUCCESS,
+                        result_urls=tuple(record.result_urls),
+                    )
+                    return _result_or_raise(ended, record.model)
+                model = record.model
         model = self._model_of_task(task_id, model)
         scheduler = self._lanes.get(model).scheduler
         if not scheduler.is_tracked(task_id):
@@ -442,15 +653,33 @@ class SoraClient:
         return _result_or_raise(ended, model)
 
     @overload
-    async def generate(self, request: VideoInput, *, timeout: float | None = None) -> Video: ...
+    async def generate(
+        self,
+        request: VideoInput,
+        *,
+        timeout: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> Video: ...
 
     @overload
-    async def generate(self, request: Request, *, timeout: float | None = None) -> Result: ...
+    async def generate(
+        self,
+        request: Request,
+        *,
+        timeout: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> Result: ...
 
-    async def generate(self, request: Request, *, timeout: float | None = None) -> Result:
+    async def generate(
+        self,
+        request: Request,
+        *,
+        timeout: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> Result:
         """Submit ``request`` to its model, wait for it and return its result: a
         :class:`Video` for a video model (see submit and wait)."""
-        task_id = await self.submit(request)
+        task_id = await self.submit(request, idempotency_key=idempotency_key)
         return await self.wait(task_id, timeout=timeout)
 
     async def balance(self) -> float:
@@ -533,6 +762,40 @@ def _result_or_raise(status: TaskStatus, model: str) -> Result:
             return Video.from_status(status, model)
         return Result.from_status(status, model)
     raise TaskFailedError(status.task_id, status.fail_code, status.fail_msg)
+
+
+class _KeyLock:
+    """The lock of one idempotency key, and how many submits hold or await it."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
+async def _note(
+    recorded: tuple[TaskStore, TaskRecord] | None,
+    state: RecordState,
+    *,
+    task_id: str | None = None,
+    urls: list[str] | None = None,
+    error: str | None = None,
+) -> None:
+    """Move a recorded task to ``state`` and write it (nothing when not recorded)."""
+    if recorded is None:
+        return
+    store, record = recorded
+    record.state = state
+    if task_id is not None:
+        record.task_id = task_id
+    if urls is not None:
+        record.result_urls = urls
+    record.error = error
+    try:
+        await store.save(record)
+    except SoraError as exc:  # the task goes on in memory; the operator must hear of it
+        logger.error("task store: cannot record %s as %s: %s", record.key, state.value, exc)
 
 
 def _check_task_id(task_id: object) -> None:

@@ -9,6 +9,7 @@ __all__ = [
     "AuthenticationError",
     "ClientClosedError",
     "ContentPolicyError",
+    "IdempotencyConflictError",
     "InputError",
     "InsufficientCreditsError",
     "InvalidRequestError",
@@ -43,6 +44,15 @@ class InputError(SoraError, ValueError):
         super().__init__(f"{field}: {rule}")
         self.field = field
         self.rule = rule
+
+
+class IdempotencyConflictError(InputError):
+    """An idempotency key came back with another request than the one it was first
+    used with (the IETF draft of the Idempotency-Key header answers this with 422)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__("idempotency_key", f"{key!r} was already used with a different request")
+        self.key = key
 
 
 class ClientClosedError(SoraError, RuntimeError):

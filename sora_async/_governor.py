@@ -58,6 +58,9 @@ class Governor(Protocol):
 
     #: The key's nominal limits for the model(s) this governor serves.
     limits: Limits
+    #: Whether the governor itself finds the tasks of dead processes and hands them
+    #: to a live one (a client's store then leaves their adoption to it).
+    adopts_orphans: bool
 
     async def request(self, kind: RequestKind) -> None:
         """Wait until one request may be sent, and spend it."""
@@ -237,6 +240,8 @@ class LocalGovernor:
         governor = sa.LocalGovernor(sa.Limits(requests=60, period=60, concurrent_tasks=10))
         async with sa.SoraClient(governor=governor) as client: ...
     """
+
+    adopts_orphans = False
 
     def __init__(
         self,

@@ -1,24 +1,16 @@
 """The batch journal: one SQLite row per item, written before each create and after
-each transition, so that a killed batch resumes without paying twice.
-
-SQLite in WAL mode; every call runs in the journal's own thread, off the event
-loop. One thread owns the connection, so calls are serialised without locks (and
-``run_in_executor`` keeps virtual-time test loops aware of the work in flight).
-"""
+each transition, so that a killed batch resumes without paying twice."""
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import json
-import sqlite3
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._errors import InputError
+from ._sqlite import SQLiteFile
 
 __all__ = ["ItemState", "Journal", "JournalRow"]
 
@@ -92,12 +84,9 @@ class JournalRow:
 class Journal:
     """A batch's durable state. Open with ``await Journal.open(path)``."""
 
-    def __init__(
-        self, connection: sqlite3.Connection, path: Path, thread: ThreadPoolExecutor
-    ) -> None:
-        self._db = connection
-        self.path = path
-        self._thread = thread
+    def __init__(self, file: SQLiteFile) -> None:
+        self._file = file
+        self.path = file.path
 
     @classmethod
     async def open(cls, path: Path) -> Journal:
@@ -105,38 +94,10 @@ class Journal:
 
         Raises InputError naming the path and the reason when it cannot be opened.
         """
-        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sora-async-journal")
-
-        def connect() -> sqlite3.Connection:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            connection = sqlite3.connect(path, isolation_level=None)
-            connection.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode survives a killed process; only power loss may undo
-            # the last commits.
-            connection.execute("PRAGMA synchronous=NORMAL")
-            connection.execute(_SCHEMA)
-            return connection
-
-        try:
-            connection = await asyncio.get_running_loop().run_in_executor(thread, connect)
-        except (sqlite3.Error, OSError) as exc:
-            thread.shutdown(wait=False)
-            reason = getattr(exc, "strerror", None) or str(exc)
-            raise InputError("journal", f"cannot open {path}: {reason}") from exc
-        except BaseException:
-            thread.shutdown(wait=False)
-            raise
-        return cls(connection, path, thread)
+        return cls(await SQLiteFile.open(path, (_SCHEMA,), field="journal"))
 
     async def _run(self, sql: str, params: Any = (), *, many: bool = False) -> list[Any]:
-        def work() -> list[Any]:
-            with self._db:  # one transaction
-                if many:
-                    self._db.executemany(sql, params)
-                    return []
-                return self._db.execute(sql, params).fetchall()
-
-        return await asyncio.get_running_loop().run_in_executor(self._thread, work)
+        return await self._file.run(sql, params, many=many)
 
     async def add(self, items: list[tuple[str, int, str]]) -> None:
         """Record new items (id, line, request JSON) as queued; known ids are kept as they are."""
@@ -177,5 +138,4 @@ class Journal:
     def close(self) -> None:
         """Close the database, after any write in flight (blocks for milliseconds, so it
         also runs while a batch is being cancelled)."""
-        self._thread.submit(self._db.close)
-        self._thread.shutdown(wait=True)
+        self._file.close()

@@ -232,10 +232,11 @@ class PollScheduler:
             self._changed.set()
         return True
 
-    async def wait(self, task_id: str, timeout: float) -> TaskStatus:
+    async def wait(self, task_id: str, timeout: float | None) -> TaskStatus:
         """Wait for a tracked task's terminal status.
 
-        Raises TaskTimeoutError after ``timeout`` seconds (tracking goes on), or the
+        Raises TaskTimeoutError after ``timeout`` seconds (None: no limit; tracking
+        goes on), or the
         error that ended tracking (e.g. NotFoundError, AuthenticationError,
         ProtocolError, TaskAbandonedError).
         """
@@ -254,7 +255,16 @@ class PollScheduler:
         except TaskTimeoutError:
             raise  # the task was given up (TaskAbandonedError), not this wait
         except asyncio.TimeoutError:
+            assert timeout is not None  # no deadline, no timeout
             raise TaskTimeoutError(task_id, timeout) from None
+
+    def when_ended(
+        self, task_id: str, callback: Callable[[asyncio.Future[TaskStatus]], None]
+    ) -> None:
+        """Call ``callback`` with the task's end (a status, or the error that ended
+        tracking) as soon as it is known, before any waiter resumes. Raises KeyError
+        for a task not in flight."""
+        self._active[task_id].done.add_done_callback(callback)
 
     def is_tracked(self, task_id: str) -> bool:
         """Return whether the scheduler knows this task (running or remembered)."""

@@ -85,6 +85,8 @@ class RedisGovernor:
         async with sa.SoraClient(governor=governor) as client: ...
     """
 
+    adopts_orphans = True
+
     def __init__(
         self,
         url: str | None = None,

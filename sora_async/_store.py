@@ -1,0 +1,286 @@
+"""The task store: one record of every task a client creates, written before its
+create is sent and after every transition, so that a restarted process knows the
+tasks it paid for (and adopts the unfinished ones) and an idempotency key never
+creates twice.
+
+Two stores keep the same records: :class:`SQLiteStore` on disk (one host, any
+number of restarts) and :class:`MemoryStore` (one process's life: idempotency keys
+without durability, the client's default when a key is given and no store is).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import itertools
+import json
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import msgspec
+
+from ._errors import InputError
+from ._sqlite import SQLiteFile
+
+__all__ = [
+    "MemoryStore",
+    "RecordState",
+    "SQLiteStore",
+    "TaskRecord",
+    "TaskStore",
+    "check_idempotency_key",
+    "fingerprint_of",
+]
+
+# As the IETF draft of the Idempotency-Key header suggests, a key is an opaque
+# string of bounded length (a UUID is typical).
+MAX_KEY_LENGTH = 255
+
+
+class RecordState(str, enum.Enum):
+    """Where a recorded task stands."""
+
+    QUEUED = "queued"  # recorded, no create sent yet
+    SUBMITTING = "submitting"  # a create was (maybe) sent: its fate is not known yet
+    RUNNING = "running"  # the task exists: its id is known, its end is not
+    SUCCEEDED = "succeeded"  # ended with results
+    FAILED = "failed"  # ended without results (failed, given up, or unknown to the service)
+    REFUSED = "refused"  # the service refused the create: no task, nothing paid
+    UNCERTAIN = "uncertain"  # a create may have made a task we cannot name
+
+    @property
+    def unfinished(self) -> bool:
+        """Return whether a task may hold a slot on the service: it was, or may have
+        been, created, and its end is not known."""
+        return self in (RecordState.SUBMITTING, RecordState.RUNNING, RecordState.UNCERTAIN)
+
+
+@dataclass
+class TaskRecord:
+    """One task as the store holds it. ``key`` is the caller's idempotency key, or
+    one the client made up."""
+
+    key: str
+    fingerprint: str  # of the model and the input: the same key must come with the same
+    model: str
+    request: str  # the input's JSON, for the operator
+    state: RecordState = RecordState.QUEUED
+    task_id: str | None = None
+    result_urls: list[str] = field(default_factory=list)
+    error: str | None = None
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+
+
+def fingerprint_of(model: str, payload: Any) -> str:
+    """Return a short hash of ``model`` and the request ``payload`` (keys sorted)."""
+    body = msgspec.json.encode([model, payload], order="sorted")
+    return hashlib.sha256(body).hexdigest()[:32]
+
+
+def check_idempotency_key(key: object) -> str:
+    """Return ``key`` if it is a usable idempotency key, else raise InputError."""
+    if not isinstance(key, str) or not key.strip():
+        raise InputError("idempotency_key", "must be a non-empty string")
+    if len(key) > MAX_KEY_LENGTH:
+        raise InputError("idempotency_key", f"must be at most {MAX_KEY_LENGTH} characters")
+    return key
+
+
+@runtime_checkable
+class TaskStore(Protocol):
+    """Where a client records its tasks. Both methods of a record are awaited in
+    the order they were called."""
+
+    #: whether records outlive the process (a restarted client adopts from it)
+    durable: bool
+
+    async def open(self) -> None:
+        """Open the store (the client calls it when entered)."""
+
+    async def close(self) -> None:
+        """Close the store, after any write in flight."""
+
+    async def claim(self, record: TaskRecord) -> TaskRecord:
+        """Insert ``record`` unless its key is known; return the record now stored."""
+
+    async def save(self, record: TaskRecord) -> None:
+        """Write ``record``'s state, task id, result URLs and error."""
+
+    async def unfinished(self) -> list[TaskRecord]:
+        """Return the records whose task may still hold a slot on the service
+        (submitting, running or uncertain)."""
+
+    async def find_task(self, task_id: str) -> TaskRecord | None:
+        """Return the record of task ``task_id``, if any."""
+
+
+class MemoryStore:
+    """Records in this process's memory: idempotency keys for its life, no durability.
+
+    Keeps every unfinished record and the ``keep`` most recent settled ones.
+    """
+
+    durable = False
+
+    def __init__(self, *, keep: int = 10_000) -> None:
+        self.keep = keep
+        self._records: OrderedDict[str, TaskRecord] = OrderedDict()
+
+    async def open(self) -> None:
+        """Nothing to open."""
+
+    async def close(self) -> None:
+        """Nothing to close."""
+
+    async def claim(self, record: TaskRecord) -> TaskRecord:
+        """Insert ``record`` unless its key is known; return the record now stored."""
+        found = self._records.setdefault(record.key, record)
+        self._records.move_to_end(record.key)
+        excess = len(self._records) - self.keep
+        if excess > 0:  # forget the oldest settled records (unfinished ones may hold slots)
+            oldest = itertools.islice(self._records.items(), 2 * excess + 16)
+            settled = [key for key, old in oldest if not old.state.unfinished]
+            for key in settled[:excess]:
+                del self._records[key]
+        return found
+
+    async def save(self, record: TaskRecord) -> None:
+        """Records are shared with the caller: nothing to write."""
+        record.updated_at = time.time()
+
+    async def unfinished(self) -> list[TaskRecord]:
+        """Return the records whose task may still hold a slot."""
+        return [record for record in self._records.values() if record.state.unfinished]
+
+    async def find_task(self, task_id: str) -> TaskRecord | None:
+        """Return the record of task ``task_id``, if any."""
+        for record in self._records.values():
+            if record.task_id == task_id:
+                return record
+        return None
+
+
+_SCHEMA = (
+    """
+    CREATE TABLE IF NOT EXISTS tasks (
+        key TEXT PRIMARY KEY,
+        fingerprint TEXT NOT NULL,
+        model TEXT NOT NULL,
+        request TEXT NOT NULL,
+        state TEXT NOT NULL,
+        task_id TEXT,
+        result_urls TEXT NOT NULL DEFAULT '[]',
+        error TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS tasks_by_task_id ON tasks (task_id)",
+    "CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (state)",
+)
+_COLUMNS = (
+    "key, fingerprint, model, request, state, task_id, result_urls, error, created_at, updated_at"
+)
+
+
+def _record_of(row: tuple[Any, ...]) -> TaskRecord:
+    return TaskRecord(
+        key=row[0],
+        fingerprint=row[1],
+        model=row[2],
+        request=row[3],
+        state=RecordState(row[4]),
+        task_id=row[5],
+        result_urls=json.loads(row[6]),
+        error=row[7],
+        created_at=row[8],
+        updated_at=row[9],
+    )
+
+
+class SQLiteStore:
+    """Records in a SQLite file (WAL): they survive a killed process, and the next
+    client opened on the same file adopts the unfinished tasks.
+
+    One process at a time should write a file; processes sharing a key on several
+    hosts share the slots through :class:`RedisGovernor`, each with its own file.
+    """
+
+    durable = True
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._file: SQLiteFile | None = None
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({str(self.path)!r})"
+
+    async def open(self) -> None:
+        """Open (or create) the file; raises InputError naming ``store`` if it cannot."""
+        self._file = await SQLiteFile.open(self.path, _SCHEMA, field="store")
+
+    async def close(self) -> None:
+        """Close the file, after any write in flight."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _db(self) -> SQLiteFile:
+        if self._file is None:
+            raise InputError("store", "is not open: the client opens it when entered")
+        return self._file
+
+    async def claim(self, record: TaskRecord) -> TaskRecord:
+        """Insert ``record`` unless its key is known; return the record now stored."""
+        rows = await self._db().run(
+            "INSERT INTO tasks (key, fingerprint, model, request, state, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING "
+            f"RETURNING {_COLUMNS}",
+            (
+                record.key,
+                record.fingerprint,
+                record.model,
+                record.request,
+                record.state.value,
+                record.created_at,
+                record.updated_at,
+            ),
+        )
+        if rows:
+            return record
+        found = await self._db().run(f"SELECT {_COLUMNS} FROM tasks WHERE key = ?", (record.key,))
+        return _record_of(found[0])
+
+    async def save(self, record: TaskRecord) -> None:
+        """Write ``record``'s state, task id, result URLs and error."""
+        record.updated_at = time.time()
+        await self._db().run(
+            "UPDATE tasks SET state=?, task_id=?, result_urls=?, error=?, updated_at=? WHERE key=?",
+            (
+                record.state.value,
+                record.task_id,
+                json.dumps(record.result_urls),
+                record.error,
+                record.updated_at,
+                record.key,
+            ),
+        )
+
+    async def unfinished(self) -> list[TaskRecord]:
+        """Return the records whose task may still hold a slot, oldest first."""
+        rows = await self._db().run(
+            f"SELECT {_COLUMNS} FROM tasks WHERE state IN ('submitting', 'running', 'uncertain') "
+            "ORDER BY created_at"
+        )
+        return [_record_of(row) for row in rows]
+
+    async def find_task(self, task_id: str) -> TaskRecord | None:
+        """Return the record of task ``task_id``, if any."""
+        rows = await self._db().run(
+            f"SELECT {_COLUMNS} FROM tasks WHERE task_id = ? LIMIT 1", (task_id,)
+        )
+        return _record_of(rows[0]) if rows else None

@@ -1,0 +1,192 @@
+"""The task store and idempotency keys: one task per key, across restarts, adoption on start."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import sora_async as sa
+from sora_async.testing import FakeApixo, fixed
+
+pytestmark = pytest.mark.looptime
+
+PROMPT = sa.TextToVideo(prompt="a lighthouse at dusk", duration=10)
+
+
+def client_on(fake: FakeApixo, store: sa.TaskStore | None = None) -> sa.SoraClient:
+    return sa.SoraClient(api_key=fake.api_key, base_url=fake.url, store=store)
+
+
+async def test_a_key_makes_one_task_however_often_it_is_sent(
+    client: sa.SoraClient, fake: FakeApixo
+) -> None:
+    """Ten concurrent submits and one later with the same key: one create, one task id."""
+    ids = await asyncio.gather(*(client.submit(PROMPT, idempotency_key="k-1") for _ in range(10)))
+    assert len(set(ids)) == 1
+    assert await client.submit(PROMPT, idempotency_key="k-1") == ids[0]
+    other = await client.submit(PROMPT, idempotency_key="k-2")
+    assert other != ids[0]
+    assert fake.stats.creates == 2
+    assert fake.stats.creates_per_prompt[PROMPT.prompt] == 2
+
+
+async def test_a_key_with_another_request_is_refused_before_any_request(
+    client: sa.SoraClient, fake: FakeApixo
+) -> None:
+    """The same key with a different body raises IdempotencyConflictError, sending nothing."""
+    await client.submit(PROMPT, idempotency_key="k")
+    requests = fake.stats.requests
+    with pytest.raises(sa.IdempotencyConflictError) as caught:
+        await client.submit(sa.TextToVideo(prompt="another prompt"), idempotency_key="k")
+    assert caught.value.field == "idempotency_key"
+    assert isinstance(caught.value, sa.InputError)
+    assert fake.stats.requests == requests
+
+
+@pytest.mark.parametrize("key", ["", "   ", "x" * 256, 7])
+async def test_a_bad_key_is_refused_before_any_request(
+    client: sa.SoraClient, fake: FakeApixo, key: object
+) -> None:
+    with pytest.raises(sa.InputError) as caught:
+        await client.submit(PROMPT, idempotency_key=key)  # type: ignore[arg-type]
+    assert caught.value.field == "idempotency_key"
+    assert fake.stats.requests == 0
+
+
+async def test_a_caller_that_gave_up_finds_its_task_by_its_key(
+    client: sa.SoraClient, fake: FakeApixo
+) -> None:
+    """Callers give up while all slots are busy; their retries get one task per key."""
+    for index in range(10):
+        await client.submit(sa.TextToVideo(prompt=f"filler {index}"))
+    keys = [f"abandoned-{index}" for index in range(5)]
+    for key in keys:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(
+                client.submit(sa.TextToVideo(prompt=key), idempotency_key=key), 1.0
+            )
+    ids = await asyncio.gather(
+        *(client.submit(sa.TextToVideo(prompt=key), idempotency_key=key) for key in keys)
+    )
+    again = [await client.submit(sa.TextToVideo(prompt=key), idempotency_key=key) for key in keys]
+    assert ids == again
+    assert len(set(ids)) == 5
+    assert all(fake.stats.creates_per_prompt[key] == 1 for key in keys)
+    assert fake.stats.rate_limited == 0
+
+
+async def test_a_caller_cancelled_during_the_create_gets_the_same_task_on_retry(
+    fake: FakeApixo,
+) -> None:
+    """A create in flight when its caller gives up still makes one task, found by key."""
+    fake.inject("slow", on="create", delay=5.0)
+    async with client_on(fake) as client:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(client.submit(PROMPT, idempotency_key="slow"), 1.0)
+        task_id = await client.submit(PROMPT, idempotency_key="slow")
+        assert (await client.wait(task_id)).task_id == task_id
+    assert fake.stats.creates == 1
+
+
+async def test_a_restarted_client_adopts_its_running_tasks(fake: FakeApixo, tmp_path: Path) -> None:
+    """Tasks recorded by a closed client hold their slots in the next one, which polls
+    them to their end: no 429, no second create, every task retrievable."""
+    store_path = tmp_path / "tasks.db"
+    async with client_on(fake, sa.SQLiteStore(store_path)) as first:
+        ids = [await first.submit(PROMPT, idempotency_key=f"key-{n}") for n in range(10)]
+    async with client_on(fake, sa.SQLiteStore(store_path)) as second:
+        assert second.governor.slots_in_use == 10
+        fresh = [sa.TextToVideo(prompt=f"after restart {n}") for n in range(10)]
+        videos = await asyncio.gather(*(second.generate(request) for request in fresh))
+        assert len(videos) == 10
+        again = [await second.submit(PROMPT, idempotency_key=f"key-{n}") for n in range(10)]
+        assert again == ids
+        for task_id in ids:
+            assert (await second.wait(task_id)).task_id == task_id
+    assert fake.stats.rate_limited == 0
+    assert fake.stats.max_concurrent_tasks == 10
+    assert fake.stats.creates_per_prompt[PROMPT.prompt] == 10
+    with sqlite3.connect(store_path) as db:
+        states = dict(db.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state").fetchall())
+    assert states == {"succeeded": 20}
+
+
+async def test_a_task_recorded_as_succeeded_is_answered_without_a_request(
+    fake: FakeApixo, tmp_path: Path
+) -> None:
+    store = tmp_path / "tasks.db"
+    async with client_on(fake, sa.SQLiteStore(store)) as first:
+        video = await first.generate(PROMPT)
+    requests = fake.stats.requests
+    async with client_on(fake, sa.SQLiteStore(store)) as second:
+        again = await second.wait(video.task_id)
+    assert again.urls == video.urls
+    assert fake.stats.requests == requests
+
+
+async def test_a_create_cut_off_by_a_dead_process_is_never_sent_again(
+    fake: FakeApixo, tmp_path: Path
+) -> None:
+    """A record left 'submitting' (the process died with its create in flight) becomes
+    uncertain: its key raises SubmitUncertainError and its slot stays held a while."""
+    store = tmp_path / "tasks.db"
+    async with client_on(fake, sa.SQLiteStore(store)) as first:
+        await first.submit(PROMPT, idempotency_key="cut")
+    with sqlite3.connect(store) as db:  # as a kill -9 between record and answer leaves it
+        db.execute(
+            "UPDATE tasks SET state='submitting', task_id=NULL, updated_at=?", (time.time(),)
+        )
+    async with client_on(fake, sa.SQLiteStore(store)) as second:
+        assert second.governor.slots_in_use == 1
+        with pytest.raises(sa.SubmitUncertainError):
+            await second.submit(PROMPT, idempotency_key="cut")
+    assert fake.stats.creates == 1
+
+
+async def test_a_refused_create_is_recorded_and_its_key_may_try_again(
+    client: sa.SoraClient, fake: FakeApixo
+) -> None:
+    """A refused create made no task: the same key may create (nothing is paid twice)."""
+    fake.inject("error_in_200", on="create", status=400)
+    with pytest.raises(sa.APIError):
+        await client.submit(PROMPT, idempotency_key="refused")
+    fake.clear_faults()
+    task_id = await client.submit(PROMPT, idempotency_key="refused")
+    assert task_id
+    assert fake.stats.creates == 1
+
+
+async def test_a_store_that_cannot_be_opened_names_itself(fake: FakeApixo, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(sa.InputError) as caught:
+        async with client_on(fake, sa.SQLiteStore(blocker / "tasks.db")):
+            pass
+    assert caught.value.field == "store"
+    with pytest.raises(sa.InputError) as wrong:
+        client_on(fake, "tasks.db")  # type: ignore[arg-type]
+    assert wrong.value.field == "store"
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    keys=st.lists(st.sampled_from(["a", "b", "c", "d"]), min_size=1, max_size=12),
+)
+async def test_any_sequence_of_keys_makes_one_task_per_key(keys: list[str]) -> None:
+    """Whatever the order and overlap of keys, each distinct key costs exactly one create."""
+    async with FakeApixo(generation_time=fixed(30.0)) as fake:
+        async with client_on(fake) as client:
+            ids = await asyncio.gather(
+                *(client.submit(sa.TextToVideo(prompt=key), idempotency_key=key) for key in keys)
+            )
+        by_key = dict(zip(keys, ids, strict=True))
+        assert all(by_key[key] == task_id for key, task_id in zip(keys, ids, strict=True))
+        assert fake.stats.creates == len(set(keys))
