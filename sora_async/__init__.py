@@ -70,6 +70,7 @@ from ._transport import RetryPolicy
 
 if TYPE_CHECKING:
     from .redis_governor import RedisGovernor
+    from .redis_store import RedisStore
 
 __version__ = "0.1.0"
 
@@ -108,6 +109,7 @@ __all__ = [
     "RawInput",
     "RecordState",
     "RedisGovernor",
+    "RedisStore",
     "RedisUnavailableError",
     "Result",
     "RetryPolicy",
@@ -144,4 +146,8 @@ def __getattr__(name: str) -> Any:
         from .redis_governor import RedisGovernor
 
         return RedisGovernor
+    if name == "RedisStore":
+        from .redis_store import RedisStore
+
+        return RedisStore
     raise AttributeError(f"module 'sora_async' has no attribute {name!r}")

@@ -188,6 +188,7 @@ class SoraClient:
             callbacks=callback_url is not None,
             uncertain_hold=uncertain_hold,
         )
+        self._lanes.on_adopted = self._adopted_by_governor
         self._transport = Transport(
             api_key=key,
             base_url=self.base_url,
@@ -481,26 +482,51 @@ class SoraClient:
         A task with an id holds a slot and is polled to its end; a create whose fate
         was never learned holds a slot for what is left of ``uncertain_hold`` (its
         task may run, unnamed). Where the model's governor adopts the tasks of dead
-        processes itself (Redis), it does so by its leases, so the records are only
-        watched.
+        processes itself (Redis), it does, by its leases, and holds their uncertain
+        creates: the store then only names the record of a task adopted here.
         """
         for record in await store.unfinished():
             lane = self._lanes.get(record.model)
+            if lane.governor.adopts_orphans:
+                continue
+            if store.shared:
+                logger.warning(
+                    "task store: %s's records are shared by processes; only a RedisGovernor "
+                    "for that model may adopt them (record %s left alone)",
+                    record.model,
+                    record.key,
+                )
+                continue
             if record.task_id is not None and record.state is RecordState.RUNNING:
-                if lane.governor.adopts_orphans or await self._adopt(record.task_id, record.model):
+                if await self._adopt(record.task_id, record.model):
                     logger.info("adopting task %s from the store", record.task_id)
-                    self._models[record.task_id] = record.model
-                    if not lane.governor.adopts_orphans:
-                        self._record_end_of(store, record)
+                    self._record_end_of(store, record)
                 continue
             if record.state is RecordState.SUBMITTING:
                 record.state = RecordState.UNCERTAIN
                 record.error = "the process that sent its create stopped before the answer"
                 await store.save(record)
             left = self.uncertain_hold - (time.time() - record.updated_at)
-            if left > 0 and not lane.governor.adopts_orphans:
+            if left > 0:
                 await lane.governor.acquire_slot()
                 lane.governor.release_slot_later(left)
+
+    def _adopted_by_governor(self, task_id: str, model: str) -> None:
+        """A governor handed us a dead process's task: write its end in its record."""
+        self._models[task_id] = model
+        if self.store is not None and self.store.durable and self._task_group is not None:
+            self._task_group.start_soon(self._watch_record_of, self.store, task_id)
+
+    async def _watch_record_of(self, store: TaskStore, task_id: str) -> None:
+        try:
+            record = await store.find_task(task_id)
+        except SoraError as exc:
+            logger.warning("task store: cannot look up adopted task %s: %s", task_id, exc)
+            return
+        if record is None or not record.state.unfinished:
+            return
+        with contextlib.suppress(KeyError):  # it ended while we looked
+            self._record_end_of(store, record, task_id=task_id)
 
     async def _create_with_slot(
         self,

@@ -64,6 +64,8 @@ class Lanes:
         self._started: list[Governor] = []  # governors whose run() is started
         self._group: anyio.abc.TaskGroup | None = None
         self._recorder: Recorder | None = None
+        #: Told of each task a governor hands over from a dead process (task id, model).
+        self.on_adopted: Callable[[str, str], None] | None = None
         self.default = self.get(default_model)
 
     def governor_for(self, model: str) -> Governor:
@@ -161,6 +163,8 @@ class _News:
 
     def adopt(self, task_id: str, model: str) -> None:
         self._lanes.get(model).scheduler.track(task_id, model, holds_slot=True, adopted=True)
+        if self._lanes.on_adopted is not None:
+            self._lanes.on_adopted(task_id, model)
 
     def announce(self, status: TaskStatus, trusted: bool) -> None:
         self._lanes.announce(status, trusted=trusted, relayed=True)

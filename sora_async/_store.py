@@ -97,6 +97,8 @@ class TaskStore(Protocol):
 
     #: whether records outlive the process (a restarted client adopts from it)
     durable: bool
+    #: whether several processes use it at once (their governor must adopt orphans)
+    shared: bool
 
     async def open(self) -> None:
         """Open the store (the client calls it when entered)."""
@@ -125,6 +127,7 @@ class MemoryStore:
     """
 
     durable = False
+    shared = False
 
     def __init__(self, *, keep: int = 10_000) -> None:
         self.keep = keep
@@ -211,6 +214,7 @@ class SQLiteStore:
     """
 
     durable = True
+    shared = False
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)

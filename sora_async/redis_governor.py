@@ -201,32 +201,11 @@ class RedisGovernor:
 
     async def _patiently(self, call: Callable[[], Awaitable[_T]]) -> _T:
         self._client()
-        loop = asyncio.get_running_loop()
-        deadline: float | None = None
-        attempt = 0
-        while True:
-            try:
-                result = await call()
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                now = loop.time()
-                if deadline is None:
-                    deadline = now + self.redis_timeout
-                    logger.warning("Redis unreachable (%s): waiting, nothing is sent", exc)
-                if now >= deadline:
-                    raise RedisUnavailableError(
-                        f"Redis at {_safe_url(self.url)} unreachable for "
-                        f"{self.redis_timeout:g} s: {exc}"
-                    ) from exc
-                attempt += 1
-                pause = self._reconnect_pause(attempt)
-                await asyncio.sleep(min(pause, max(deadline - now, _MIN_WAIT)))
-                continue
-            except RedisError as exc:
-                raise RedisUnavailableError(f"Redis refused a governor script: {exc}") from exc
-            self.round_trips += 1
-            if deadline is not None:
-                logger.warning("Redis reachable again")
-            return result
+        result = await patiently(
+            call, url=self.url, timeout=self.redis_timeout, pause=self._reconnect_pause
+        )
+        self.round_trips += 1
+        return result
 
     def _reconnect_pause(self, attempt: int) -> float:
         """Return how long to wait before trying Redis again (backed off, jittered)."""
@@ -658,6 +637,41 @@ class RedisGovernor:
         finally:
             await self._redis.aclose()
             self._redis = None
+
+
+async def patiently(
+    call: Callable[[], Awaitable[_T]],
+    *,
+    url: str,
+    timeout: float,
+    pause: Callable[[int], float],
+) -> _T:
+    """Return ``call()``'s answer, waiting out a Redis outage for up to ``timeout``
+    seconds (``pause(attempt)`` between tries); then raise RedisUnavailableError.
+    Nothing that needs Redis's word goes ahead without it."""
+    loop = asyncio.get_running_loop()
+    deadline: float | None = None
+    attempt = 0
+    while True:
+        try:
+            result = await call()
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            now = loop.time()
+            if deadline is None:
+                deadline = now + timeout
+                logger.warning("Redis unreachable (%s): waiting, nothing is sent", exc)
+            if now >= deadline:
+                raise RedisUnavailableError(
+                    f"Redis at {_safe_url(url)} unreachable for {timeout:g} s: {exc}"
+                ) from exc
+            attempt += 1
+            await asyncio.sleep(min(pause(attempt), max(deadline - now, _MIN_WAIT)))
+            continue
+        except RedisError as exc:
+            raise RedisUnavailableError(f"Redis refused a command: {exc}") from exc
+        if deadline is not None:
+            logger.warning("Redis reachable again")
+        return result
 
 
 def _safe_url(url: str) -> str:

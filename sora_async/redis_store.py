@@ -1,0 +1,172 @@
+"""The task store on Redis: one record of every task, shared by every process and host
+using one API key (needs the ``redis`` extra, like :class:`RedisGovernor`)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+import redis.asyncio as aioredis
+
+from ._errors import InputError
+from ._store import TaskRecord
+from .redis_governor import patiently
+
+__all__ = ["RedisStore"]
+
+_T = TypeVar("_T")
+
+_decode_record = msgspec.json.Decoder(TaskRecord).decode
+
+
+class RedisStore:
+    """Task records in Redis, shared by the processes and hosts using one API key.
+
+    An idempotency key then holds across all of them: a retry that reaches another
+    worker finds the task the first one made. Use it with :class:`RedisGovernor`,
+    which adopts the tasks of a dead process by its leases; the store tells the
+    adopter which record the task belongs to, so its end is written down too.
+    Settled records are kept ``keep`` seconds (default 7 days), then forgotten with
+    their keys; unfinished ones are kept until they end. When Redis cannot be
+    reached, writes wait up to ``redis_timeout`` seconds, then raise
+    :class:`RedisUnavailableError`. Key names carry a hash of the API key, never
+    the key. Raises :class:`InputError` for a bad URL, key or setting.
+    """
+
+    durable = True
+    #: Several processes use it at once: each adopts only through its governor.
+    shared = True
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        api_key: str | None = None,
+        keep: float = 7 * 86400.0,
+        redis_timeout: float = 120.0,
+    ) -> None:
+        self.url = url or os.environ.get("SORA_ASYNC_REDIS_URL") or ""
+        if not self.url.startswith(("redis://", "rediss://", "unix://")):
+            raise InputError(
+                "url", "must be a redis://, rediss:// or unix:// URL (or set SORA_ASYNC_REDIS_URL)"
+            )
+        key = api_key if api_key is not None else os.environ.get("APIXO_API_KEY")
+        if not key:
+            raise InputError("api_key", "is required: pass api_key= or set APIXO_API_KEY")
+        if keep <= 0:
+            raise InputError("keep", "must be a positive number of seconds")
+        if redis_timeout <= 0:
+            raise InputError("redis_timeout", "must be a positive number of seconds")
+        identity = hashlib.sha256(f"{key}\0store".encode()).hexdigest()[:16]
+        self.prefix = f"sora-async:{{{identity}}}:store"
+        self.keep = keep
+        self.redis_timeout = redis_timeout
+        self._redis: aioredis.Redis | None = None
+
+    def __repr__(self) -> str:
+        return f"RedisStore(prefix={self.prefix!r})"
+
+    def _db(self) -> aioredis.Redis:
+        if self._redis is None:
+            raise InputError("store", "is not open: the client opens it when entered")
+        return self._redis
+
+    def _record_key(self, key: str) -> str:
+        return f"{self.prefix}:record:{key}"
+
+    def _task_key(self, task_id: str) -> str:
+        return f"{self.prefix}:task:{task_id}"
+
+    @property
+    def _unfinished_key(self) -> str:
+        return f"{self.prefix}:unfinished"
+
+    async def _patiently(self, call: Callable[[], Awaitable[_T]]) -> _T:
+        return await patiently(
+            call,
+            url=self.url,
+            timeout=self.redis_timeout,
+            pause=lambda attempt: min(2.0, 0.05 * 2.0**attempt) * random.uniform(0.5, 1.0),
+        )
+
+    async def open(self) -> None:
+        """Connect (lazily: the first command waits out an outage like any other)."""
+        self._redis = aioredis.from_url(
+            self.url, socket_connect_timeout=2.0, socket_timeout=5.0, health_check_interval=10
+        )
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    async def claim(self, record: TaskRecord) -> TaskRecord:
+        """Insert ``record`` unless its key is known (SET NX); return the record now stored."""
+        db = self._db()
+        where = self._record_key(record.key)
+        body = msgspec.json.encode(record)
+        if await self._patiently(lambda: db.set(where, body, nx=True)):
+            return record
+        stored = await self._patiently(lambda: db.get(where))
+        if stored is None:  # forgotten between the two commands: claim again
+            return await self.claim(record)
+        assert isinstance(stored, bytes)
+        return _decode_record(stored)
+
+    async def save(self, record: TaskRecord) -> None:
+        """Write the record, its task id's index and the set of unfinished records at once."""
+        db = self._db()
+        record.updated_at = time.time()
+        body = msgspec.json.encode(record)
+        expiry = None if record.state.unfinished else int(self.keep)
+
+        async def write() -> Any:
+            async with db.pipeline(transaction=True) as batch:
+                batch.set(self._record_key(record.key), body, ex=expiry)
+                if record.task_id is not None:
+                    batch.set(self._task_key(record.task_id), record.key, ex=expiry)
+                if record.state.unfinished:
+                    batch.sadd(self._unfinished_key, record.key)
+                else:
+                    batch.srem(self._unfinished_key, record.key)
+                return await batch.execute()
+
+        await self._patiently(write)
+
+    async def unfinished(self) -> list[TaskRecord]:
+        """Return the records whose task may still hold a slot, oldest first."""
+        db = self._db()
+        keys = await self._patiently(lambda: db.smembers(self._unfinished_key))
+        assert isinstance(keys, set)
+        if not keys:
+            return []
+        names = [self._record_key(_text(key)) for key in keys]
+        bodies = await self._patiently(lambda: db.mget(names))
+        assert isinstance(bodies, list)
+        records = [_decode_record(body) for body in bodies if body is not None]
+        return sorted(
+            (record for record in records if record.state.unfinished),
+            key=lambda record: record.created_at,
+        )
+
+    async def find_task(self, task_id: str) -> TaskRecord | None:
+        """Return the record of task ``task_id``, if any."""
+        db = self._db()
+        key = await self._patiently(lambda: db.get(self._task_key(task_id)))
+        if key is None:
+            return None
+        body = await self._patiently(lambda: db.get(self._record_key(_text(key))))
+        if body is None:
+            return None
+        assert isinstance(body, bytes)
+        return _decode_record(body)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
