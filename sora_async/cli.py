@@ -19,7 +19,7 @@ from typing import Any
 import click
 import msgspec
 from rich.live import Live
-from rich.table import Table
+from rich.table import Column, Table
 
 from . import _models
 from ._batch import (
@@ -500,7 +500,10 @@ def top(
 @cli.command()
 def models() -> None:
     """List the models this client knows: id, kind, typed fields and default limits."""
-    table = Table("model", "kind", "input", "fields", "limits (requests/min, tasks)")
+    # A model id is what the user types next: it never wraps, other columns do.
+    table = Table(
+        Column("model", no_wrap=True), "kind", "input", "fields", "limits (requests/min, tasks)"
+    )
     for info in MODELS.values():
         names = ", ".join(f"sa.{kind.__name__}" for kind in info.inputs) or "sa.RawInput"
         limits = info.limits
