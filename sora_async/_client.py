@@ -82,6 +82,8 @@ logger = logging.getLogger("sora_async")
 
 DEFAULT_BASE_URL = "https://api.apixo.ai/api/v1"
 UncertainPolicy = Literal["raise", "resubmit"]
+# The records of submits without a key get one made up, with this prefix.
+_AUTO_KEY = "sora-async-auto:"
 
 
 class SoraClient:
@@ -379,7 +381,7 @@ class SoraClient:
             check_idempotency_key(idempotency_key)
         records = self._records_for(idempotency_key)
         if records is not None:
-            key = idempotency_key or f"auto:{secrets.token_hex(16)}"
+            key = idempotency_key or f"{_AUTO_KEY}{secrets.token_hex(16)}"
             return await self._submit_recorded(records, key, prepared, before_create)
         governor = self._lanes.get(prepared[0]).governor
         await governor.acquire_slot()
@@ -431,14 +433,12 @@ class SoraClient:
             # Queued or refused: no task exists for this key, so creating is safe.
             governor = self._lanes.get(model).governor
             await governor.acquire_slot()
-            try:
-                record.state, record.error = RecordState.SUBMITTING, None
-                await records.save(record)  # before the create is sent
-                if before_create is not None:
+            if before_create is not None:
+                try:
                     await before_create()
-            except BaseException:
-                governor.release_slot()
-                raise
+                except BaseException:
+                    governor.release_slot()
+                    raise
             return await self._create_with_slot(prepared, (records, record))
 
     @contextlib.asynccontextmanager
@@ -556,14 +556,28 @@ class SoraClient:
     ) -> None:
         model, body = prepared
         lane = self._lanes.get(model)
+        # A caller's idempotency key promises one task: never resubmit under it.
+        resubmit = self.on_uncertain == "resubmit" and (
+            recorded is None or recorded[1].key.startswith(_AUTO_KEY)
+        )
         try:
+            if recorded is not None:
+                # Written here, not in the caller: a caller cancelled between this write
+                # and the create would leave a create recorded that was never sent.
+                store, record = recorded
+                record.state, record.error = RecordState.SUBMITTING, None
+                try:
+                    await store.save(record)  # before the create is sent
+                except BaseException:
+                    lane.governor.release_slot()
+                    raise
             while True:
                 try:
                     task_id = await self._transport.create(model, body)
                 except SubmitUncertainError as exc:
                     # The task may exist and hold a slot on the server for a while.
                     lane.governor.release_slot_later(self.uncertain_hold)
-                    if self.on_uncertain == "raise" or recorded is not None:
+                    if not resubmit:
                         await _note(recorded, RecordState.UNCERTAIN, error=str(exc))
                         raise
                     logger.warning("create uncertain; resubmitting (on_uncertain='resubmit')")

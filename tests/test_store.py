@@ -190,3 +190,18 @@ async def test_any_sequence_of_keys_makes_one_task_per_key(keys: list[str]) -> N
         by_key = dict(zip(keys, ids, strict=True))
         assert all(by_key[key] == task_id for key, task_id in zip(keys, ids, strict=True))
         assert fake.stats.creates == len(set(keys))
+
+
+async def test_a_key_is_never_resubmitted_after_an_uncertain_create(fake: FakeApixo) -> None:
+    """on_uncertain='resubmit' never creates twice under a caller's key; its record and
+    any later submit of the key say uncertain."""
+    fake.inject("reset_after_create", on="create")
+    async with sa.SoraClient(
+        api_key=fake.api_key, base_url=fake.url, on_uncertain="resubmit"
+    ) as client:
+        with pytest.raises(sa.SubmitUncertainError):
+            await client.submit(PROMPT, idempotency_key="once")
+        with pytest.raises(sa.SubmitUncertainError):
+            await client.submit(PROMPT, idempotency_key="once")
+        assert await client.submit(sa.TextToVideo(prompt="no key")) is not None
+    assert fake.stats.creates_per_prompt[PROMPT.prompt] == 1
