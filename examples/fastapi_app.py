@@ -2,9 +2,11 @@
 
     APIXO_API_KEY=... APIXO_CALLBACK_URL=https://my.host/apixo/callback \\
     APIXO_CALLBACK_SECRET=$(python -c 'import secrets; print(secrets.token_urlsafe(32))') \\
-        uvicorn examples.fastapi_app:app
+    SORA_APP_API_KEYS=$(python -c 'import secrets; print(secrets.token_urlsafe(32))') \\
+        uvicorn examples.fastapi_app:app --timeout-graceful-shutdown 10
 
-Routes:
+Routes (all but the callback route require one of the app's API keys, sent as
+``Authorization: Bearer <key>`` or ``X-API-Key: <key>``; 401 without a right one):
 
 - ``POST /videos`` with a JSON body ``{"prompt": ..., "duration": 10, "size": "1280*720"}``
   starts a generation and answers ``{"task_id": ...}`` (422 names a bad field).
@@ -18,7 +20,9 @@ Routes:
   callback loss, for the default model and under ``models`` for each model used (with
   Redis: the key's figures, summed over every worker).
 - ``POST`` at the path of ``APIXO_CALLBACK_URL`` (when set) receives the provider's
-  callbacks, so a finished task is known at once instead of at the next poll.
+  callbacks, so a finished task is known at once instead of at the next poll. It takes
+  no API key: the provider sends none, and the callback secret in its URL
+  authenticates it (403 without it).
 
 Environment: ``APIXO_API_KEY`` (required), ``APIXO_BASE_URL`` (default: the public
 service), ``APIXO_CALLBACK_URL`` (optional: without it the client polls),
@@ -39,6 +43,36 @@ variable named):
 ``APIXO_ON_UNCERTAIN``         ``raise`` (never pay twice) or ``resubmit`` (raise)
 ``APIXO_MAX_DOWNLOAD_BYTES``   largest result file accepted (2 GiB)
 =============================  ======================================================
+
+The app's own settings, checked at start like the client's:
+
+=============================  ======================================================
+``SORA_APP_API_KEYS``          the keys callers must send, comma-separated, each at
+                               least 16 characters (make them with
+                               ``secrets.token_urlsafe(32)``)
+``SORA_APP_AUTH``              ``on`` (default) or ``off``. Without keys the app
+                               refuses to start unless ``SORA_APP_AUTH=off`` says
+                               that the routes may be open (say, behind a proxy that
+                               authenticates); ``off`` with keys set is refused too
+``SORA_APP_LOG_REPEAT``        seconds between two log lines of one repeated warning
+                               or error (10): the first goes through at once, later
+                               ones are counted and summarised once per period
+=============================  ======================================================
+
+Shutdown: on SIGTERM or SIGINT (the app chains its own handler before uvicorn's),
+every ``GET /videos/{id}`` still waiting answers at once 503 ``{"error":
+"shutting_down", "task_id": ...}`` with ``Retry-After``, a ``POST /videos`` still
+waiting for a task slot answers 503 (no task was made for it), and a create already
+sent runs to its end and answers its task id. The tasks go on at the service; the app
+logs the ids of those still running, then closes its client. Run uvicorn with
+``--timeout-graceful-shutdown`` so that no request can hold the exit up for long.
+
+Logs: the callback secret never reaches a log. uvicorn's access log prints every
+request's query string, the callback's ``?token=`` included: a filter on uvicorn's and
+this app's loggers (and their handlers) replaces every ``token=`` value and the secret
+itself with ``***``. A warning or error repeated many times a second (a traceback
+per refused ``accept()`` when the process runs out of file descriptors) is logged
+once, then summarised once per ``SORA_APP_LOG_REPEAT`` seconds with its count.
 
 Running several workers (``uvicorn --workers N``, gunicorn, several pods): the key's
 limits (60 requests a minute, 10 unfinished tasks) are per API key, not per process.
@@ -78,27 +112,53 @@ answers 200 and ignores it, and the waiter's polling safety net finds the end la
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import functools
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+import re
+import secrets
+import signal
+import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from contextlib import asynccontextmanager
+from types import FrameType
 from typing import Annotated, Any
 
+import anyio
 import msgspec
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict
 
 import sora_async as sa
 import sora_async.webhook
 
-__all__ = ["ClientFactory", "VideoIn", "client_from_env", "create_app"]
+__all__ = [
+    "AppSettings",
+    "ClientFactory",
+    "RedactSecrets",
+    "SummariseRepeats",
+    "VideoIn",
+    "app_settings_from_env",
+    "client_from_env",
+    "create_app",
+]
 
 logger = logging.getLogger("sora_async.examples.fastapi_app")
 
 ClientFactory = Callable[[], sa.SoraClient]
+
+RETRY_AFTER = 5  # seconds a caller should wait after a 503 of a shutdown: a restart
+MIN_KEY_LENGTH = 16
+# The loggers whose records this app guards: uvicorn's, asyncio's, the library's, ours.
+GUARDED_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "asyncio", "sora_async")
 
 
 def _number(name: str, *, whole: bool = False) -> Any:
@@ -188,6 +248,242 @@ def _limits_from_env() -> sa.Limits:
         ) from exc
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AppSettings:
+    """The app's own settings (the client's come from :func:`client_from_env`).
+
+    ``api_keys``: the keys a caller must send; empty only when ``auth`` is False.
+    ``log_repeat``: seconds between two log lines of one repeated warning or error.
+    """
+
+    api_keys: tuple[str, ...] = ()
+    auth: bool = True
+    log_repeat: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.auth and not self.api_keys:
+            raise ValueError(
+                "SORA_APP_API_KEYS is unset: give the app's API keys (comma-separated), "
+                "or set SORA_APP_AUTH=off to serve the routes without authentication"
+            )
+        if not self.auth and self.api_keys:
+            raise ValueError("SORA_APP_AUTH=off contradicts SORA_APP_API_KEYS: unset one")
+        for key in self.api_keys:
+            if len(key) < MIN_KEY_LENGTH or not key.isascii() or not key.isprintable():
+                raise ValueError(
+                    f"SORA_APP_API_KEYS: each key must be at least {MIN_KEY_LENGTH} printable "
+                    f"ASCII characters (one is {len(key)} long)"
+                )
+        if not self.log_repeat > 0:
+            raise ValueError(f"SORA_APP_LOG_REPEAT must be a positive number: {self.log_repeat}")
+
+
+def app_settings_from_env() -> AppSettings:
+    """Read the app's settings from the environment (see the module docstring).
+
+    Raises ValueError naming the variable when one is set to a bad value, or when no
+    API key is set and ``SORA_APP_AUTH=off`` does not say the routes may be open.
+    """
+    auth = (os.environ.get("SORA_APP_AUTH") or "on").strip().lower()
+    if auth not in ("on", "off"):
+        raise ValueError(f"SORA_APP_AUTH must be on or off, got {auth!r}")
+    keys = os.environ.get("SORA_APP_API_KEYS") or ""
+    return AppSettings(
+        api_keys=tuple(key.strip() for key in keys.split(",") if key.strip()),
+        auth=auth == "on",
+        **_given(log_repeat=_number("SORA_APP_LOG_REPEAT")),
+    )
+
+
+# --- logs: no secret, no flood ---------------------------------------------------------------
+
+# A token in a query string (uvicorn's access log prints every request's) or a form.
+_TOKEN = re.compile(r"(\btoken=)[^&\s\"']+")
+
+
+class RedactSecrets(logging.Filter):
+    """Replace ``token=`` values and the given secrets with ``***`` in every record.
+
+    It edits the message, its string arguments and the text of its traceback, in
+    place, and keeps the arguments a tuple of the same shape (uvicorn's access
+    formatter unpacks them).
+    """
+
+    def __init__(self, secrets_: Iterable[str] = ()) -> None:
+        super().__init__()
+        self._secrets = sorted({value for value in secrets_ if value}, key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        """Return ``text`` with every token value and secret replaced by ``***``."""
+        for value in self._secrets:
+            text = text.replace(value, "***")
+        return _TOKEN.sub(r"\1***", text)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = self.redact(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                self.redact(arg) if isinstance(arg, str) else arg for arg in record.args
+            )
+        if record.exc_info and not record.exc_text:
+            # Formatters use exc_text when set: the traceback is redacted once, here.
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
+        return True
+
+
+class SummariseRepeats(logging.Filter):
+    """Let one warning or error through, then summarise its repeats once per ``period``.
+
+    Records at WARNING and above with the same logger, level, message template and
+    exception type are one kind. The first of a kind passes; later ones within
+    ``period`` seconds of the last one passed are counted and dropped; the first one
+    after that passes without its traceback, saying how many were dropped. INFO and
+    below (the access log) always pass. Thread-safe; remembers at most ``kinds`` kinds.
+    """
+
+    def __init__(self, period: float = 10.0, *, kinds: int = 1000) -> None:
+        super().__init__()
+        self.period = period
+        self._kinds = kinds
+        # kind -> (when one last passed, how many were dropped since)
+        self._seen: OrderedDict[tuple[object, ...], tuple[float, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        exc_type = record.exc_info[0] if record.exc_info else None
+        kind = (record.name, record.levelno, str(record.msg), exc_type)
+        now = time.monotonic()
+        with self._lock:
+            seen = self._seen.get(kind)
+            if seen is None:
+                self._seen[kind] = (now, 0)
+                if len(self._seen) > self._kinds:
+                    self._seen.popitem(last=False)
+                return True
+            self._seen.move_to_end(kind)
+            passed, dropped = seen
+            if now - passed < self.period:
+                self._seen[kind] = (passed, dropped + 1)
+                return False
+            self._seen[kind] = (now, 0)
+        if dropped:
+            summary = f"{dropped} more like it in the last {now - passed:.0f} s, not logged"
+            record.msg = f"{record.getMessage()} ({summary}; the first had the traceback)"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def install_log_guards(redact: RedactSecrets, repeats: SummariseRepeats) -> Callable[[], None]:
+    """Add the filters to the guarded loggers and to every handler configured now.
+
+    A logger's filter sees only the records made on it, a handler's sees every record
+    it writes: the redaction goes on both. Returns a function that removes them.
+    """
+    loggers = [logging.getLogger(name) for name in GUARDED_LOGGERS]
+    handlers = {id(h): h for one in [logging.getLogger(), *loggers] for h in one.handlers}
+    for one in loggers:
+        one.addFilter(repeats)
+        one.addFilter(redact)
+    for handler in handlers.values():
+        handler.addFilter(redact)
+
+    def remove() -> None:
+        for one in loggers:
+            one.removeFilter(repeats)
+            one.removeFilter(redact)
+        for handler in handlers.values():
+            handler.removeFilter(redact)
+
+    return remove
+
+
+# --- shutdown --------------------------------------------------------------------------------
+
+
+class _Refused(Exception):
+    """A create not sent: the app began to shut down while it waited for a slot."""
+
+
+@dataclasses.dataclass(eq=False)
+class _Post:
+    """A ``POST /videos`` in progress: cancellable until its create is sent."""
+
+    scope: anyio.CancelScope
+    sending: bool = False
+
+
+class Shutdown:
+    """Know that the server was told to stop, before it waits for open requests.
+
+    uvicorn waits for every open request to end before the lifespan's shutdown, so a
+    waiter with a long timeout would hold the exit for minutes. :meth:`watch_signals`
+    puts a handler of SIGTERM and SIGINT in front of the server's own: it ends the
+    waiting requests at once, then calls the server's handler.
+    """
+
+    def __init__(self) -> None:
+        self.stopping = False
+        self.waiters: set[anyio.CancelScope] = set()
+        self.posts: set[_Post] = set()
+        self._restore: dict[int, Any] = {}
+
+    def begin(self) -> None:
+        """Stop waiters and the creates not yet sent (in the event loop's thread)."""
+        if self.stopping:
+            return
+        self.stopping = True
+        unsent = [post for post in self.posts if not post.sending]
+        if self.waiters or unsent:
+            logger.warning(
+                "shutting down: %d waiting GETs and %d POSTs waiting for a slot answer 503",
+                len(self.waiters),
+                len(unsent),
+            )
+        for scope in [*self.waiters, *(post.scope for post in unsent)]:
+            scope.cancel()
+
+    def watch_signals(self) -> None:
+        """Chain a handler of SIGTERM and SIGINT before the one the server installed.
+
+        Only where a Python handler is installed (uvicorn and hypercorn install theirs
+        with ``signal.signal``), and only in the main thread (elsewhere signals cannot
+        be watched; shutdown then begins at the lifespan's end).
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return
+        loop = asyncio.get_running_loop()
+        for number in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(number)
+            if not callable(previous):
+                continue
+
+            def chained(
+                signum: int, frame: FrameType | None, previous: Callable[..., Any] = previous
+            ) -> None:
+                loop.call_soon_threadsafe(self.begin)
+                previous(signum, frame)
+
+            signal.signal(number, chained)
+            self._restore[number] = (chained, previous)
+
+    def restore_signals(self) -> None:
+        """Put back the server's handlers, unless someone replaced ours meanwhile."""
+        for number, (chained, previous) in self._restore.items():
+            if signal.getsignal(number) is chained:
+                signal.signal(number, previous)
+        self._restore.clear()
+
+
+# --- the routes --------------------------------------------------------------------------------
+
+
 class VideoIn(BaseModel):
     """The body of ``POST /videos``: a text-to-video request (checked by sa.TextToVideo)."""
 
@@ -205,8 +501,12 @@ def _invalid(where: str, exc: sa.InputError) -> RequestValidationError:
     )
 
 
-def _error(status: int, **detail: Any) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status)
+def _error(status: int, headers: dict[str, str] | None = None, **detail: Any) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def _shutting_down(**detail: Any) -> JSONResponse:
+    return _error(503, {"Retry-After": str(RETRY_AFTER)}, error="shutting_down", **detail)
 
 
 def _service_error(exc: sa.SoraError) -> JSONResponse:
@@ -226,61 +526,168 @@ def _service_error(exc: sa.SoraError) -> JSONResponse:
     return _error(502, error="upstream", message=str(exc))
 
 
-def create_app(client_factory: ClientFactory | None = None) -> FastAPI:
+# At module level: FastAPI reads the (postponed) annotations in the module's globals.
+_BEARER = HTTPBearer(auto_error=False, description="one of the app's API keys")
+_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="or in this header")
+Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
+KeyHeader = Annotated[str | None, Depends(_KEY_HEADER)]
+
+
+def _key_checker(keys: Collection[str]) -> Callable[..., Any]:
+    """Return a FastAPI dependency that answers 401 unless one of ``keys`` is sent."""
+    known = [key.encode() for key in keys]
+
+    async def require_key(credentials: Bearer, api_key: KeyHeader) -> None:
+        offered = [credentials.credentials if credentials else None, api_key]
+        # Every known key is compared, in constant time: the answer's timing tells
+        # nothing of how much of a key was right, nor which key matched.
+        matches = [
+            secrets.compare_digest(given.encode(), key)
+            for given in offered
+            if given is not None
+            for key in known
+        ]
+        if not any(matches):
+            raise HTTPException(
+                401, {"error": "unauthorized"}, headers={"WWW-Authenticate": "Bearer"}
+            )
+
+    return require_key
+
+
+def create_app(
+    client_factory: ClientFactory | None = None,
+    *,
+    api_keys: Collection[str] | None = None,
+    settings: AppSettings | None = None,
+) -> FastAPI:
     """Return the app; ``client_factory`` builds its one SoraClient (default: from env).
 
-    The client is built now (the callback route needs its URL) and opened, once, for
-    the app's life by the lifespan.
+    ``api_keys``: the keys callers must send (default: ``settings``, else from the
+    environment, see :func:`app_settings_from_env`). The client is built now (the
+    callback route needs its URL) and opened, once, for the app's life by the
+    lifespan. Raises ValueError naming the variable for a bad setting.
     """
+    if isinstance(api_keys, str):
+        raise ValueError("api_keys must be a collection of keys, not one string")
+    if api_keys is not None:
+        base = settings or AppSettings(auth=False)
+        settings = dataclasses.replace(base, api_keys=tuple(api_keys), auth=True)
+    elif settings is None:
+        settings = app_settings_from_env()
     client = (client_factory or client_from_env)()
+    shutdown = Shutdown()
+    created: set[str] = set()  # task ids made here, to name those still running at exit
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with client:
-            yield
+        redact = RedactSecrets([client.callback_secret or "", *settings.api_keys])
+        remove_log_guards = install_log_guards(redact, SummariseRepeats(settings.log_repeat))
+        try:
+            async with client:
+                shutdown.watch_signals()
+                try:
+                    yield
+                finally:
+                    shutdown.restore_signals()
+                    shutdown.begin()
+                    running = sorted(task_id for task_id in created if _running(client, task_id))
+                    if running:
+                        # They go on at the service, and are billed: say which they are.
+                        logger.warning("%d tasks still running at exit: %s", len(running), running)
+        finally:
+            remove_log_guards()
 
     app = FastAPI(title="Sora 2 Pro videos", lifespan=lifespan)
     app.state.client = client
+    app.state.shutdown = shutdown
     if client.callback_url is not None:
         app.include_router(sora_async.webhook.fastapi_router(client))
+    guarded = [Depends(_key_checker(settings.api_keys))] if settings.auth else []
 
     @app.exception_handler(sa.SoraError)
     async def on_sora_error(request: Request, exc: sa.SoraError) -> JSONResponse:
         return _service_error(exc)
 
-    @app.post("/videos")
-    async def start_video(body: VideoIn) -> dict[str, str]:
+    @app.post("/videos", dependencies=guarded, response_model=None)
+    async def start_video(body: VideoIn) -> dict[str, str] | JSONResponse:
         """Start a generation and return its task id (waits for a free task slot)."""
         try:
             request = sa.TextToVideo(**body.model_dump(exclude_none=True))
         except sa.InputError as exc:
             raise _invalid("body", exc) from exc
-        return {"task_id": await client.submit(request)}
+        if shutdown.stopping:
+            return _shutting_down()
+        post = _Post(anyio.CancelScope())
 
-    @app.get("/status")
+        async def sending() -> None:
+            if shutdown.stopping:
+                raise _Refused  # the slot goes back; nothing was sent
+            post.sending = True  # from here on, shutdown lets the create finish
+
+        shutdown.posts.add(post)
+        task_id = None
+        try:
+            with post.scope:
+                task_id = await client.submit(request, before_create=sending)
+        except _Refused:
+            pass
+        finally:
+            shutdown.posts.discard(post)
+        if task_id is None:
+            return _shutting_down()
+        created.add(task_id)
+        if len(created) > 1000:  # forget the ended ones now and then
+            created.intersection_update([t for t in created if _running(client, t)])
+        return {"task_id": task_id}
+
+    @app.get("/status", dependencies=guarded)
     async def status() -> Response:
         """Return the client's snapshot: its governors' and schedulers' figures now."""
         return Response(msgspec.json.encode(client.snapshot()), media_type="application/json")
 
-    @app.get("/videos/{task_id}")
+    @app.get("/videos/{task_id}", dependencies=guarded, response_model=None)
     async def get_video(
         task_id: str, timeout: Annotated[float, Query(gt=0, le=3600)] = 60.0
-    ) -> dict[str, Any]:
-        """Wait up to ``timeout`` seconds for the video; 504 if it is not ready by then."""
+    ) -> dict[str, Any] | JSONResponse:
+        """Wait up to ``timeout`` seconds for the video; 504 if it is not ready by then,
+        503 at once when the app shuts down (ask again: the task goes on)."""
+        if shutdown.stopping:
+            return _shutting_down(task_id=task_id)
+        video = None
         try:
-            video = await client.wait(task_id, timeout=timeout)
+            with anyio.CancelScope() as scope:
+                shutdown.waiters.add(scope)
+                video = await client.wait(task_id, timeout=timeout)
         except sa.InputError as exc:
             raise _invalid("path", exc) from exc
         except sa.NotFoundError as exc:
             raise HTTPException(404, {"error": "unknown_task", "task_id": task_id}) from exc
+        finally:
+            shutdown.waiters.discard(scope)
+        if video is None:
+            return _shutting_down(task_id=task_id)
         return {"task_id": video.task_id, "url": video.url, "urls": list(video.urls)}
 
     return app
 
 
+def _running(client: sa.SoraClient, task_id: str) -> bool:
+    """Return whether the client tracks ``task_id`` and has not seen it end."""
+    scheduler = client.scheduler
+    return (
+        scheduler.is_tracked(task_id)
+        and scheduler.result(task_id) is None
+        and scheduler.given_up(task_id) is None
+    )
+
+
 @functools.cache
 def _default_app() -> FastAPI:
-    return create_app()
+    try:
+        return create_app()
+    except ValueError as exc:  # sa.InputError too: one line naming the variable, no traceback
+        sys.exit(f"error: {exc}")
 
 
 def __getattr__(name: str) -> Any:

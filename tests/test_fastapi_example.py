@@ -22,6 +22,7 @@ from sora_async.testing import FakeApixo, fixed
 # Real time, but quick: the fake's window is generous and generations take 1 s.
 LIMITS = sa.Limits(requests=600, period=60.0, concurrent_tasks=10)
 SECRET = "the-app-callback-secret"
+APP_KEY = "the-app-key-for-its-callers"
 
 
 @pytest.fixture
@@ -49,7 +50,8 @@ async def app_url(fake: FakeApixo) -> AsyncIterator[str]:
             callback_secret=SECRET,
         )
 
-    config = uvicorn.Config(create_app(client_factory), log_level="warning", lifespan="on")
+    app = create_app(client_factory, api_keys=[APP_KEY])
+    config = uvicorn.Config(app, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     serving = asyncio.ensure_future(server.serve(sockets=[sock]))
     try:
@@ -67,8 +69,9 @@ async def app_url(fake: FakeApixo) -> AsyncIterator[str]:
 
 @pytest.fixture
 async def http(app_url: str) -> AsyncIterator[httpx.AsyncClient]:
-    """An HTTP client for the app."""
-    async with httpx.AsyncClient(base_url=app_url, timeout=30) as session:
+    """An HTTP client for the app, with one of its API keys."""
+    headers = {"Authorization": f"Bearer {APP_KEY}"}
+    async with httpx.AsyncClient(base_url=app_url, timeout=30, headers=headers) as session:
         yield session
 
 

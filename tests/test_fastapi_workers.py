@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import secrets
-import socket
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +20,8 @@ import httpx
 
 import sora_async as sa
 from sora_async.testing import FakeApixo, RedisServer, fixed
+from tests.processes import APP_KEY, app_process, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
 WORKERS = 4
 VIDEOS = 8
 WAITERS = 3  # GETs awaiting each video, each on a new connection
@@ -52,29 +49,6 @@ LOG_CONFIG = {
 SHARED = re.compile(r"^(\d+) sora_async callback for task (\S+) not tracked here: shared$")
 # "<pid> uvicorn.access <client ip>:<port> - ..." : which worker served which client.
 ACCESS = re.compile(r"^(\d+) uvicorn\.access ([\d.]+):\d+ - ")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-async def collect(stream: asyncio.StreamReader, lines: list[str]) -> None:
-    """Keep the workers' log lines (and keep their pipe from filling up)."""
-    async for raw in stream:
-        lines.append(raw.decode(errors="replace").rstrip())
-
-
-async def until_started(lines: list[str], process: asyncio.subprocess.Process) -> None:
-    """Wait until every worker has opened its client (its lifespan ran)."""
-    for _ in range(600):
-        if sum("Application startup complete" in line for line in lines) == WORKERS:
-            return
-        assert process.returncode is None, "\n".join(lines)
-        await asyncio.sleep(0.05)
-    raise AssertionError("uvicorn workers did not start:\n" + "\n".join(lines))
 
 
 async def test_four_workers_share_one_key_and_wake_each_other(
@@ -108,11 +82,6 @@ async def test_four_workers_share_one_key_and_wake_each_other(
         await seed.request("balance")
         await seed.aclose()
         env = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith(("APIXO_", "SORA_ASYNC_"))
-        }
-        env |= {
             "APIXO_API_KEY": fake.api_key,
             "APIXO_BASE_URL": fake.url,
             "APIXO_CALLBACK_URL": f"{origin}/apixo/callback",
@@ -121,26 +90,19 @@ async def test_four_workers_share_one_key_and_wake_each_other(
             # No polling safety net within the test: every end must come by callback.
             "APIXO_POLL_INTERVAL": "600",
             "SORA_ASYNC_REDIS_URL": redis_server.url,
+            "SORA_APP_API_KEYS": APP_KEY,
         }
-        process = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "uvicorn", "examples.fastapi_app:app"),
-            *("--workers", str(WORKERS), "--host", "127.0.0.1", "--port", str(port)),
-            *("--log-config", str(log_config)),
-            cwd=ROOT,
-            env=env,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        lines: list[str] = []
-        assert process.stderr is not None
-        reading = asyncio.ensure_future(collect(process.stderr, lines))
+        options = ("--workers", str(WORKERS), "--log-config", str(log_config))
         looks_before_end: dict[str, int] = {}
 
         async def request(source: str, method: str, path: str, **options: Any) -> httpx.Response:
             # A new connection from its own loopback address: any worker may take it, and
             # the access log's client address tells which one did.
             transport = httpx.AsyncHTTPTransport(local_address=source)
-            async with httpx.AsyncClient(base_url=origin, transport=transport, timeout=30) as http:
+            headers = {"Authorization": f"Bearer {APP_KEY}"}
+            async with httpx.AsyncClient(
+                base_url=origin, transport=transport, timeout=30, headers=headers
+            ) as http:
                 return await http.request(method, path, **options)
 
         async def video(number: int) -> tuple[str, list[httpx.Response]]:
@@ -161,18 +123,10 @@ async def test_four_workers_share_one_key_and_wake_each_other(
             looks_before_end[task_id] = record.polls
             return task_id, await asyncio.gather(*waits)
 
-        try:
-            await until_started(lines, process)
+        # uvicorn stops its workers at the block's end, which close their clients.
+        async with app_process(env, *options, port=port, started=WORKERS) as app:
             results = await asyncio.gather(*(video(number) for number in range(VIDEOS)))
-        finally:
-            if process.returncode is None:
-                process.terminate()  # uvicorn stops its workers, which close their clients
-            try:
-                await asyncio.wait_for(process.wait(), 15)
-            except asyncio.TimeoutError:
-                process.kill()
-                await process.wait()
-            await reading
+    lines = app.lines
     log = "\n".join(lines)
     for task_id, answers in results:
         for got in answers:

@@ -1,0 +1,117 @@
+"""examples/fastapi_app.py run as an operator runs it: ``python -m uvicorn`` in a process,
+the fake service in another (``python -m sora_async.testing``), both at time-compressed
+limits, driven over loopback. The fake's counters and the app's captured log judge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import resource
+import signal
+
+from tests.processes import APP_KEY, fake_and_app
+
+SLOTS = 10
+# 600 requests in any 6 s: creates and looks are never held up by the window.
+FAKE_LIMITS = ("--requests", "600", "--period", "6", "--concurrent-tasks", str(SLOTS))
+ENV = {"APIXO_LIMITS": f"600/6/{SLOTS}"}
+FILES = 64  # the app's open-file limit in the test of its logs
+
+
+async def test_sigterm_with_tasks_running_answers_waiters_and_exits_at_once() -> None:
+    """SIGTERM with 10 tasks running, a GET waiting on each and a POST waiting for a
+    slot: every GET answers 503 with its task id and Retry-After, the POST 503 with no
+    task made for it, and the process exits well within 10 s (no
+    --timeout-graceful-shutdown given). The 10 tasks go on at the service, and the log
+    names each of them as still running."""
+    options = ("--generation", "fixed:60", "--pending-time", "0.1", "--balance", "1e6")
+    async with fake_and_app(FAKE_LIMITS + options, env=ENV) as (fake, app, _):
+        async with app.http() as http:
+            posts = [http.post("/videos", json={"prompt": f"kite {n}"}) for n in range(SLOTS)]
+            task_ids = [answer.json()["task_id"] for answer in await asyncio.gather(*posts)]
+            gets = [
+                asyncio.ensure_future(http.get(f"/videos/{task_id}", params={"timeout": 600}))
+                for task_id in task_ids
+            ]
+            eleventh = asyncio.ensure_future(http.post("/videos", json={"prompt": "one more"}))
+            await asyncio.sleep(0.5)  # all waiting: the GETs for their tasks, the POST a slot
+            assert not any(get.done() for get in [*gets, eleventh])
+            exited_after = await app.stop()
+            answers = await asyncio.gather(*gets)
+            refused = await eleventh
+        stats = await fake.stats()
+    print(f"exit {exited_after:.2f} s after SIGTERM")
+    assert exited_after <= 10, app.log
+    # uvicorn ends by raising the signal it caught again, with the default handler.
+    assert app.process.returncode == -signal.SIGTERM, app.log
+    for task_id, answer in zip(task_ids, answers, strict=True):
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["detail"] == {"error": "shutting_down", "task_id": task_id}
+        assert int(answer.headers["Retry-After"]) > 0
+    assert refused.status_code == 503, refused.text
+    assert refused.headers["Retry-After"]
+    assert stats["creates"] == SLOTS  # none for the refused POST
+    assert stats["unfinished_tasks"] == SLOTS  # the tasks go on at the service
+    (named,) = [line for line in app.lines if "tasks still running at exit" in line]
+    assert set(re.findall(r"task_\w+", named)) == set(task_ids)
+
+
+def few_files() -> None:
+    """Lower this process's open-file limit to FILES (run in the app's process)."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (FILES, FILES))
+
+
+async def test_routes_need_a_key_and_the_log_has_no_secret_and_no_flood() -> None:
+    """Auth: without a key, with a wrong one or a wrong scheme, the routes answer 401
+    and no request reaches the service; the app's key as a Bearer token or in
+    X-API-Key is let in. The callback route takes no key: the fake's real callback and
+    a forged one with the valid token are answered 200, a wrong token 403.
+
+    Logs: uvicorn's access log (its default configuration) prints each callback with
+    ``token=***``, and the secret appears nowhere in what the process printed. With
+    the app's files limited to 64 and 100 idle connections opened, every refused
+    ``accept()`` logs an EMFILE traceback (thousands a second without the app's
+    filter): the log shows the traceback once."""
+    options = ("--generation", "fixed:0.5", "--pending-time", "0.1", "--balance", "1e6")
+    serving = fake_and_app(FAKE_LIMITS + options, env=ENV, preexec_fn=few_files)
+    async with serving as (fake, app, env):
+        secret = env["APIXO_CALLBACK_SECRET"]
+        async with app.http(key=None) as anonymous:
+            refused = [
+                await anonymous.post("/videos", json={"prompt": "kite"}),
+                await anonymous.get("/videos/task_x", params={"timeout": 1}),
+                await anonymous.get("/status"),
+                await anonymous.get("/status", headers={"Authorization": "Bearer wrong"}),
+                await anonymous.get("/status", headers={"X-API-Key": APP_KEY[:-1]}),
+                await anonymous.get("/status", headers={"Authorization": f"Basic {APP_KEY}"}),
+            ]
+            by_header = await anonymous.get("/status", headers={"X-API-Key": APP_KEY})
+            body = {"code": 200, "data": {"taskId": "task_forged", "state": "processing"}}
+            forged = await anonymous.post(f"/apixo/callback?token={secret}", json=body)
+            guessed = await anonymous.post("/apixo/callback?token=guess", json=body)
+        looked = (await fake.stats())["requests"]
+        async with app.http() as http:
+            task_id = (await http.post("/videos", json={"prompt": "kite"})).json()["task_id"]
+            got = await http.get(f"/videos/{task_id}", params={"timeout": 30})
+        idle = [await asyncio.open_connection(*app.address) for _ in range(100)]
+        await asyncio.sleep(1.0)  # the accept loop fails over and over meanwhile
+        for _, writer in idle:
+            writer.close()
+        await app.stop()
+        stats = await fake.stats()
+    assert [answer.status_code for answer in refused] == [401] * 6
+    assert all(answer.headers["WWW-Authenticate"] == "Bearer" for answer in refused)
+    assert looked == 0  # nothing refused reached the service
+    assert (by_header.status_code, forged.status_code, guessed.status_code) == (200, 200, 403)
+    assert got.status_code == 200, got.text
+    assert stats["callbacks_delivered"] == 1
+    assert secret not in app.log
+    callbacks = [line for line in app.lines if "POST /apixo/callback" in line]
+    assert len(callbacks) == 3, app.log  # the fake's, the forged one, the guess
+    assert all("token=***" in line for line in callbacks), app.log
+    refusals = [line for line in app.lines if line.startswith("socket.accept() out of")]
+    tracebacks = [line for line in app.lines if "Too many open files" in line]
+    print(f"{len(refusals)} EMFILE log records, {len(tracebacks)} tracebacks")
+    assert 1 <= len(refusals) <= 2, app.log
+    assert len(tracebacks) == 1, app.log
