@@ -342,11 +342,19 @@ class SummariseRepeats(logging.Filter):
     ``period`` seconds of the last one passed are counted and dropped; the first one
     after that passes without its traceback, saying how many were dropped. INFO and
     below (the access log) always pass. Thread-safe; remembers at most ``kinds`` kinds.
+    ``clock`` returns seconds (a test may pass its own).
     """
 
-    def __init__(self, period: float = 10.0, *, kinds: int = 1000) -> None:
+    def __init__(
+        self,
+        period: float = 10.0,
+        *,
+        kinds: int = 1000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__()
         self.period = period
+        self._clock = clock
         self._kinds = kinds
         # kind -> (when one last passed, how many were dropped since)
         self._seen: OrderedDict[tuple[object, ...], tuple[float, int]] = OrderedDict()
@@ -357,7 +365,7 @@ class SummariseRepeats(logging.Filter):
             return True
         exc_type = record.exc_info[0] if record.exc_info else None
         kind = (record.name, record.levelno, str(record.msg), exc_type)
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             seen = self._seen.get(kind)
             if seen is None:

@@ -7,16 +7,31 @@ callbacks; the test drives the app over HTTP like any user of it would.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
+import string
+import sys
 from collections.abc import AsyncIterator
 
 import httpx
 import msgspec
 import pytest
 import uvicorn
+from fastapi import FastAPI
+from hypothesis import given
+from hypothesis import strategies as st
+from uvicorn.logging import AccessFormatter
 
+import examples.fastapi_app
 import sora_async as sa
-from examples.fastapi_app import client_from_env, create_app
+from examples.fastapi_app import (
+    AppSettings,
+    RedactSecrets,
+    SummariseRepeats,
+    app_settings_from_env,
+    client_from_env,
+    create_app,
+)
 from sora_async.testing import FakeApixo, fixed
 
 # Real time, but quick: the fake's window is generous and generations take 1 s.
@@ -243,3 +258,123 @@ def test_client_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPat
         with pytest.raises(sa.InputError, match=name):
             client_from_env()
         monkeypatch.setenv(name, settings[name])
+
+
+def test_app_settings_are_checked_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without an API key of its own the app refuses to start unless SORA_APP_AUTH=off
+    says the routes may be open; a contradiction, a short key or a bad value is refused
+    naming the variable. uvicorn's import of ``app`` then stops with one line, no
+    traceback."""
+    for name in ("SORA_APP_API_KEYS", "SORA_APP_AUTH", "SORA_APP_LOG_REPEAT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match=r"SORA_APP_API_KEYS is unset.*SORA_APP_AUTH=off"):
+        app_settings_from_env()
+    monkeypatch.setenv("SORA_APP_AUTH", "off")
+    assert app_settings_from_env() == AppSettings(api_keys=(), auth=False, log_repeat=10.0)
+    monkeypatch.setenv("SORA_APP_API_KEYS", f" {APP_KEY} ,, {APP_KEY}-2 ")
+    with pytest.raises(ValueError, match="SORA_APP_AUTH=off contradicts SORA_APP_API_KEYS"):
+        app_settings_from_env()
+    monkeypatch.setenv("SORA_APP_AUTH", "on")
+    monkeypatch.setenv("SORA_APP_LOG_REPEAT", "2.5")
+    assert app_settings_from_env() == AppSettings(
+        api_keys=(APP_KEY, f"{APP_KEY}-2"), auth=True, log_repeat=2.5
+    )
+    for name, bad, rule in [
+        ("SORA_APP_API_KEYS", "short", "SORA_APP_API_KEYS: each key must be at least 16"),
+        ("SORA_APP_AUTH", "maybe", "SORA_APP_AUTH must be on or off"),
+        ("SORA_APP_LOG_REPEAT", "0", "SORA_APP_LOG_REPEAT"),
+    ]:
+        with monkeypatch.context() as patch:
+            patch.setenv(name, bad)
+            with pytest.raises(ValueError, match=rule):
+                app_settings_from_env()
+    monkeypatch.delenv("SORA_APP_API_KEYS")
+    monkeypatch.setenv("APIXO_API_KEY", "k")
+    with pytest.raises(SystemExit) as stopped:
+        _ = examples.fastapi_app.app
+    assert str(stopped.value.code).startswith("error: SORA_APP_API_KEYS is unset")
+
+
+async def test_routes_are_open_only_when_auth_is_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With SORA_APP_AUTH=off, GET /status answers without a key; with keys it answers
+    401 without one (and 200 with it), and the 401 asks for a Bearer token."""
+    monkeypatch.delenv("SORA_APP_API_KEYS", raising=False)
+    monkeypatch.setenv("SORA_APP_AUTH", "off")
+
+    def client_factory() -> sa.SoraClient:
+        return sa.SoraClient(api_key="k", base_url="http://127.0.0.1:9/api/v1")
+
+    async def status(app: FastAPI, **headers: str) -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
+            return await http.get("/status", headers=headers)
+
+    assert (await status(create_app(client_factory))).status_code == 200
+    closed = create_app(client_factory, api_keys=[APP_KEY])
+    refused = await status(closed)
+    assert (refused.status_code, refused.headers["WWW-Authenticate"]) == (401, "Bearer")
+    assert (await status(closed, authorization=f"Bearer {APP_KEY}")).status_code == 200
+
+
+def access_line(record: logging.LogRecord) -> str:
+    """Format ``record`` as uvicorn's default access log does."""
+    return AccessFormatter('%(client_addr)s - "%(request_line)s" %(status_code)s').format(record)
+
+
+@given(secret=st.text(alphabet=string.ascii_letters + string.digits + "-_", min_size=16))
+def test_the_secret_is_redacted_from_access_lines_and_tracebacks(secret: str) -> None:
+    """A callback's access-log line, a message naming the callback URL and a traceback
+    whose exception carries it come out with ``token=***`` and without the secret."""
+    redact = RedactSecrets([secret])
+    path = f"/apixo/callback?token={secret}&attempt=1"
+    access = logging.LogRecord(
+        "uvicorn.access", logging.INFO, "", 0, '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:5000", "POST", path, "1.1", 200), None,
+    )  # fmt: skip
+    assert redact.filter(access)
+    assert access_line(access) == (
+        '127.0.0.1:5000 - "POST /apixo/callback?token=***&attempt=1 HTTP/1.1" 200 OK'
+    )
+    try:
+        raise sa.TransportError(f"cannot reach http://h{path}")
+    except sa.TransportError:
+        failed = logging.LogRecord(
+            "sora_async", logging.ERROR, "", 0, "callback to %s failed", (f"http://h{path}",),
+            sys.exc_info(),
+        )  # fmt: skip
+    assert redact.filter(failed)
+    text = logging.Formatter().format(failed)
+    assert secret not in text
+    assert text.count("token=***") == 2
+
+
+def test_repeated_errors_are_logged_once_then_summarised() -> None:
+    """A thousand identical tracebacks in one period: the first is logged whole, the
+    rest are dropped, and the first of the next period says how many were, without
+    its traceback. Other messages and INFO lines are not held back."""
+    now = [0.0]
+    repeats = SummariseRepeats(10.0, clock=lambda: now[0])
+
+    def record(message: str, level: int = logging.ERROR) -> logging.LogRecord:
+        try:
+            raise OSError(24, "Too many open files")
+        except OSError:
+            info = sys.exc_info()
+        return logging.LogRecord("asyncio", level, "", 0, message, None, info)
+
+    emfile = "socket.accept() out of system resource"
+    passed = []
+    for step in range(1000):
+        now[0] = step * 0.005
+        passed += [one for one in [record(emfile)] if repeats.filter(one)]
+    assert [one.exc_info is not None for one in passed] == [True]
+    assert repeats.filter(record("another error"))
+    assert repeats.filter(record("an access line", logging.INFO))
+    now[0] = 11.0
+    summary = record(emfile)
+    assert repeats.filter(summary)
+    assert summary.exc_info is None
+    assert summary.getMessage() == (
+        f"{emfile} (999 more like it in the last 11 s, not logged; the first had the traceback)"
+    )
+    assert not repeats.filter(record(emfile))
