@@ -157,8 +157,16 @@ ClientFactory = Callable[[], sa.SoraClient]
 
 RETRY_AFTER = 5  # seconds a caller should wait after a 503 of a shutdown: a restart
 MIN_KEY_LENGTH = 16
-# The loggers whose records this app guards: uvicorn's, asyncio's, the library's, ours.
-GUARDED_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "asyncio", "sora_async")
+# The loggers whose records this app guards: uvicorn's, asyncio's, the library's, ours
+# (a logger's filters see only the records made on it, not its children's).
+GUARDED_LOGGERS = (
+    "uvicorn",
+    "uvicorn.error",
+    "uvicorn.access",
+    "asyncio",
+    "sora_async",
+    "sora_async.examples.fastapi_app",
+)
 
 
 def _number(name: str, *, whole: bool = False) -> Any:
@@ -389,13 +397,20 @@ class SummariseRepeats(logging.Filter):
 
 
 def install_log_guards(redact: RedactSecrets, repeats: SummariseRepeats) -> Callable[[], None]:
-    """Add the filters to the guarded loggers and to every handler configured now.
+    """Add the filters to the guarded loggers and to every handler configured now
+    (the last-resort one included).
 
     A logger's filter sees only the records made on it, a handler's sees every record
     it writes: the redaction goes on both. Returns a function that removes them.
     """
     loggers = [logging.getLogger(name) for name in GUARDED_LOGGERS]
-    handlers = {id(h): h for one in [logging.getLogger(), *loggers] for h in one.handlers}
+    configured = [
+        one for one in logging.Logger.manager.loggerDict.values() if isinstance(one, logging.Logger)
+    ]
+    every = [logging.getLogger(), *loggers, *configured]
+    handlers = {id(h): h for one in every for h in one.handlers}
+    if logging.lastResort is not None:  # prints WARNING+ of loggers without a handler
+        handlers[id(logging.lastResort)] = logging.lastResort
     for one in loggers:
         one.addFilter(repeats)
         one.addFilter(redact)
@@ -662,10 +677,11 @@ def create_app(
         503 at once when the app shuts down (ask again: the task goes on)."""
         if shutdown.stopping:
             return _shutting_down(task_id=task_id)
+        scope = anyio.CancelScope()  # cancelled by the shutdown: a 503 at once
+        shutdown.waiters.add(scope)
         video = None
         try:
-            with anyio.CancelScope() as scope:
-                shutdown.waiters.add(scope)
+            with scope:
                 video = await client.wait(task_id, timeout=timeout)
         except sa.InputError as exc:
             raise _invalid("path", exc) from exc
