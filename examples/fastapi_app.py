@@ -144,11 +144,13 @@ __all__ = [
     "AppSettings",
     "ClientFactory",
     "RedactSecrets",
+    "Shutdown",
     "SummariseRepeats",
     "VideoIn",
     "app_settings_from_env",
     "client_from_env",
     "create_app",
+    "install_log_guards",
 ]
 
 logger = logging.getLogger("sora_async.examples.fastapi_app")
@@ -306,7 +308,7 @@ def app_settings_from_env() -> AppSettings:
 # --- logs: no secret, no flood ---------------------------------------------------------------
 
 # A token in a query string (uvicorn's access log prints every request's) or a form.
-_TOKEN = re.compile(r"(\btoken=)[^&\s\"']+")
+_TOKEN = re.compile(r"(token=)[^&\s\"']+")
 
 
 class RedactSecrets(logging.Filter):
@@ -475,9 +477,9 @@ class Shutdown:
     def watch_signals(self) -> None:
         """Chain a handler of SIGTERM and SIGINT before the one the server installed.
 
-        Only where a Python handler is installed (uvicorn and hypercorn install theirs
-        with ``signal.signal``), and only in the main thread (elsewhere signals cannot
-        be watched; shutdown then begins at the lifespan's end).
+        Only where a Python handler is installed (uvicorn installs its own with
+        ``signal.signal``), and only in the main thread (elsewhere signals cannot be
+        watched; shutdown then begins at the lifespan's end).
         """
         if threading.current_thread() is not threading.main_thread():
             return

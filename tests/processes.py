@@ -4,12 +4,17 @@
 over HTTP (``GET /fake/stats``); ``app_process(env, ...)`` runs
 ``python -m uvicorn examples.fastapi_app:app`` with ``env`` (on top of this
 environment, without its ``APIXO_*``, ``SORA_ASYNC_*`` and ``SORA_APP_*``), keeps its
-log lines (stdout and stderr, in order) and stops it by a signal, timing the exit::
+log lines (stdout and stderr, in order) and stops it by a signal, timing the exit.
+``fake_and_app`` starts both at once. A restart is a second ``app_process`` with the
+same environment and port (the callback URL names the port)::
 
-    async with fake_process("--generation", "fixed:30") as fake:
-        async with app_process(app_env(fake, origin)) as app:
+    async with fake_and_app(("--generation", "fixed:30")) as (fake, app, env):
+        ...
+        await app.stop(signal.SIGKILL)
+        async with app_process(env, port=app.address[1]) as again:
             ...
-            exited_after = await app.stop()  # SIGTERM
+        stats = await fake.stats()  # while the fake runs
+    assert stats["rate_limited"] == 0
 """
 
 from __future__ import annotations
