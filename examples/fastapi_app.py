@@ -9,7 +9,11 @@ Routes (all but the callback route require one of the app's API keys, sent as
 ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``; 401 without a right one):
 
 - ``POST /videos`` with a JSON body ``{"prompt": ..., "duration": 10, "size": "1280*720"}``
-  starts a generation and answers ``{"task_id": ...}`` (422 names a bad field).
+  starts a generation and answers ``{"task_id": ...}`` (422 names a bad field). With an
+  ``Idempotency-Key`` header (1 to 255 characters) the same key answers the same task
+  and never creates twice, across restarts with a store: a caller that gave up
+  waiting sends the same request with the same key again and gets its task. The same
+  key with another body is 422, as the IETF draft of the header says.
 - ``GET /videos/{task_id}?timeout=60`` waits up to ``timeout`` seconds and answers
   ``{"task_id", "url", "urls"}``; 504 if the video is not ready by then (ask again: the
   task goes on), 502 with the ``fail_code`` if the generation failed, 404 for an
@@ -27,6 +31,9 @@ Routes (all but the callback route require one of the app's API keys, sent as
 Environment: ``APIXO_API_KEY`` (required), ``APIXO_BASE_URL`` (default: the public
 service), ``APIXO_CALLBACK_URL`` (optional: without it the client polls),
 ``APIXO_CALLBACK_SECRET``, ``SORA_ASYNC_REDIS_URL`` and ``APIXO_WORKERS`` (see below),
+``SORA_ASYNC_STORE`` (a SQLite file recording every task: a restarted app adopts the
+tasks still running and keeps idempotency keys; with ``SORA_ASYNC_REDIS_URL`` the
+records live in Redis instead, shared by every worker),
 ``APIXO_LIMITS`` (the key's limits as ``requests/period/concurrent_tasks``, default
 ``60/60/10``: set it if your plan differs, or to test against a time-compressed fake),
 and the client's policies, each optional (a bad value stops the app at start with the
@@ -64,7 +71,8 @@ every ``GET /videos/{id}`` still waiting answers at once 503 ``{"error":
 "shutting_down", "task_id": ...}`` with ``Retry-After``, a ``POST /videos`` still
 waiting for a task slot answers 503 (no task was made for it), and a create already
 sent runs to its end and answers its task id. The tasks go on at the service; the app
-logs the ids of those still running, then closes its client. Run uvicorn with
+logs the ids of those still running, then closes its client. With a store they stay
+recorded, and the next process adopts them: it holds their slots and polls them. Run uvicorn with
 ``--timeout-graceful-shutdown`` so that no request can hold the exit up for long.
 
 Logs: the callback secret never reaches a log. uvicorn's access log prints every
@@ -131,7 +139,7 @@ from typing import Annotated, Any
 
 import anyio
 import msgspec
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -200,12 +208,21 @@ def client_from_env() -> sa.SoraClient:
     callback_url = os.environ.get("APIXO_CALLBACK_URL") or None
     secret = os.environ.get("APIXO_CALLBACK_SECRET") or None
     redis_url = os.environ.get("SORA_ASYNC_REDIS_URL") or None
+    store_path = os.environ.get("SORA_ASYNC_STORE") or None
     governor: sa.Governor | None = None
+    store: sa.TaskStore | None = sa.SQLiteStore(store_path) if store_path else None
+    if store is None and redis_url is None:
+        logger.warning(
+            "SORA_ASYNC_STORE is unset: a restart forgets the tasks in flight (their slots "
+            "too) and the idempotency keys"
+        )
     if redis_url is not None:
         if callback_url is not None and secret is None:
             raise ValueError("APIXO_CALLBACK_SECRET is required with SORA_ASYNC_REDIS_URL")
-        # One budget for every worker: each may use all of the key's limits.
+        # One budget for every worker: each may use all of the key's limits, and one
+        # record of every task, so that an idempotency key holds on any worker.
         governor = sa.RedisGovernor(redis_url, limits=limits)
+        store = sa.RedisStore(redis_url)
     else:
         workers = _number("APIXO_WORKERS", whole=True) or 1
         limits = sa.Limits(
@@ -231,6 +248,7 @@ def client_from_env() -> sa.SoraClient:
     return sa.SoraClient(
         limits=limits,
         governor=governor,
+        store=store,
         callback_url=callback_url,
         callback_secret=secret,
         retry=retry,
@@ -519,10 +537,11 @@ class VideoIn(BaseModel):
     size: str | None = None
 
 
-def _invalid(where: str, exc: sa.InputError) -> RequestValidationError:
-    """Return a 422 in FastAPI's own shape, naming the offending field."""
+def _invalid(where: str, exc: sa.InputError, *, field: str | None = None) -> RequestValidationError:
+    """Return a 422 in FastAPI's own shape, naming the offending field (``field``, else
+    the error's own)."""
     return RequestValidationError(
-        [{"loc": (where, exc.field), "msg": exc.rule, "type": "value_error"}]
+        [{"loc": (where, field or exc.field), "msg": exc.rule, "type": "value_error"}]
     )
 
 
@@ -619,7 +638,12 @@ def create_app(
                     running = sorted(task_id for task_id in created if _running(client, task_id))
                     if running:
                         # They go on at the service, and are billed: say which they are.
-                        logger.warning("%d tasks still running at exit: %s", len(running), running)
+                        logger.warning(
+                            "%d tasks still running at exit%s: %s",
+                            len(running),
+                            " (recorded: the next process adopts them)" if client.store else "",
+                            running,
+                        )
         finally:
             remove_log_guards()
 
@@ -635,8 +659,12 @@ def create_app(
         return _service_error(exc)
 
     @app.post("/videos", dependencies=guarded, response_model=None)
-    async def start_video(body: VideoIn) -> dict[str, str] | JSONResponse:
-        """Start a generation and return its task id (waits for a free task slot)."""
+    async def start_video(
+        body: VideoIn,
+        idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    ) -> dict[str, str] | JSONResponse:
+        """Start a generation and return its task id (waits for a free task slot);
+        a repeated ``Idempotency-Key`` answers the task made for it."""
         try:
             request = sa.TextToVideo(**body.model_dump(exclude_none=True))
         except sa.InputError as exc:
@@ -654,9 +682,13 @@ def create_app(
         task_id = None
         try:
             with post.scope:
-                task_id = await client.submit(request, before_create=sending)
+                task_id = await client.submit(
+                    request, idempotency_key=idempotency_key, before_create=sending
+                )
         except _Refused:
             pass
+        except sa.InputError as exc:  # the key: malformed, or used with another body
+            raise _invalid("header", exc, field="Idempotency-Key") from exc
         finally:
             shutdown.posts.discard(post)
         if task_id is None:

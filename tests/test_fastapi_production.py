@@ -9,8 +9,11 @@ import asyncio
 import re
 import resource
 import signal
+from pathlib import Path
 
-from tests.processes import APP_KEY, fake_and_app
+import httpx
+
+from tests.processes import APP_KEY, app_process, fake_and_app
 
 SLOTS = 10
 # 600 requests in any 6 s: creates and looks are never held up by the window.
@@ -115,3 +118,63 @@ async def test_routes_need_a_key_and_the_log_has_no_secret_and_no_flood() -> Non
     print(f"{len(refusals)} EMFILE log records, {len(tracebacks)} tracebacks")
     assert 1 <= len(refusals) <= 2, app.log
     assert len(tracebacks) == 1, app.log
+
+
+async def test_kill9_and_restart_mid_run_with_idempotency_keys(tmp_path: Path) -> None:
+    """The app with a store, all 10 slots busy: 5 callers give up on their POSTs after
+    0.5 s (the app creates their tasks later anyway) and retry with the same
+    Idempotency-Key: one task per key. Then kill -9 with tasks running, restart on the
+    same store, and POST 10 more at once: the new process knows the running tasks and
+    holds their slots, so the service sees 0 429s and 0 duplicate creates, and every
+    task of either process is retrievable by its id."""
+    options = ("--generation", "fixed:3", "--pending-time", "0.1", "--balance", "1e6")
+    env = ENV | {"SORA_ASYNC_STORE": str(tmp_path / "tasks.db")}
+    async with fake_and_app(FAKE_LIMITS + options, env=env) as (fake, app, app_env):
+        async with app.http() as http:
+
+            async def post(prompt: str, key: str | None = None) -> str:
+                headers = {"Idempotency-Key": key} if key else {}
+                answer = await http.post("/videos", json={"prompt": prompt}, headers=headers)
+                assert answer.status_code == 200, answer.text
+                task_id: str = answer.json()["task_id"]
+                return task_id
+
+            first = await asyncio.gather(*(post(f"first {n}", f"first-{n}") for n in range(SLOTS)))
+            for n in range(5):  # abandoned while every slot is busy
+                try:
+                    await http.post(
+                        "/videos",
+                        json={"prompt": f"gave up {n}"},
+                        headers={"Idempotency-Key": f"gave-up-{n}"},
+                        timeout=0.5,
+                    )
+                except httpx.TimeoutException:
+                    pass
+                else:
+                    raise AssertionError("a slot was free: the POST did not have to wait")
+            retried = await asyncio.gather(
+                *(post(f"gave up {n}", f"gave-up-{n}") for n in range(5))
+            )
+            conflict = await http.post(
+                "/videos", json={"prompt": "another"}, headers={"Idempotency-Key": "gave-up-0"}
+            )
+            assert conflict.status_code == 422, conflict.text
+            assert "Idempotency-Key" in conflict.text
+        await app.stop(signal.SIGKILL)  # the 5 retried tasks still run
+        assert (await fake.stats())["unfinished_tasks"] == 5
+        async with app_process(app_env, port=app.address[1]) as again, again.http() as http:
+            fresh = await asyncio.gather(*(post(f"fresh {n}", None) for n in range(SLOTS)))
+            assert await post("gave up 0", "gave-up-0") == retried[0]
+            assert await post("first 3", "first-3") == first[3]
+            answers = await asyncio.gather(
+                *(
+                    http.get(f"/videos/{task_id}", params={"timeout": 30})
+                    for task_id in [*first, *retried, *fresh]
+                )
+            )
+        stats = await fake.stats()
+    assert [answer.status_code for answer in answers] == [200] * 25, [a.text for a in answers]
+    assert stats["rate_limited"] == 0
+    assert stats["creates"] == 25
+    assert max(stats["creates_per_prompt"].values()) == 1
+    assert stats["max_concurrent_tasks"] <= SLOTS
