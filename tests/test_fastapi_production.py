@@ -22,14 +22,18 @@ ENV = {"APIXO_LIMITS": f"600/6/{SLOTS}"}
 FILES = 64  # the app's open-file limit in the test of its logs
 
 
-async def test_sigterm_with_tasks_running_answers_waiters_and_exits_at_once() -> None:
+async def test_sigterm_with_tasks_running_answers_waiters_and_exits_at_once(
+    tmp_path: Path,
+) -> None:
     """SIGTERM with 10 tasks running, a GET waiting on each and a POST waiting for a
     slot: every GET answers 503 with its task id and Retry-After, the POST 503 with no
     task made for it, and the process exits well within 10 s (no
-    --timeout-graceful-shutdown given). The 10 tasks go on at the service, and the log
-    names each of them as still running."""
+    --timeout-graceful-shutdown given). The 10 tasks go on at the service, the log
+    names each of them as still running, and the next process on the store adopts
+    them: it starts with their 10 slots taken and tracks each."""
     options = ("--generation", "fixed:60", "--pending-time", "0.1", "--balance", "1e6")
-    async with fake_and_app(FAKE_LIMITS + options, env=ENV) as (fake, app, _):
+    env = ENV | {"SORA_ASYNC_STORE": str(tmp_path / "tasks.db")}
+    async with fake_and_app(FAKE_LIMITS + options, env=env) as (fake, app, app_env):
         async with app.http() as http:
             posts = [http.post("/videos", json={"prompt": f"kite {n}"}) for n in range(SLOTS)]
             task_ids = [answer.json()["task_id"] for answer in await asyncio.gather(*posts)]
@@ -43,6 +47,8 @@ async def test_sigterm_with_tasks_running_answers_waiters_and_exits_at_once() ->
             exited_after = await app.stop()
             answers = await asyncio.gather(*gets)
             refused = await eleventh
+        async with app_process(app_env, port=app.address[1]) as again, again.http() as http:
+            adopted = (await http.get("/status")).json()
         stats = await fake.stats()
     print(f"exit {exited_after:.2f} s after SIGTERM")
     assert exited_after <= 10, app.log
@@ -58,6 +64,7 @@ async def test_sigterm_with_tasks_running_answers_waiters_and_exits_at_once() ->
     assert stats["unfinished_tasks"] == SLOTS  # the tasks go on at the service
     (named,) = [line for line in app.lines if "tasks still running at exit" in line]
     assert set(re.findall(r"task_\w+", named)) == set(task_ids)
+    assert (adopted["slots_in_use"], adopted["tasks_in_flight"]) == (SLOTS, SLOTS)
 
 
 def few_files() -> None:
