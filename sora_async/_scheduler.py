@@ -35,10 +35,10 @@ __all__ = ["GenerationTimes", "PollPolicy", "PollScheduler"]
 
 logger = logging.getLogger("sora_async")
 
-# A status answer may lag the callback that announced the end: confirm again after
-# 1 s, 2 s and 3 s before treating the callback as early or forged.
-_RECHECKS = 3
-_RECHECK_DELAY = 1.0
+# A status answer may lag the callback that announced the end: a refuted claim is
+# checked once more, 2 s later (at once if another claim came while the answer was on
+# its way). Refuted twice, the task's later claims are doubted (see announce).
+_RECHECK_DELAY = 2.0
 
 
 @dataclass(frozen=True)
@@ -87,11 +87,13 @@ class _Tracked:
 
     __slots__ = (
         "done",
+        "doubted",
         "holds_slot",
         "last_seen",
         "model",
         "polling",
-        "rechecks",
+        "recheck_at",
+        "reclaimed",
         "seen",
         "started",
         "strikes",
@@ -109,7 +111,11 @@ class _Tracked:
         # Poll with the next request: "callback" (said it ended), "adopted" (unknown
         # age), or "recheck" (a callback said it ended, a status answer did not yet).
         self.urgent: str | None = None
-        self.rechecks = 0
+        self.recheck_at = 0.0  # loop time a "recheck" is due
+        self.reclaimed = False  # a claim of its end came while a poll was in flight
+        # A claim of its end was refuted twice: later claims cost nothing, and it is
+        # polled as if no callback would come.
+        self.doubted = False
         self.strikes = 0  # answers in a row that made no sense
         # (model version, age, survival, its integral) at the last sighting, cached.
         self.seen: tuple[int, float, float, float] | None = None
@@ -152,6 +158,7 @@ class PollScheduler:
         self._changed = asyncio.Event()
         self._fatal: BaseException | None = None
         self.polls = 0
+        self.confirmations = 0  # the part of polls that checked a callback's claimed end
         self.settled = 0  # tasks seen to end, by poll or callback
         self.recorder: Recorder | None = None  # set by sora_async.otel.instrument()
 
@@ -216,7 +223,12 @@ class PollScheduler:
         """Take a callback's news of a task; return whether the task is ours.
 
         A trusted terminal status settles the task at once; an untrusted one only
-        makes the task the next one polled, so a forged callback cannot end it.
+        makes the task the next one polled, so a forged callback cannot end it. Claims
+        for one task share one confirming status (at most one in flight); a claim the
+        status refutes is checked once more (the status may lag), and a task whose
+        claim was refuted twice gets no more confirmations: its end is found by polls,
+        spent as if its callback were lost. So any number of claims costs a running
+        task at most two requests beyond its polls, and a settled task none.
         ``relayed``: the news came from another process, which already shared it.
         """
         tracked = self._active.get(status.task_id)
@@ -227,6 +239,10 @@ class PollScheduler:
         if trusted:
             self._seen_by_callback += 1
             self._settle(tracked, status, relayed=relayed)
+        elif tracked.doubted or tracked.urgent in ("callback", "recheck"):
+            pass  # refuted before, or a confirmation already waits: this one costs nothing
+        elif tracked.polling:
+            tracked.reclaimed = True  # the answer on its way may predate this end
         else:
             tracked.urgent = "callback"
             self._changed.set()
@@ -335,18 +351,17 @@ class PollScheduler:
         best_delay = -1.0  # any eligible task beats none, even at an accrued delay of 0
         wake_at: float | None = None
         policy = self.policy
-        loss = self.callback_loss
+        task_loss = self.callback_loss
         # With callbacks a permit spent on a poll may delay a create or a confirmation
         # that a callback just asked for, so the bar rises as callbacks prove reliable.
-        threshold = min(0.5, policy.min_hazard / loss)
+        task_threshold = min(0.5, policy.min_hazard / task_loss)
         for tracked in self._active.values():
             if tracked.polling:
                 continue
-            if tracked.urgent == "recheck":
-                due = tracked.last_seen + _RECHECK_DELAY * tracked.rechecks
-                if now < due:
-                    wake_at = due if wake_at is None else min(wake_at, due)
-                    continue
+            if tracked.urgent == "recheck" and now < tracked.recheck_at:
+                due = tracked.recheck_at
+                wake_at = due if wake_at is None else min(wake_at, due)
+                continue
             if tracked.urgent:
                 return tracked, now
             age = now - tracked.started
@@ -359,6 +374,10 @@ class PollScheduler:
                 seen = tracked.seen = (self.times.version, seen_age, *self.times.at(seen_age))
             survived, seen_area = seen[2], seen[3]
             alive, area = self.times.at(age)
+            if tracked.doubted:  # its callbacks are not believed: polled as without them
+                loss, threshold = 1.0, policy.min_hazard
+            else:
+                loss, threshold = task_loss, task_threshold
             ended_unseen = loss * (survived - alive)
             unseen = alive + ended_unseen
             hazard = 1.0 if unseen <= 0.0 else ended_unseen / unseen
@@ -382,6 +401,8 @@ class PollScheduler:
         # Cleared before sending: a callback arriving while this answer is in flight
         # sets it again, since the answer may predate the end the callback announced.
         reason, tracked.urgent = tracked.urgent, None
+        if reason in ("callback", "recheck"):
+            self.confirmations += 1
         try:
             status = await self._poll(tracked.model, tracked.task_id)
         except AuthenticationError as exc:
@@ -401,28 +422,44 @@ class PollScheduler:
             if tracked.strikes >= self.policy.patience:
                 self._give_up(tracked, exc)
                 return
-            tracked.last_seen = asyncio.get_running_loop().time()
-            tracked.urgent = tracked.urgent or reason
+            self._try_again(tracked, reason)
             return
         except SoraError as exc:
             # A passing fault: try again after the floor interval (or at once, if a
             # callback is waiting to be confirmed).
             logger.warning("poll of %s failed: %s", tracked.task_id, exc)
-            tracked.last_seen = asyncio.get_running_loop().time()
-            tracked.urgent = tracked.urgent or reason
+            self._try_again(tracked, reason)
             return
         finally:
             tracked.polling = False
             self._changed.set()
         if tracked.task_id not in self._active:
             return
-        self._observe(tracked, status, by_callback=reason in ("callback", "recheck"))
-        # The status may lag the callback (or the callback was forged): look again a
-        # little later, a few times, before falling back to normal polling.
-        claimed = reason in ("callback", "recheck") and not status.terminal
-        if claimed and tracked.urgent is None and tracked.rechecks < _RECHECKS:
-            tracked.rechecks += 1
+        reclaimed, tracked.reclaimed = tracked.reclaimed, False
+        claimed = reclaimed or reason in ("callback", "recheck")
+        self._observe(tracked, status, by_callback=claimed)
+        if status.terminal or not claimed or tracked.urgent is not None:
+            return
+        if reason == "recheck":
+            # Refuted twice: forged, or far ahead of the status. Polls find its end.
+            logger.info("task %s: a claimed end refuted twice: callbacks doubted", tracked.task_id)
+            tracked.doubted = True
+        elif reason == "callback":
+            # The status may lag the callback: look once more, a little later (at once
+            # if another claim came while this answer was on its way).
             tracked.urgent = "recheck"
+            tracked.recheck_at = tracked.last_seen + (0.0 if reclaimed else _RECHECK_DELAY)
+        else:
+            # A normal poll's answer may predate the claim that came meanwhile: confirm it.
+            tracked.urgent = "callback"
+
+    def _try_again(self, tracked: _Tracked, reason: str | None) -> None:
+        """After a failed poll: a confirmation asked for is asked again (at once)."""
+        tracked.last_seen = asyncio.get_running_loop().time()
+        if tracked.reclaimed and reason is None:
+            reason = "callback"
+        tracked.reclaimed = False
+        tracked.urgent = tracked.urgent or reason
 
     def _settle(self, tracked: _Tracked, status: TaskStatus, *, relayed: bool = False) -> None:
         seconds = status.generation_seconds
