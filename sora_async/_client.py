@@ -43,6 +43,7 @@ from ._errors import (
     ProtocolError,
     SoraError,
     SubmitUncertainError,
+    TaskAbandonedError,
     TaskFailedError,
     TaskTimeoutError,
 )
@@ -546,7 +547,11 @@ class SoraClient:
             self._creating[key] = created
             created.add_done_callback(lambda _: self._creating.pop(key, None))
         group.start_soon(self._create_detached, prepared, created, recorded)
-        return await asyncio.shield(created)
+        try:
+            return await asyncio.shield(created)
+        except asyncio.CancelledError:
+            created.add_done_callback(_log_orphan)  # its caller will never hear of it
+            raise
 
     async def _create_detached(
         self,
@@ -641,16 +646,37 @@ class SoraClient:
             return check_model_id(model)
         return self._models.get(task_id, self.model)
 
-    async def status(self, task_id: str, *, model: str | None = None) -> TaskStatus:
+    async def status(
+        self, task_id: str, *, model: str | None = None, timeout: float | None = None
+    ) -> TaskStatus:
         """Return the task's status as the service reports it now (one request).
 
         ``model``: the task's model, for a task this client did not create
         (default: the model it was created on, else the client's ``model``).
+        ``timeout`` bounds the whole call in seconds, the wait for a request permit
+        included, and raises TaskTimeoutError when it passes (default: no bound beyond
+        the retry policy). An unknown id raises NotFoundError after one request.
         """
         self._check_open()
         _check_task_id(task_id)
+        _check_timeout(timeout)
         model = self._model_of_task(task_id, model)
-        status = await self._transport.status(model, task_id)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        return await self._lookup(task_id, model, deadline, timeout)
+
+    async def _lookup(
+        self, task_id: str, model: str, deadline: float | None, timeout: float | None
+    ) -> TaskStatus:
+        """Ask the service for a task's status before loop time ``deadline``."""
+        if deadline is None or timeout is None:
+            status = await self._transport.status(model, task_id)
+        else:
+            left = deadline - asyncio.get_running_loop().time()
+            with anyio.move_on_after(max(left, 0.0)) as scope:
+                status = await self._transport.status(model, task_id)
+            if scope.cancelled_caught:
+                raise TaskTimeoutError(task_id, timeout)
         self._lanes.get(model).scheduler.observe(status)
         return status
 
@@ -662,11 +688,17 @@ class SoraClient:
 
         Raises TaskFailedError if it failed, TaskTimeoutError after ``timeout``
         seconds (default: the client's ``wait_timeout``; the task stays tracked).
-        ``model`` is as in :meth:`status`; with a ``store``, a task an earlier process
-        recorded needs no ``model``, and one recorded as succeeded costs no request.
+        The deadline covers everything, the first status request of a task this
+        client does not track (and its wait for a permit) included; an unknown id
+        raises NotFoundError after that one request. ``model`` is as in :meth:`status`;
+        with a ``store``, a task an earlier process recorded needs no ``model``, and one
+        recorded as succeeded costs no request.
         """
         self._check_open()
         _check_task_id(task_id)
+        _check_timeout(timeout)
+        total = self.wait_timeout if timeout is None else timeout
+        deadline = asyncio.get_running_loop().time() + total
         if model is None and task_id not in self._models and self.store is not None:
             # A task of an earlier process: the store knows its model, maybe its end.
             record = await self.store.find_task(task_id)
@@ -680,16 +712,27 @@ class SoraClient:
                     return _result_or_raise(ended, record.model)
                 model = record.model
         model = self._model_of_task(task_id, model)
+        return await self._wait_until(task_id, model, deadline, total)
+
+    async def _wait_until(
+        self, task_id: str, model: str, deadline: float, timeout: float
+    ) -> Result:
         scheduler = self._lanes.get(model).scheduler
         if not scheduler.is_tracked(task_id):
             try:
-                status: TaskStatus | None = await self.status(task_id, model=model)
+                status: TaskStatus | None = await self._lookup(task_id, model, deadline, timeout)
             except ProtocolError:
                 status = None  # the scheduler's patience decides, as for any task
             if status is not None and status.terminal:
                 return _result_or_raise(status, model)
             scheduler.track(task_id, model, holds_slot=False)
-        ended = await scheduler.wait(task_id, self.wait_timeout if timeout is None else timeout)
+        left = max(deadline - asyncio.get_running_loop().time(), 0.0)
+        try:
+            ended = await scheduler.wait(task_id, left)
+        except TaskTimeoutError as exc:
+            if isinstance(exc, TaskAbandonedError):
+                raise
+            raise TaskTimeoutError(task_id, timeout) from None
         return _result_or_raise(ended, model)
 
     @overload
@@ -718,9 +761,28 @@ class SoraClient:
         idempotency_key: str | None = None,
     ) -> Result:
         """Submit ``request`` to its model, wait for it and return its result: a
-        :class:`Video` for a video model (see submit and wait)."""
-        task_id = await self.submit(request, idempotency_key=idempotency_key)
-        return await self.wait(task_id, timeout=timeout)
+        :class:`Video` for a video model (see submit and wait).
+
+        ``timeout`` bounds the whole call in seconds: the wait for a task slot and
+        request permits, the create and the wait for the end. When it passes,
+        TaskTimeoutError is raised: with the task's id once the task exists (it stays
+        tracked), else with ``task_id`` None (a create already sent still runs to its
+        end, and a task it makes is tracked and its id logged: never made twice; with
+        an ``idempotency_key``, a later call with the same key finds it). Without
+        ``timeout``, the create is unbounded and the wait takes the client's
+        ``wait_timeout``.
+        """
+        if timeout is None:
+            task_id = await self.submit(request, idempotency_key=idempotency_key)
+            return await self.wait(task_id)
+        _check_timeout(timeout)
+        model = self.model_for(request)
+        deadline = asyncio.get_running_loop().time() + timeout
+        with anyio.move_on_after(timeout) as scope:
+            task_id = await self.submit(request, idempotency_key=idempotency_key)
+        if scope.cancelled_caught:
+            raise TaskTimeoutError(None, timeout)
+        return await self._wait_until(task_id, model, deadline, timeout)
 
     async def balance(self) -> float:
         """Return the key's remaining balance in USD."""
@@ -836,6 +898,22 @@ async def _note(
         await store.save(record)
     except SoraError as exc:  # the task goes on in memory; the operator must hear of it
         logger.error("task store: cannot record %s as %s: %s", record.key, state.value, exc)
+
+
+def _log_orphan(created: asyncio.Future[str]) -> None:
+    """Name a task made for a caller that stopped waiting (its deadline passed)."""
+    if not created.cancelled() and created.exception() is None:
+        logger.warning(
+            "task %s was created after its caller stopped waiting; it is tracked to its end",
+            created.result(),
+        )
+
+
+def _check_timeout(timeout: object) -> None:
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+        raise InputError("timeout", "must be a number of seconds, zero or more, or None")
 
 
 def _check_task_id(task_id: object) -> None:

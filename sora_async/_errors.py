@@ -172,10 +172,21 @@ class TaskFailedError(SoraError):
 
 
 class TaskTimeoutError(SoraError, TimeoutError):
-    """A wait's deadline passed before the task ended; the task is still tracked."""
+    """A deadline (``timeout`` seconds) passed before the answer came.
 
-    def __init__(self, task_id: str, timeout: float) -> None:
-        super().__init__(f"task {task_id} did not finish within {timeout:g} s")
+    For ``wait`` and ``generate``, the task had not ended (it is still tracked); for
+    ``status``, the service had not answered (the wait for a request permit counts).
+    ``task_id`` is None when ``generate``'s deadline passed before a task id existed:
+    a create already sent still runs to its end, and a task it made is tracked (its
+    slot held) and its id logged, so nothing is paid twice.
+    """
+
+    def __init__(self, task_id: str | None, timeout: float) -> None:
+        if task_id is None:
+            message = f"no task id within {timeout:g} s (a create already sent runs on)"
+        else:
+            message = f"task {task_id} did not finish within {timeout:g} s"
+        super().__init__(message)
         self.task_id = task_id
         self.timeout = timeout
 
