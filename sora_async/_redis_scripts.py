@@ -142,7 +142,8 @@ return {0, '-1', epoch, used}
 """
 )
 
-# KEYS: slots, tickets, pause, factor, slot_limit, limited (429s seen on the key)
+# KEYS: slots, tickets, pause, factor, slot_limit, limited (429s seen on the key),
+#       poll_line, poll_due
 # ARGV: owner, channel, nominal, then groups of four: op, token, a, b
 APPLY = PRELUDE + (
     """
@@ -168,6 +169,10 @@ for i = 4, #ARGV, 4 do
     local raw = redis.call('HGET', KEYS[1], token)
     if raw and cjson.decode(raw).o == owner then redis.call('HDEL', KEYS[1], token) end
     freed = true
+  elseif op == 'unline' then
+    -- a poll's waiter gave up: its place in the poll line goes at once
+    redis.call('ZREM', KEYS[7], token)
+    redis.call('HDEL', KEYS[8], token)
   elseif op == 'news' then
     redis.call('PUBLISH', ARGV[2], a)
   elseif op == 'limited' then

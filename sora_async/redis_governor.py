@@ -262,7 +262,14 @@ class RedisGovernor:
         """Wait until one request of ``kind`` may be sent by this process, and spend it."""
         # A poll keeps one place in the key's poll line across its attempts.
         ticket = f"{self.owner}:p{next(self._members)}" if kind == "status" else ""
-        await self._queue.serve(kind, lambda kind: self._try_send(kind, ticket))
+        try:
+            await self._queue.serve(kind, lambda kind: self._try_send(kind, ticket))
+        except BaseException:
+            if ticket:
+                # Cancelled (a caller's deadline): give its place in the key's line back
+                # now, not when it would have lapsed, which stalls every poll behind it.
+                self._send("unline", ticket)
+            raise
 
     async def _try_send(self, kind: RequestKind, ticket: str) -> float:
         now = asyncio.get_running_loop().time()
@@ -504,6 +511,8 @@ class RedisGovernor:
                         self._key("factor"),
                         self._key("slot_limit"),
                         self._key("limited"),
+                        self._key("poll_line"),
+                        self._key("poll_due"),
                     ],
                     [self.owner, self._channel, self.limits.concurrent_tasks, *ops],
                 )

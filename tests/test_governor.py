@@ -205,6 +205,25 @@ async def test_creates_go_before_queued_polls(make_governor: MakeGovernor) -> No
     assert order[1:] == [f"poll{i}" for i in range(5)]
 
 
+async def test_cancelled_permit_waits_give_their_places_back(make_governor: MakeGovernor) -> None:
+    """Polls whose callers gave up (a deadline) leave the line at once: a poll asked after
+    twenty of them were cancelled waits one pacing step, not behind their places."""
+    governor = make_governor(sa.Limits(requests=10, period=2.0))
+    loop = asyncio.get_running_loop()
+    step = 2.2 / 9  # (period + margin) / (requests - 1)
+    await governor.request("status")  # polls are paced now: the next ones queue
+    for _ in range(4):
+        waiters = [asyncio.ensure_future(governor.request("status")) for _ in range(5)]
+        await asyncio.sleep(0.05)  # the head has asked for its permit (in Redis: its ticket)
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+    await asyncio.sleep(step)
+    start = loop.time()
+    await governor.request("status")
+    assert loop.time() - start < 2 * step
+
+
 async def test_slots_are_first_come_first_served(make_governor: MakeGovernor) -> None:
     """Slot waiters are served in arrival order, and a cancelled waiter loses nothing."""
     governor = make_governor(sa.Limits(concurrent_tasks=2))
