@@ -16,12 +16,21 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import Literal, Protocol, runtime_checkable
 
+import anyio
 from aiolimiter import AsyncLimiter
 
 from ._errors import InputError
 from ._models import Limits, TaskStatus
 
-__all__ = ["Governor", "LocalGovernor", "RequestKind", "RequestQueue", "TaskNews"]
+__all__ = [
+    "SLOT_REFUSAL_WINDOW",
+    "CreatePause",
+    "Governor",
+    "LocalGovernor",
+    "RequestKind",
+    "RequestQueue",
+    "TaskNews",
+]
 
 logger = logging.getLogger("sora_async")
 
@@ -36,6 +45,12 @@ _MIN_WAIT = 1e-3
 _RATE_DECREASE = 0.7
 _RATE_INCREASE = 0.025
 _MIN_RATE_FACTOR = 0.25
+# A create 429 while our window is under this share of its limit is taken for a slot
+# refusal (tasks we do not know hold slots), not for the rate.
+SLOT_REFUSAL_WINDOW = 0.5
+# A create probing for a slot after a refusal whose answer never came is given up after
+# this long, and another probes.
+_SLOT_PROBE_LOST = 120.0
 
 
 class TaskNews(Protocol):
@@ -191,6 +206,12 @@ class Backoff:
         self._consecutive_429 = 0
         self._successes = 0
         self._create_successes = 0
+        # Slot refusals: in a row, one being retried, a slot we know of freed since it,
+        # and whether each create success probes one slot further (see succeeded).
+        self._refusals = 0
+        self._refused = False
+        self._freed_since = False
+        self._ramping = False
 
     def pause(self, kind: RequestKind, retry_after: float | None) -> float:
         """Count a 429 and return how long every request must pause for it."""
@@ -198,25 +219,146 @@ class Backoff:
         self._successes = 0
         if kind == "create":
             self._create_successes = 0
+            self._ramping = False
+        return self._delay(retry_after, self._consecutive_429, self._cap)
+
+    def _delay(self, retry_after: float | None, count: int, cap: float) -> float:
         if retry_after is not None and retry_after >= 0:
             return retry_after
-        ceiling = min(self._cap, self._base * 2.0 ** (self._consecutive_429 - 1))
+        ceiling = min(cap, self._base * 2.0 ** (count - 1))
         return ceiling * self.random.uniform(0.5, 1.0)
 
-    def succeeded(self, kind: RequestKind, *, rate_cut: bool, slots_cut: bool) -> tuple[bool, bool]:
-        """Count a success; return whether to raise the rate, and the slots, one step."""
+    def slot_refused(self, retry_after: float | None) -> float:
+        """Count a create refused for slots; return how long until one create may probe."""
+        self._refusals += 1
+        self._refused, self._freed_since, self._ramping = True, False, False
+        self._create_successes = 0
+        return self.probe_delay(retry_after)
+
+    def probe_delay(self, retry_after: float | None = None) -> float:
+        """Return how long until a create may probe for a slot again (1, 2, 4... s with
+        jitter, up to the cap: a steady neighbour costs about a refused create a minute)."""
+        return self._delay(retry_after, max(1, self._refusals), self._cap)
+
+    @property
+    def ramping(self) -> bool:
+        """Return whether each create success probes one slot further (see succeeded)."""
+        return self._ramping
+
+    def slot_freed(self) -> None:
+        """Note that a slot we know of freed (one of our tasks ended)."""
+        self._freed_since = True
+
+    def succeeded(
+        self, kind: RequestKind, *, rate_cut: bool, slots_cut: bool, probe: bool = False
+    ) -> tuple[bool, bool]:
+        """Count a success; return whether to raise the rate, and the slots, one step.
+
+        Slots rise one step per ``slots`` create successes, or with every create success
+        once a ``probe`` (a create let through a slot refusal's hold) went through while
+        none of our tasks had ended: the tasks we did not know are leaving, so each
+        success probes one slot further.
+        """
         self._consecutive_429 = 0
         self._successes += 1
         rate_up = slots_up = False
         if self._successes >= self._probe_after and rate_cut:
             self._successes = 0
             rate_up = True
-        if kind == "create" and slots_cut:
+        if kind != "create":
+            return rate_up, slots_up
+        if self._refused and probe:
+            self._refused = False
+            self._ramping = not self._freed_since
+        if self._ramping or not slots_cut:
+            self._refusals = 0  # room we did not make ourselves: probe from the first step
+        if not slots_cut:
+            self._ramping = False
+        elif self._ramping:
+            slots_up = True
+        else:
             self._create_successes += 1
             if self._create_successes >= self._slots:
                 self._create_successes = 0
                 slots_up = True
         return rate_up, slots_up
+
+
+class CreatePause:
+    """Hold creates back after a slot refusal, leaving polls free.
+
+    A slot refusal says nothing about the rate, so only creates wait, and not in the
+    request line (a create waiting at its head would hold every poll back too). While
+    held, a create goes when a slot we know of frees (one per slot), or as the one
+    probe once the back-off has passed; the others wait. A probe that finds room while
+    none of our tasks ended (the tasks we did not know are leaving) ends the hold.
+    """
+
+    def __init__(self) -> None:
+        self.held = False
+        self._probe_at = 0.0
+        self._out = 0  # creates let go and not yet answered
+        self._out_at = 0.0  # when the last of them was let go
+        self._passes = 0  # slots freed while held: one create each may go
+        self._wakeable = True
+        self._woken: asyncio.Event | None = None
+
+    @property
+    def probing(self) -> bool:
+        """Return whether creates let through the hold await their answers."""
+        return self.held and self._out > 0
+
+    @property
+    def stale(self) -> bool:
+        """Return whether a refusal now is of a create sent before the hold began (it
+        tells nothing new)."""
+        return self.held and self._out == 0
+
+    def refused(self, retry_at: float, *, wakeable: bool) -> None:
+        """Hold creates after a refusal; ``retry_at``: when one may probe."""
+        self._out = max(0, self._out - 1)
+        self.held, self._probe_at, self._wakeable = True, retry_at, wakeable
+        self._passes = 0  # the service is full again
+        self._notify()
+
+    def went_through(self, *, release: bool, retry_at: float) -> None:
+        """A create was taken: end the hold (``release``), or probe again at ``retry_at``."""
+        self._out = max(0, self._out - 1)
+        if release:
+            self.held = False
+        else:
+            self._probe_at = max(self._probe_at, retry_at)
+        self._notify()
+
+    def wake(self) -> None:
+        """A slot we know of freed: one held create may go, unless the service named
+        the time to come back."""
+        if self.held and self._wakeable:
+            self._passes += 1
+            self._notify()
+
+    def _notify(self) -> None:
+        if self._woken is not None:
+            self._woken.set()
+            self._woken = None
+
+    async def wait(self) -> None:
+        """Return once a create may go."""
+        loop = asyncio.get_running_loop()
+        while self.held:
+            now = loop.time()
+            if self._out > 0 and now >= self._out_at + _SLOT_PROBE_LOST - _MIN_WAIT:
+                self._out = 0  # its answer never came (cancelled, failed): probe anew
+            if self._passes > 0 or (self._out == 0 and now >= self._probe_at - _MIN_WAIT):
+                self._passes = max(0, self._passes - 1)
+                self._out += 1
+                self._out_at = now
+                return
+            if self._woken is None:
+                self._woken = asyncio.Event()
+            due = self._probe_at if self._out == 0 else self._out_at + _SLOT_PROBE_LOST
+            with anyio.move_on_after(max(due - now, _MIN_WAIT)):
+                await self._woken.wait()
 
 
 class LocalGovernor:
@@ -280,8 +422,10 @@ class LocalGovernor:
         # Slot side.
         self._slot_limit = self.limits.concurrent_tasks
         self._in_use = 0
+        self._bound = 0  # slots held by tasks (the rest: creates on their way)
         self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._timers: set[asyncio.TimerHandle] = set()
+        self._creates = CreatePause()
 
     # --- request budget ---------------------------------------------------------------
 
@@ -302,6 +446,8 @@ class LocalGovernor:
 
     async def request(self, kind: RequestKind) -> None:
         """Wait until one request of ``kind`` may be sent, and spend it."""
+        if kind == "create":
+            await self._creates.wait()
         await self._queue.serve(kind, self._try_send)
 
     async def _try_send(self, kind: RequestKind) -> float:
@@ -337,9 +483,30 @@ class LocalGovernor:
         return max(wait, _MIN_WAIT) if wait > 0 else wait
 
     def rate_limited(self, kind: RequestKind, retry_after: float | None) -> None:
-        """Pause every request and shrink rate (and slots, for a create) after a 429."""
+        """Pause every request and shrink rate (and slots, for a create) after a 429.
+
+        A create refused while our window is under half full most likely met tasks we
+        do not know holding slots: then only the slot limit shrinks (to the tasks we
+        hold) and only creates pause; the rate is left alone.
+        """
         now = asyncio.get_running_loop().time()
         self._rate_limited_seen += 1
+        limit = max(1, int(self.limits.requests * self._rate_factor))
+        if kind == "create" and self.requests_in_window() < limit * SLOT_REFUSAL_WINDOW:
+            # As many as the tasks we hold: refused creates hold slots too, and their
+            # retries must not cut further.
+            self._slot_limit = max(1, self._bound)
+            if self._creates.stale:
+                return
+            pause = self._backoff.slot_refused(retry_after)
+            self._creates.refused(now + pause, wakeable=retry_after is None)
+            logger.warning(
+                "429 on a create with the window far from full: tasks we do not know hold "
+                "slots; a create probes again in %.1f s, slot limit %d, rate unchanged",
+                pause,
+                self._slot_limit,
+            )
+            return
         pause = self._backoff.pause(kind, retry_after)
         self._not_before = max(self._not_before, now + pause)
         self._rate_factor = max(_MIN_RATE_FACTOR, self._rate_factor * _RATE_DECREASE)
@@ -360,11 +527,19 @@ class LocalGovernor:
             kind,
             rate_cut=self._rate_factor < 1.0,
             slots_cut=self._slot_limit < self.limits.concurrent_tasks,
+            probe=self._creates.probing,
         )
         if rate_up:
             self._rate_factor = min(1.0, self._rate_factor + _RATE_INCREASE)
-        if slots_up:
-            self._slot_limit += 1
+        if kind == "create":
+            now = asyncio.get_running_loop().time()
+            retry_at = now + self._backoff.probe_delay()
+            self._creates.went_through(release=self._backoff.ramping, retry_at=retry_at)
+        nominal = self.limits.concurrent_tasks
+        if kind == "create" and self._slot_limit < nominal:
+            # The service took a task: the limit is at least the tasks we hold.
+            held = self._bound + 1  # this one is bound once its id is read
+            self._slot_limit = min(nominal, max(self._slot_limit, held) + slots_up)
             self._hand_on_slots()
 
     # --- task slots ---------------------------------------------------------------------
@@ -402,13 +577,18 @@ class LocalGovernor:
             raise
 
     def bind_slot(self, task_id: str, model: str) -> None:
-        """Nothing to record in one process: a slot is a count here."""
+        """Count a slot as held by a task (a slot is a count here)."""
+        self._bound += 1
 
     def release_slot(self, task_id: str | None = None) -> None:
         """Give back a slot and hand it to the longest waiter."""
         if self._in_use <= 0:
             raise RuntimeError("release_slot() called with no slot taken")
         self._in_use -= 1
+        if task_id is not None and self._bound > 0:
+            self._bound -= 1
+        self._backoff.slot_freed()
+        self._creates.wake()  # a create refused for slots may find this one
         self._hand_on_slots()
 
     def release_slot_later(self, delay: float) -> None:

@@ -183,10 +183,23 @@ for i = 4, #ARGV, 4 do
       local limit = getnum(KEYS[5], tonumber(ARGV[3]))
       redis.call('SET', KEYS[5], math.max(1, math.min(limit, redis.call('HLEN', KEYS[1])) - 1))
     end
+  elseif op == 'slots_full' then
+    -- a create refused with the window far from full: tasks we do not know hold
+    -- slots. The limit: the slots our tasks hold (refused creates hold slots too,
+    -- and their retries must not cut further). Rate and pause stay.
+    redis.call('INCR', KEYS[6])
+    local bound = 0
+    local all = redis.call('HVALS', KEYS[1])
+    for j = 1, #all do
+      if cjson.decode(all[j]).t ~= '' then bound = bound + 1 end
+    end
+    redis.call('SET', KEYS[5], math.max(1, bound))
   elseif op == 'probe' then
     redis.call('SET', KEYS[4], num(math.min(1, getnum(KEYS[4], 1) + @INCREASE@)))
   elseif op == 'slot_probe' then
-    redis.call('SET', KEYS[5], math.min(tonumber(ARGV[3]), getnum(KEYS[5], tonumber(ARGV[3])) + 1))
+    -- one step above the limit, or above the slots held if a retried create went over it
+    local limit = math.max(getnum(KEYS[5], tonumber(ARGV[3])), redis.call('HLEN', KEYS[1]))
+    redis.call('SET', KEYS[5], math.min(tonumber(ARGV[3]), limit + 1))
     freed = true
   end
 end

@@ -32,7 +32,14 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ._errors import InputError, RedisUnavailableError
-from ._governor import Backoff, RequestKind, RequestQueue, TaskNews
+from ._governor import (
+    SLOT_REFUSAL_WINDOW,
+    Backoff,
+    CreatePause,
+    RequestKind,
+    RequestQueue,
+    TaskNews,
+)
 from ._models import Limits, TaskStatus
 from ._redis_scripts import ACQUIRE, APPLY, RATE_INCREASE, READ, RENEW, REQUEST
 
@@ -146,6 +153,7 @@ class RedisGovernor:
         self._trust_empty = trust_empty_redis
         self._reregister = False  # Redis lost its data: write our slots back
         self._queue = RequestQueue()
+        self._creates = CreatePause()
         self._members = itertools.count()
         self._not_before = 0.0  # a 429 seen here pauses this process at once
         # The key's figures as last read from Redis.
@@ -260,6 +268,8 @@ class RedisGovernor:
 
     async def request(self, kind: RequestKind) -> None:
         """Wait until one request of ``kind`` may be sent by this process, and spend it."""
+        if kind == "create":
+            await self._creates.wait()
         # A poll keeps one place in the key's poll line across its attempts.
         ticket = f"{self.owner}:p{next(self._members)}" if kind == "status" else ""
         try:
@@ -314,8 +324,24 @@ class RedisGovernor:
         return wait + self._random.uniform(0, min(0.05, wait / 10))
 
     def rate_limited(self, kind: RequestKind, retry_after: float | None) -> None:
-        """Pause every process and shrink the key's rate (and slots, for a create)."""
+        """Pause every process and shrink the key's rate (and slots, for a create).
+
+        A create refused while the key's window (as the grant of this create read it)
+        is under half full is taken for tasks we do not know holding slots: the key's
+        slot limit shrinks to the slots held, this process's creates pause, and the
+        shared rate factor and pause are left alone.
+        """
         now = asyncio.get_running_loop().time()
+        limit = max(1, int(self.limits.requests * self._rate_factor))
+        if kind == "create" and self._in_window < limit * SLOT_REFUSAL_WINDOW:
+            self._rate_limited_seen += 1
+            self._send("slots_full")
+            if self._creates.stale:
+                return
+            pause = self._backoff.slot_refused(retry_after)
+            self._creates.refused(now + pause, wakeable=retry_after is None)
+            logger.warning("429 on a create with the window far from full: slots, not rate")
+            return
         pause = self._backoff.pause(kind, retry_after)
         self._not_before = max(self._not_before, now + pause)
         self._rate_limited_seen += 1  # counted on the key when the report is carried
@@ -328,13 +354,17 @@ class RedisGovernor:
             kind,
             rate_cut=self._rate_factor < 1.0,
             slots_cut=self._slot_limit < self.limits.concurrent_tasks,
+            probe=self._creates.probing,
         )
         if rate_up:
             self._rate_factor = min(1.0, self._rate_factor + RATE_INCREASE)
             self._send("probe")
         if slots_up:
-            self._slot_limit += 1
+            self._slot_limit = min(self.limits.concurrent_tasks, self._slot_limit + 1)
             self._send("slot_probe")
+        if kind == "create":
+            retry_at = asyncio.get_running_loop().time() + self._backoff.probe_delay()
+            self._creates.went_through(release=self._backoff.ramping, retry_at=retry_at)
 
     # --- task slots ---------------------------------------------------------------------
 
@@ -433,6 +463,8 @@ class RedisGovernor:
             return  # adopted by another process while our lease had lapsed: theirs now
         del self._mine[token]
         self._send("free", token)
+        self._backoff.slot_freed()
+        self._creates.wake()  # a create refused for slots may find this one
 
     def release_slot_later(self, delay: float) -> None:
         """Hold a slot with no task for ``delay`` seconds (an uncertain create), then free it."""
@@ -628,6 +660,7 @@ class RedisGovernor:
     def _wake_slot_waiters(self) -> None:
         self._slots_freed.set()
         self._slots_freed = asyncio.Event()
+        self._creates.wake()  # another process freed a slot of the key
 
     async def aclose(self) -> None:
         """Hand this process's tasks to the others at once, and close the connection.

@@ -153,3 +153,45 @@ async def test_a_bad_timeout_is_refused_before_any_request(fake: FakeApixo) -> N
                 await call
             assert caught.value.field == "timeout"
     assert fake.stats.requests == 0
+
+
+async def test_tasks_we_do_not_know_cut_our_slots_not_our_rate() -> None:
+    """Another client left 10 tasks running on the key (a restarted process, say); ours
+    then generates 10 videos. The service refuses only creates, our rate factor stays
+    1.0, our slot limit falls to 1 while their tasks hold the key's slots and climbs
+    back to 10 once they end, and no window holds more than 60 requests."""
+    loop = asyncio.get_running_loop()
+    fake = FakeApixo(generation_time=fixed(120.0), balance=1e6)
+    async with fake:
+        async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as other:
+            theirs = [await other.submit(request) for request in prompts(10, "theirs")]
+        async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
+            governor = client.governor
+            seen: list[tuple[float, float, int]] = []
+
+            async def watch() -> None:
+                while True:
+                    seen.append((loop.time(), governor.rate_factor, governor.slot_limit))
+                    await asyncio.sleep(1.0)
+
+            watcher = asyncio.ensure_future(watch())
+            outcomes = [o async for o in client.generate_many(prompts(10, "ours"))]
+            watcher.cancel()
+            last_limit = governor.slot_limit
+        stats = fake.stats
+        ours = [fake.tasks[o.task_id] for o in outcomes if o.task_id is not None]
+    their_end = max(fake.tasks[task_id].complete_at for task_id in theirs)
+    assert all(o.ok for o in outcomes)
+    assert stats.rate_limited == stats.concurrency_limited == stats.rate_limited_by_kind["create"]
+    # The first ten creates went out together; then one probe at a time, backing off.
+    assert stats.rate_limited <= 10 + 8
+    assert {factor for _, factor, _ in seen} == {1.0}
+    assert {limit for at, _, limit in seen if 5 < at < their_end} == {1}
+    assert last_limit == 10
+    assert min(task.created_at for task in ours) - their_end < 60.0
+    assert stats.max_requests_in_window <= 60
+    assert stats.max_concurrent_tasks <= 10
+    print(
+        f"creates refused: {stats.rate_limited}; ours started "
+        f"{min(t.created_at for t in ours) - their_end:.1f} s after theirs ended"
+    )

@@ -274,24 +274,57 @@ async def test_a_bound_slot_is_released_by_its_task(make_governor: MakeGovernor)
 
 
 async def test_429_pauses_everyone_and_shrinks_then_recovers(make_governor: MakeGovernor) -> None:
-    """After a 429 all requests wait out Retry-After; rate and slots shrink, then probe up."""
-    governor = make_governor(sa.Limits(requests=60, period=60.0, concurrent_tasks=10))
+    """After a 429 on a create with the window nearly full, all requests wait out
+    Retry-After; rate and slots shrink, then probe up."""
+    governor = make_governor(sa.Limits(requests=20, period=60.0, concurrent_tasks=10))
     loop = asyncio.get_running_loop()
     for _ in range(6):
         await governor.acquire_slot()
-    await governor.request("create")
+    for _ in range(12):  # over half the window: the 429 may be the rate's
+        await governor.request("create")
     governor.rate_limited("create", 1.0)
     await asyncio.sleep(0.2)  # a shared governor carries the report to Redis
     assert governor.slot_limit == 5  # the server refused a 7th task: 6 in use, minus one
     assert governor.rate_factor == pytest.approx(0.7)
     start = loop.time()
-    await governor.request("status")
+    await governor.request("create")
     assert loop.time() - start >= 0.75
     for _ in range(200):
         governor.request_succeeded("create")
     await asyncio.sleep(0.2)
     assert governor.rate_factor == 1.0
     assert governor.slot_limit == 10
+
+
+async def test_a_create_refused_with_the_window_far_from_full_cuts_slots_not_rate(
+    make_governor: MakeGovernor,
+) -> None:
+    """A create 429 while the window is far from full means tasks we do not know hold
+    slots: the slot limit falls to the tasks we hold, the rate factor stays 1.0, polls
+    do not pause, and creates wait for a slot of ours to free (one create per slot)."""
+    governor = make_governor(sa.Limits(requests=60, period=60.0, concurrent_tasks=10))
+    loop = asyncio.get_running_loop()
+    for number in range(4):
+        await governor.acquire_slot()
+        governor.bind_slot(f"task_{number}", "sora-2-pro")
+    await governor.acquire_slot()  # a fifth create, refused
+    await governor.request("create")
+    governor.rate_limited("create", None)
+    governor.rate_limited("create", None)  # a retry's refusal cuts no further
+    await asyncio.sleep(0.2)
+    assert (governor.slot_limit, governor.rate_factor) == (4, 1.0)
+    start = loop.time()
+    await governor.request("status")
+    assert loop.time() - start < 0.5  # polls go on
+    retry = asyncio.ensure_future(governor.request("create"))
+    await asyncio.sleep(0.3)
+    assert not retry.done()  # the create waits: the service has no room
+    governor.release_slot("task_0")  # one of ours ended: its slot is free on the service
+    await asyncio.wait_for(retry, 5.0)
+    governor.request_succeeded("create")
+    governor.bind_slot("task_4", "sora-2-pro")
+    await asyncio.sleep(0.2)
+    assert (governor.slot_limit, governor.rate_factor) == (4, 1.0)
 
 
 async def test_a_create_finds_room_while_polls_use_the_budget() -> None:

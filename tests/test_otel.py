@@ -40,7 +40,7 @@ async def test_metrics_match_the_service_counters() -> None:
     gauges appear under their documented names, with the service's counts."""
     reader = InMemoryMetricReader()
     async with FakeApixo(generation_time=fixed(60.0), balance=1e6) as fake:
-        fake.inject("rate_limit", on="create", times=1, retry_after=0.0)
+        fake.inject("rate_limit", on="status", times=1, retry_after=0.0)
         async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
             sora_async.otel.instrument(client, meter_provider=MeterProvider([reader]))
             requests = [sa.TextToVideo(prompt=f"metric {i}") for i in range(3)]

@@ -45,7 +45,8 @@ async def test_snapshot_figures_match_the_service_counters() -> None:
             assert seen.tasks_in_flight <= seen.slots_in_use <= 10
             assert seen.slot_waiters == 1
             assert seen.slot_limit < 10
-            assert seen.rate_factor < 1.0
+            # Refusals with our window far from full: the neighbour's slots, not the rate.
+            assert seen.rate_factor == 1.0
             assert seen.tasks_finished == 0
             outcomes = await batch
             done = client.snapshot()
