@@ -257,3 +257,31 @@ async def test_processes_polling_one_key_take_turns(redis_server: RedisServer) -
     for i in range(3):
         turns = [at for at, who in enumerate(order[:30]) if who == i]
         assert max(b - a for a, b in itertools.pairwise(turns)) <= 5, order
+
+
+async def test_tasks_we_do_not_know_cut_the_keys_slots_not_its_rate(
+    redis_server: RedisServer,
+) -> None:
+    """Another program left 10 short tasks on the key; through Redis, ours then generates
+    3 videos: the service refuses only creates, the key's shared rate factor stays 1.0,
+    the key's shared slot limit falls, and every video arrives."""
+    fast = {"requests": 600, "period": 60.0}  # polls paced 0.1 s apart, not 1 s
+    async with FakeApixo(generation_time=fixed(0.4), pending_time=0.05, **fast) as service:
+        async with sa.SoraClient(api_key=service.api_key, base_url=service.url) as other:
+            for number in range(10):
+                await other.submit(sa.TextToVideo(prompt=f"theirs {number}", duration=10))
+        governor = governor_for(redis_server.url, service, limits=sa.Limits(**fast))
+        limits: list[int] = []
+        policy = sa.PollPolicy(prior_mean=0.4, min_interval=0.1)
+        async with client_for(service, governor, poll_policy=policy) as client:
+            requests = [sa.TextToVideo(prompt=f"ours {n}", duration=10) for n in range(3)]
+            async for outcome in client.generate_many(requests):
+                assert outcome.ok, outcome.error
+                limits.append(governor.slot_limit)
+            await governor.refresh()
+        stats = service.stats
+    assert 0 < stats.rate_limited == stats.concurrency_limited
+    assert stats.rate_limited == stats.rate_limited_by_kind["create"]
+    assert governor.rate_factor == 1.0
+    assert min(limits) < 10
+    assert stats.max_requests_in_window <= 600
