@@ -531,7 +531,7 @@ class LocalGovernor:
         )
         if rate_up:
             self._rate_factor = min(1.0, self._rate_factor + _RATE_INCREASE)
-        if kind == "create":
+        if kind == "create" and self._creates.held:
             now = asyncio.get_running_loop().time()
             retry_at = now + self._backoff.probe_delay()
             self._creates.went_through(release=self._backoff.ramping, retry_at=retry_at)

@@ -362,7 +362,7 @@ class RedisGovernor:
         if slots_up:
             self._slot_limit = min(self.limits.concurrent_tasks, self._slot_limit + 1)
             self._send("slot_probe")
-        if kind == "create":
+        if kind == "create" and self._creates.held:
             retry_at = asyncio.get_running_loop().time() + self._backoff.probe_delay()
             self._creates.went_through(release=self._backoff.ramping, retry_at=retry_at)
 
