@@ -6,6 +6,8 @@ limits, driven over loopback. The fake's counters and the app's captured log jud
 from __future__ import annotations
 
 import asyncio
+import collections
+import json
 import re
 import resource
 import signal
@@ -185,3 +187,59 @@ async def test_kill9_and_restart_mid_run_with_idempotency_keys(tmp_path: Path) -
     assert stats["creates"] == 25
     assert max(stats["creates_per_prompt"].values()) == 1
     assert stats["max_concurrent_tasks"] <= SLOTS
+
+
+def forged_success(task_id: str) -> dict[str, object]:
+    """A callback body saying ``task_id`` succeeded, with a URL the service never made."""
+    result = json.dumps({"resultUrls": ["https://attacker.example/forged.mp4"]})
+    data = {"taskId": task_id, "state": "success", "resultJson": result}
+    return {"code": 200, "message": "success", "data": data}
+
+
+async def test_a_callback_flood_and_unknown_ids_cost_bounded_requests_and_time() -> None:
+    """At limits compressed 10 times (60 requests per 6 s) with 10 tasks running:
+    1,000 forged success callbacks with the valid token (100 per task) cost at most 2
+    status requests per task and end no task; then 120 GETs of unknown task ids with
+    timeout=5 beside them each answer within 6 s (404 once looked up, 504 "not known
+    yet" when no request could be spent in time) and spend at most one request each."""
+    options = ("--generation", "fixed:40", "--pending-time", "0.1", "--balance", "1e6")
+    limits = ("--requests", "60", "--period", "6", "--concurrent-tasks", str(SLOTS))
+    # Polling is the safety net of callbacks: slow here, so that each status request
+    # the fake sees during the flood is a confirmation.
+    env = {"APIXO_LIMITS": f"60/6/{SLOTS}", "APIXO_POLL_PRIOR_MEAN": "600"}
+    async with fake_and_app(limits + options, env=env) as (fake, app, app_env):
+        secret = app_env["APIXO_CALLBACK_SECRET"]
+        # Room for every lookup at once: httpx's default pool (100) would queue some here.
+        async with app.http(limits=httpx.Limits(max_connections=200)) as http:
+            posts = [http.post("/videos", json={"prompt": f"kite {n}"}) for n in range(SLOTS)]
+            task_ids = [answer.json()["task_id"] for answer in await asyncio.gather(*posts)]
+            await asyncio.sleep(1.0)  # the first polls of the new tasks are spent
+            before = (await fake.stats())["requests_by_kind"]["status"]
+            flood = [
+                http.post(f"/apixo/callback?token={secret}", json=forged_success(task_id))
+                for task_id in task_ids
+                for _ in range(100)
+            ]
+            answered = await asyncio.gather(*flood)
+            await asyncio.sleep(2.5)  # the recheck of a refuted claim (2 s later) is sent by now
+            confirmations = (await fake.stats())["requests_by_kind"]["status"] - before
+
+            async def unknown(n: int) -> tuple[int, float]:
+                started = asyncio.get_running_loop().time()
+                answer = await http.get(f"/videos/task_unknown{n:04d}", params={"timeout": 5})
+                return answer.status_code, asyncio.get_running_loop().time() - started
+
+            looked_before = (await fake.stats())["requests_by_kind"]["status"]
+            lookups = await asyncio.gather(*(unknown(n) for n in range(120)))
+            looked = (await fake.stats())["requests_by_kind"]["status"] - looked_before
+            snapshot = (await http.get("/status")).json()
+    assert {answer.status_code for answer in answered} == {200}
+    print(f"{confirmations} status requests for 1,000 forged callbacks on {SLOTS} tasks")
+    assert confirmations <= 2 * SLOTS
+    assert snapshot["tasks_in_flight"] == SLOTS  # no forged claim ended a task
+    codes = collections.Counter(code for code, _ in lookups)
+    slowest = max(seconds for _, seconds in lookups)
+    print(f"unknown ids: {dict(codes)}, slowest answer {slowest:.2f} s, {looked} requests")
+    assert set(codes) <= {404, 504}
+    assert slowest <= 6.0
+    assert looked <= 120 + 2 * SLOTS  # one per lookup at most, beside the tasks' polls
