@@ -1,0 +1,1 @@
+"""Examples of sora-async in use: run them from the repository root."""
