@@ -384,6 +384,15 @@ class SoraClient:
         if records is not None:
             key = idempotency_key or f"{_AUTO_KEY}{secrets.token_hex(16)}"
             return await self._submit_recorded(records, key, prepared, before_create)
+        return await self._slot_then_create(prepared, before_create)
+
+    async def _slot_then_create(
+        self,
+        prepared: tuple[str, CreateRequest],
+        before_create: Callable[[], Awaitable[None]] | None,
+        recorded: tuple[TaskStore, TaskRecord] | None = None,
+    ) -> str:
+        """Wait for a slot of the request's model, await ``before_create``, create."""
         governor = self._lanes.get(prepared[0]).governor
         await governor.acquire_slot()
         if before_create is not None:
@@ -392,7 +401,7 @@ class SoraClient:
             except BaseException:
                 governor.release_slot()
                 raise
-        return await self._create_with_slot(prepared)
+        return await self._create_with_slot(prepared, recorded)
 
     def _records_for(self, idempotency_key: str | None) -> TaskStore | None:
         """Return where this submit is recorded: the store, or (for a key given
@@ -432,15 +441,7 @@ class SoraClient:
                     "was never learned; it is not sent again (never pay twice)"
                 )
             # Queued or refused: no task exists for this key, so creating is safe.
-            governor = self._lanes.get(model).governor
-            await governor.acquire_slot()
-            if before_create is not None:
-                try:
-                    await before_create()
-                except BaseException:
-                    governor.release_slot()
-                    raise
-            return await self._create_with_slot(prepared, (records, record))
+            return await self._slot_then_create(prepared, before_create, (records, record))
 
     @contextlib.asynccontextmanager
     async def _key_lock(self, key: str) -> AsyncIterator[None]:

@@ -112,14 +112,7 @@ class RedisGovernor:
         trust_empty_redis: bool = False,
         seed: int | None = None,
     ) -> None:
-        self.url = url or os.environ.get("SORA_ASYNC_REDIS_URL") or ""
-        if not self.url.startswith(("redis://", "rediss://", "unix://")):
-            raise InputError(
-                "url", "must be a redis://, rediss:// or unix:// URL (or set SORA_ASYNC_REDIS_URL)"
-            )
-        key = api_key if api_key is not None else os.environ.get("APIXO_API_KEY")
-        if not key:
-            raise InputError("api_key", "is required: pass api_key= or set APIXO_API_KEY")
+        self.url, key = redis_url_and_key(url, api_key)
         self.limits = limits if limits is not None else Limits()
         if jitter_margin < 0:
             raise InputError("jitter_margin", "must be zero or more seconds")
@@ -679,6 +672,20 @@ class RedisGovernor:
         finally:
             await self._redis.aclose()
             self._redis = None
+
+
+def redis_url_and_key(url: str | None, api_key: str | None) -> tuple[str, str]:
+    """Return the Redis URL and the API key (from the environment when not given);
+    raise InputError naming ``url`` or ``api_key`` when one is missing or malformed."""
+    url = url or os.environ.get("SORA_ASYNC_REDIS_URL") or ""
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise InputError(
+            "url", "must be a redis://, rediss:// or unix:// URL (or set SORA_ASYNC_REDIS_URL)"
+        )
+    key = api_key if api_key is not None else os.environ.get("APIXO_API_KEY")
+    if not key:
+        raise InputError("api_key", "is required: pass api_key= or set APIXO_API_KEY")
+    return url, key
 
 
 async def patiently(

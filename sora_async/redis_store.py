@@ -4,7 +4,6 @@ using one API key (needs the ``redis`` extra, like :class:`RedisGovernor`)."""
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -15,7 +14,7 @@ import redis.asyncio as aioredis
 
 from ._errors import InputError
 from ._store import TaskRecord
-from .redis_governor import patiently
+from .redis_governor import patiently, redis_url_and_key
 
 __all__ = ["RedisStore"]
 
@@ -50,14 +49,7 @@ class RedisStore:
         keep: float = 7 * 86400.0,
         redis_timeout: float = 120.0,
     ) -> None:
-        self.url = url or os.environ.get("SORA_ASYNC_REDIS_URL") or ""
-        if not self.url.startswith(("redis://", "rediss://", "unix://")):
-            raise InputError(
-                "url", "must be a redis://, rediss:// or unix:// URL (or set SORA_ASYNC_REDIS_URL)"
-            )
-        key = api_key if api_key is not None else os.environ.get("APIXO_API_KEY")
-        if not key:
-            raise InputError("api_key", "is required: pass api_key= or set APIXO_API_KEY")
+        self.url, key = redis_url_and_key(url, api_key)
         if keep <= 0:
             raise InputError("keep", "must be a positive number of seconds")
         if redis_timeout <= 0:
