@@ -25,7 +25,7 @@ Changing one thing at a time splits the gap:
 - the measured utilisation (``utilization.py``) against the model at ``k = 1``,
   ``margin`` 1 s: learning the distribution from the prior, and the model's own noise.
 
-    python benchmarks/poll_gap.py [--scenario NAME] [--seeds 6] [--scale 2 4 8]
+    python benchmarks/poll_gap.py [--scenario NAME] [--seeds 6] [--scale 2 4]
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ def main() -> None:
     parser.add_argument("--scenario", default="fast mean 60 s")
     parser.add_argument("--videos", type=int, default=500)
     parser.add_argument("--seeds", type=int, default=6)
-    parser.add_argument("--scale", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--scale", type=int, nargs="+", default=[2, 4])
     args = parser.parse_args()
     from utilization import SCENARIOS  # the benchmark's scenarios
 
