@@ -125,6 +125,10 @@ class Transport:
         # After a 401 nothing that uses the key can succeed: refuse without sending.
         self._key_refused: AuthenticationError | None = None
         self.recorder: Recorder | None = None  # set by sora_async.otel.instrument()
+        # Built once: the key goes on API calls only, never on the session, since
+        # result URLs may live on another host.
+        self._headers = {"Authorization": f"Bearer {api_key}"}
+        self._json_headers = {**self._headers, "Content-Type": "application/json"}
 
     def __repr__(self) -> str:
         return f"Transport(base_url={self._base_url!r})"
@@ -296,17 +300,13 @@ class Transport:
         body: bytes | None,
         params: dict[str, str] | None,
     ) -> bytes:
-        # The key goes on API calls only, never on the session: result URLs may live
-        # on another host.
-        headers = {"Authorization": f"Bearer {self._api_key}"}
-        if body is not None:
-            headers["Content-Type"] = "application/json"
+        headers = self._headers if body is None else self._json_headers
         try:
             async with self.session.request(
                 method, url, data=body, params=params, headers=headers
             ) as response:
                 payload = await response.read()
-                status, retry_after = response.status, _retry_after(response.headers)
+                status, response_headers = response.status, response.headers
         except aiohttp.ClientConnectorError as exc:
             raise _Retry(_transport_error(f"cannot connect: {exc}", exc), refused=True) from exc
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -324,6 +324,7 @@ class Transport:
                 raise _Retry(unreadable) from exc
             code, message, data = status, f"HTTP {status} with an undecodable body", _NULL
         if not 200 <= code < 300 or status >= 400:
+            retry_after = _retry_after(response_headers)
             error = error_from_response(
                 status, code, message, _error_data(data), retry_after=retry_after
             )
