@@ -27,6 +27,7 @@ from ._errors import (
 )
 from ._governor import Governor
 from ._models import TaskStatus, check_count, check_positive
+from ._pool import TaskPool
 from ._recorder import Recorder
 from ._times import GenerationTimes
 
@@ -293,14 +294,15 @@ class PollScheduler:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         tracked.waiters.append(waiter)
-        timer = loop.call_later(timeout, _time_out, waiter)
+        timer = None if timeout is None else loop.call_later(timeout, _time_out, waiter)
         try:
             await waiter
         except asyncio.TimeoutError:
             assert timeout is not None  # no deadline, no timeout
             raise TaskTimeoutError(task_id, timeout) from None
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
             if not tracked.done.done():
                 tracked.waiters.remove(waiter)
         return tracked.done.result()  # or the error that ended tracking
@@ -329,8 +331,10 @@ class PollScheduler:
     async def run(self) -> None:
         """Poll tracked tasks until cancelled."""
         loop = asyncio.get_running_loop()
+        pool = TaskPool()  # one task per poll
         async with anyio.create_task_group() as polls:
             self._group = polls  # holds of given-up slots end with the loop
+            polls.start_soon(pool.run)
             while self._fatal is None:
                 expiry = self._expire(loop.time())
                 candidate, wake_at = self._choose(loop.time())
@@ -348,7 +352,7 @@ class PollScheduler:
                 await self._governor.request("confirm" if candidate.urgent else "status")
                 # Things may have changed while we waited for the permit; a permit that
                 # came at once, with no news since, leaves the choice as it was.
-                chosen = candidate
+                chosen: _Tracked | None = candidate
                 if self._changed.is_set() or loop.time() - asked > _PERMIT_AT_ONCE:
                     chosen, _ = self._choose(loop.time())
                 if chosen is None:
@@ -356,7 +360,8 @@ class PollScheduler:
                 if chosen is None:
                     continue
                 chosen.polling = True
-                polls.start_soon(self._poll_one, chosen)
+                pool.start_soon(self._poll_one, chosen)
+            pool.close()  # polls in flight end as they would
 
     def _expire(self, now: float) -> float | None:
         """Give up tasks tracked for longer than ``max_task_age``; return the next expiry."""
