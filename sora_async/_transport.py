@@ -164,25 +164,24 @@ class Transport:
         """
         body = _encoder.encode(request)
         url = f"{self._base_url}/generateTask/{model}"
+        return await self._with_retries("create", self._create_once, model, url, body)
 
-        async def attempt() -> str:
-            try:
-                raw = await self._send("create", model, "POST", url, body=body)
-            except _Retry as retry:
-                cause = retry.cause
-                if retry.refused or isinstance(cause, RateLimitError):
-                    raise
-                if isinstance(cause, ServerError) and cause.code in _CREATE_SAFE_STATUSES:
-                    raise
-                raise SubmitUncertainError(f"create may have made a task: {cause}") from cause
-            try:
-                return _created_decoder.decode(raw).task_id
-            except (msgspec.MsgspecError, RecursionError) as exc:
-                raise SubmitUncertainError(
-                    f"create answered success without a readable task id: {exc}"
-                ) from exc
-
-        return await self._with_retries("create", attempt)
+    async def _create_once(self, model: str, url: str, body: bytes, prepaid: bool) -> str:
+        try:
+            raw = await self._send("create", model, "POST", url, body=body)
+        except _Retry as retry:
+            cause = retry.cause
+            if retry.refused or isinstance(cause, RateLimitError):
+                raise
+            if isinstance(cause, ServerError) and cause.code in _CREATE_SAFE_STATUSES:
+                raise
+            raise SubmitUncertainError(f"create may have made a task: {cause}") from cause
+        try:
+            return _created_decoder.decode(raw).task_id
+        except (msgspec.MsgspecError, RecursionError) as exc:
+            raise SubmitUncertainError(
+                f"create answered success without a readable task id: {exc}"
+            ) from exc
 
     async def status(self, model: str, task_id: str, *, prepaid: bool = False) -> TaskStatus:
         """Return the status of one task (retried on 429, 5xx, network errors).
@@ -190,47 +189,54 @@ class Transport:
         ``prepaid``: the caller already took the governor's permit for the first attempt.
         """
         url = f"{self._base_url}/statusTask/{model}"
-        first = [prepaid]
-
-        async def attempt() -> TaskStatus:
-            paid, first[0] = first[0], False
-            raw = await self._send(
-                "status", model, "GET", url, params={"taskId": task_id}, prepaid=paid
-            )
-            # An answer that reads but makes no sense is not retried here: the
-            # scheduler counts such answers per task and gives up after a few.
-            return decode_status(raw, task_id)
-
         try:
-            return await self._with_retries("status", attempt)
+            return await self._with_retries(
+                "status", self._status_once, model, url, task_id, prepaid=prepaid
+            )
         except ProtocolError as exc:
             if exc.task_id is not None:
                 raise
             raise ProtocolError(task_id, exc.problem) from exc.__cause__
 
+    async def _status_once(self, model: str, url: str, task_id: str, prepaid: bool) -> TaskStatus:
+        raw = await self._send(
+            "status", model, "GET", url, params={"taskId": task_id}, prepaid=prepaid
+        )
+        # An answer that reads but makes no sense is not retried here: the
+        # scheduler counts such answers per task and gives up after a few.
+        return decode_status(raw, task_id)
+
     async def balance(self, model: str) -> float:
         """Return the key's remaining balance in USD, spending from ``model``'s budget."""
         url = f"{self._base_url}/apikeys/current-balance"
+        return await self._with_retries("balance", self._balance_once, model, url)
 
-        async def attempt() -> float:
-            raw = await self._send("balance", model, "GET", url)
-            try:
-                return _balance_decoder.decode(raw)
-            except (msgspec.MsgspecError, RecursionError) as exc:
-                raise ProtocolError(None, f"a balance that is not a number ({exc})") from exc
-
-        return await self._with_retries("balance", attempt)
+    async def _balance_once(self, model: str, url: str, prepaid: bool) -> float:
+        raw = await self._send("balance", model, "GET", url)
+        try:
+            return _balance_decoder.decode(raw)
+        except (msgspec.MsgspecError, RecursionError) as exc:
+            raise ProtocolError(None, f"a balance that is not a number ({exc})") from exc
 
     # --- machinery ----------------------------------------------------------------------
 
-    async def _with_retries(self, kind: RequestKind, attempt: Callable[[], Awaitable[T]]) -> T:
+    async def _with_retries(
+        self,
+        kind: RequestKind,
+        attempt: Callable[..., Awaitable[T]],
+        *args: Any,
+        prepaid: bool = False,
+    ) -> T:
+        """Return ``attempt(*args, prepaid)``, called again while it raises _Retry;
+        ``prepaid`` (the first attempt's permit is taken) holds for the first only."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._retry.deadline
         number = 0  # failed attempts that count against RetryPolicy.attempts
         while True:
             try:
-                return await attempt()
+                return await attempt(*args, prepaid)
             except _Retry as retry:
+                prepaid = False
                 cause = retry.cause
                 if isinstance(cause, RateLimitError):
                     # A 429 is the key's traffic, not a fault of this call: the governor
