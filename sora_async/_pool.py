@@ -28,6 +28,7 @@ class TaskPool:
         self._wake = asyncio.Event()  # an error escaped a task, or the pool has drained
         self._closing = False  # close() was called: run() returns once the tasks are done
         self._closed = False  # run() has ended
+        self._on_done = self._finished  # bound once, not once per task
 
     def start_soon(self, func: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
         """Start ``func(*args)`` in a task of its own (cancelled after its first step if the
@@ -35,7 +36,7 @@ class TaskPool:
         loop = asyncio.get_running_loop()
         task = loop.create_task(func(*args))
         self._tasks.add(task)
-        task.add_done_callback(self._finished)
+        task.add_done_callback(self._on_done)
         if self._closed:
             loop.call_soon(task.cancel)
 
