@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -176,6 +177,7 @@ class PollScheduler:
         self.policy = policy if policy is not None else PollPolicy()
         self.times = GenerationTimes(self.policy)
         self._active: dict[str, _Tracked] = {}
+        self._earliest_start = math.inf  # no active task started earlier (a lower bound)
         self._finished: collections.OrderedDict[str, TaskStatus] = collections.OrderedDict()
         # Tasks given up (nonsense answers, too old), with the error their waiters got.
         self._given_up: collections.OrderedDict[str, SoraError] = collections.OrderedDict()
@@ -206,6 +208,7 @@ class PollScheduler:
         if adopted:
             tracked.urgent = "adopted"
         self._active[task_id] = tracked
+        self._earliest_start = min(self._earliest_start, now)
         self._changed.set()
 
     def result(self, task_id: str) -> TaskStatus | None:
@@ -366,11 +369,19 @@ class PollScheduler:
     def _expire(self, now: float) -> float | None:
         """Give up tasks tracked for longer than ``max_task_age``; return the next expiry."""
         max_age = self.policy.max_task_age
+        if not self._active:
+            return None
+        if now < self._earliest_start + max_age:
+            # No task is that old yet: skip the scan. The bound may be of a task gone
+            # since, so the expiry returned may be early: that wake-up scans.
+            return self._earliest_start + max_age
         next_expiry: float | None = None
+        self._earliest_start = math.inf
         for tracked in list(self._active.values()):
             expiry = tracked.started + max_age
             if now < expiry or tracked.polling:  # a poll in flight may still end it
                 next_expiry = expiry if next_expiry is None else min(next_expiry, expiry)
+                self._earliest_start = min(self._earliest_start, tracked.started)
                 continue
             logger.warning("task %s not finished after %g s: given up", tracked.task_id, max_age)
             self._give_up(tracked, TaskAbandonedError(tracked.task_id, max_age))
