@@ -1,7 +1,8 @@
 """What the client costs in real time: CPU, memory and throughput, against raw aiohttp.
 
 - CPU per task life cycle: submit + wait until done (generation time 0), with the
-  limits lifted, against raw aiohttp making the same create and status requests.
+  limits lifted, against raw aiohttp making the same create and status requests
+  (in alternating rounds, so that a change in the machine's load weighs on both).
 - Memory per queued awaitable: 100,000 ``generate()`` calls waiting for a slot
   (tracemalloc, per call, including the caller's own asyncio Task).
 - Requests per second, limits lifted: ``client.status()`` against raw aiohttp GETs
@@ -68,36 +69,56 @@ async def gather_limited(count: int, job: Callable[[int], Awaitable[None]]) -> N
     await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
 
 
-async def cpu_per_life_cycle(tasks: int) -> dict[str, float]:
-    async with lifted_fake() as fake:
-        async with lifted_client(fake) as client:
-            request = sa.TextToVideo(prompt="cpu", duration=10)
-
-            async def ours(index: int) -> None:
-                await client.wait(await client.submit(request))
-
-            start = time.process_time()
-            await gather_limited(tasks, ours)
-            client_cpu = (time.process_time() - start) / tasks
-            polls = fake.stats.requests_by_kind["status"] / tasks
-
+async def cpu_per_life_cycle(tasks: int, rounds: int = 10) -> dict[str, float]:
+    """CPU per life cycle of each side, in ``rounds`` alternating rounds (client, then
+    raw), so that a change in the machine's load weighs on both sides alike."""
+    # An earlier repeat's fake is garbage in cycles until a full collection: collect
+    # it now, or whichever side runs first pays for it.
+    gc.collect()
+    async with lifted_fake() as fake, lifted_client(fake) as client:
+        request = sa.TextToVideo(prompt="cpu", duration=10)
         headers = {"Authorization": f"Bearer {fake.api_key}"}
+        body = {"request_type": "async", "input": {"mode": "text-to-video", "prompt": "cpu"}}
+        status_url = f"{fake.url}/statusTask/sora-2-pro"
+        polls_per_task = 1
+
+        async def ours(index: int) -> None:
+            await client.wait(await client.submit(request))
+
+        async def raw(index: int) -> None:
+            async with session.post(f"{fake.url}/generateTask/sora-2-pro", json=body) as r:
+                task_id = (await r.json())["data"]["taskId"]
+            for _ in range(polls_per_task):
+                async with session.get(status_url, params={"taskId": task_id}) as r:
+                    await r.json()
+
+        def polls_sent() -> int:
+            return fake.stats.requests_by_kind["status"]
+
         async with aiohttp.ClientSession(headers=headers) as session:
-            body = {"request_type": "async", "input": {"mode": "text-to-video", "prompt": "cpu"}}
-
-            async def raw(index: int) -> None:
-                async with session.post(f"{fake.url}/generateTask/sora-2-pro", json=body) as r:
-                    task_id = (await r.json())["data"]["taskId"]
-                for _ in range(round(polls)):
-                    async with session.get(
-                        f"{fake.url}/statusTask/sora-2-pro", params={"taskId": task_id}
-                    ) as r:
-                        await r.json()
-
-            start = time.process_time()
-            await gather_limited(tasks, raw)
-            raw_cpu = (time.process_time() - start) / tasks
-    return {"client_ms": client_cpu * 1e3, "raw_ms": raw_cpu * 1e3, "polls_per_task": polls}
+            # Warm both sides up (connections, first calls); the raw side then makes
+            # as many polls per task as the client did.
+            sent = polls_sent()
+            await gather_limited(CONCURRENCY * 4, ours)
+            polls_per_task = round((polls_sent() - sent) / (CONCURRENCY * 4))
+            await gather_limited(CONCURRENCY * 4, raw)
+            client_cpu = raw_cpu = 0.0
+            client_polls = 0
+            per_round = max(1, tasks // rounds)
+            for _ in range(rounds):
+                sent, start = polls_sent(), time.process_time()
+                await gather_limited(per_round, ours)
+                client_cpu += time.process_time() - start
+                client_polls += polls_sent() - sent
+                start = time.process_time()
+                await gather_limited(per_round, raw)
+                raw_cpu += time.process_time() - start
+    done = per_round * rounds
+    return {
+        "client_ms": client_cpu / done * 1e3,
+        "raw_ms": raw_cpu / done * 1e3,
+        "polls_per_task": client_polls / done,
+    }
 
 
 async def memory_per_queued_call(queued: int) -> float:

@@ -61,6 +61,7 @@ from ._models import (
     check_choice,
     check_http_url,
 )
+from ._pool import TaskPool
 from ._recorder import Recorder
 from ._scheduler import PollPolicy, PollScheduler
 from ._snapshot import Snapshot, model_snapshot, snapshot_of
@@ -206,6 +207,7 @@ class SoraClient:
         self._downloader: Downloader | None = None
         self._host: asyncio.Task[None] | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
+        self._creates = TaskPool()  # one task per create, owned by the task group
 
     @property
     def governor(self) -> Governor:
@@ -286,6 +288,7 @@ class SoraClient:
     async def _host_background(self, ready: asyncio.Event) -> None:
         async with anyio.create_task_group() as group:
             self._task_group = group
+            group.start_soon(self._creates.run)
             self._lanes.start(group)
             ready.set()
 
@@ -541,13 +544,13 @@ class SoraClient:
         is in flight stops waiting, but the create runs to its end, so a task made
         for it is still tracked (its slot kept), recorded, and never made twice.
         """
-        group = self._check_open()
+        self._check_open()
         created: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         if recorded is not None:
             key = recorded[1].key
             self._creating[key] = created
             created.add_done_callback(lambda _: self._creating.pop(key, None))
-        group.start_soon(self._create_detached, prepared, created, recorded)
+        self._creates.start_soon(self._create_detached, prepared, created, recorded)
         try:
             return await asyncio.shield(created)
         except asyncio.CancelledError:

@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable
 from typing import Literal, Protocol, runtime_checkable
 
 import anyio
-from aiolimiter import AsyncLimiter
 
 from ._errors import InputError
 from ._models import Limits, TaskStatus
@@ -367,9 +366,9 @@ class LocalGovernor:
     The hard bound is a log of send times: no more than ``requests`` are sent in any
     window of ``period + jitter_margin`` seconds, so no ``period`` window of arrivals
     at the server holds more while network delays vary by less than
-    ``jitter_margin``. Polls are also paced by an ``aiolimiter`` bucket of capacity
-    one, refilled every ``(period + jitter_margin) / (requests - 1)`` seconds, so they
-    never use the window up in a burst, and polls leave the last ``create_reserve``
+    ``jitter_margin``. Polls are also paced, one per ``(period + jitter_margin) /
+    (requests - 1)`` seconds (longer while 429s cut the rate), so they never use the
+    window up in a burst, and polls leave the last ``create_reserve``
     places of every window to creates and confirmations, which are not paced: a
     slot that frees is refilled at once, not a pacing step later. Waiters
     are served by priority (creates first), then first come, first served. After a
@@ -404,7 +403,6 @@ class LocalGovernor:
         self._reserve = create_reserve
         self._window = self.limits.period + jitter_margin
         self._spacing = self._window / (self.limits.requests - 1)
-        self._pacer = AsyncLimiter(1, self._spacing)
         self._backoff = Backoff(
             base=backoff_base,
             cap=backoff_cap,
@@ -448,17 +446,23 @@ class LocalGovernor:
         """Wait until one request of ``kind`` may be sent, and spend it."""
         if kind == "create":
             await self._creates.wait()
-        await self._queue.serve(kind, self._try_send)
+        # Nobody in line: the request is at its head, so try at once without a place
+        # in the line (the usual case below the limits, and the cheapest).
+        if self._queue or self._spend(kind) > 0:
+            await self._queue.serve(kind, self._try_send)
 
     async def _try_send(self, kind: RequestKind) -> float:
-        loop = asyncio.get_running_loop()
+        return self._spend(kind)
+
+    def _spend(self, kind: RequestKind) -> float:
+        """Spend a permit for ``kind`` and return 0, or return how long it must still wait."""
+        now = asyncio.get_running_loop().time()
         paced = kind == "status"
-        delay = self._delay(loop.time(), paced=paced)
+        delay = self._delay(now, paced=paced)
         if delay <= 0:
             if paced:
-                await self._pacer.acquire()  # it has capacity: returns at once
-                self._last_poll = loop.time()
-            self._sent.append(loop.time())
+                self._last_poll = now
+            self._sent.append(now)
         return delay
 
     def _delay(self, now: float, *, paced: bool) -> float:
@@ -472,13 +476,9 @@ class LocalGovernor:
         if len(self._sent) >= limit:
             # The send that must leave the window before one more may enter it.
             wait = max(wait, self._sent[len(self._sent) - limit] + self._window - now)
-        if paced:
-            if self._last_poll is not None:
-                step = self._spacing / self._rate_factor
-                wait = max(wait, self._last_poll + step - now)
-            if wait <= 0 and not self._pacer.has_capacity():
-                # Float rounding left the bucket a hair short: wait a tick, never spin.
-                return _MIN_WAIT
+        if paced and self._last_poll is not None:
+            step = self._spacing / self._rate_factor
+            wait = max(wait, self._last_poll + step - now)
         # A wake-up computed from floats may land a hair early: never re-arm closer.
         return max(wait, _MIN_WAIT) if wait > 0 else wait
 

@@ -28,6 +28,7 @@ from ._errors import (
 )
 from ._governor import Governor
 from ._models import TaskStatus, check_count, check_positive
+from ._pool import TaskPool
 from ._recorder import Recorder
 from ._times import GenerationTimes
 
@@ -39,6 +40,8 @@ logger = logging.getLogger("sora_async")
 # checked once more, 2 s later (at once if another claim came while the answer was on
 # its way). Refuted twice, the task's later claims are doubted (see announce).
 _RECHECK_DELAY = 2.0
+# A permit granted within this many seconds came at once: the candidate still stands.
+_PERMIT_AT_ONCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,7 @@ class _Tracked:
         "strikes",
         "task_id",
         "urgent",
+        "waiters",
     )
 
     def __init__(self, task_id: str, model: str, started: float, holds_slot: bool) -> None:
@@ -120,9 +124,31 @@ class _Tracked:
         # (model version, age, survival, its integral) at the last sighting, cached.
         self.seen: tuple[int, float, float, float] | None = None
         self.done: asyncio.Future[TaskStatus] = asyncio.get_running_loop().create_future()
+        # Futures of callers in wait(), woken straight from done (one hop, not three).
+        self.waiters: list[asyncio.Future[None]] = []
+
+    def finish(self, status: TaskStatus | None, error: BaseException | None = None) -> None:
+        """Set ``done`` (once) and wake every waiter."""
+        if self.done.done():
+            return
+        if error is None:
+            assert status is not None
+            self.done.set_result(status)
+        else:
+            self.done.set_exception(error)
+            self.done.exception()  # mark it retrieved: nobody may be waiting
+        for waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self.waiters.clear()
 
 
 Poll = Callable[[str, str], Awaitable[TaskStatus]]
+
+
+def _time_out(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(asyncio.TimeoutError())
 
 
 class PollScheduler:
@@ -151,6 +177,7 @@ class PollScheduler:
         self.policy = policy if policy is not None else PollPolicy()
         self.times = GenerationTimes(self.policy)
         self._active: dict[str, _Tracked] = {}
+        self._earliest_start = math.inf  # no active task started earlier (a lower bound)
         self._finished: collections.OrderedDict[str, TaskStatus] = collections.OrderedDict()
         # Tasks given up (nonsense answers, too old), with the error their waiters got.
         self._given_up: collections.OrderedDict[str, SoraError] = collections.OrderedDict()
@@ -181,6 +208,7 @@ class PollScheduler:
         if adopted:
             tracked.urgent = "adopted"
         self._active[task_id] = tracked
+        self._earliest_start = min(self._earliest_start, now)
         self._changed.set()
 
     def result(self, task_id: str) -> TaskStatus | None:
@@ -265,14 +293,22 @@ class PollScheduler:
         tracked = self._active.get(task_id)
         if tracked is None:
             raise KeyError(task_id)
+        # A future of this caller's own: cancelling it or timing out must not end tracking.
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        tracked.waiters.append(waiter)
+        timer = None if timeout is None else loop.call_later(timeout, _time_out, waiter)
         try:
-            # shield: a cancelled or timed-out waiter must not end tracking.
-            return await asyncio.wait_for(asyncio.shield(tracked.done), timeout)
-        except TaskTimeoutError:
-            raise  # the task was given up (TaskAbandonedError), not this wait
+            await waiter
         except asyncio.TimeoutError:
             assert timeout is not None  # no deadline, no timeout
             raise TaskTimeoutError(task_id, timeout) from None
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if not tracked.done.done():
+                tracked.waiters.remove(waiter)
+        return tracked.done.result()  # or the error that ended tracking
 
     def when_ended(
         self, task_id: str, callback: Callable[[asyncio.Future[TaskStatus]], None]
@@ -298,37 +334,54 @@ class PollScheduler:
     async def run(self) -> None:
         """Poll tracked tasks until cancelled."""
         loop = asyncio.get_running_loop()
+        pool = TaskPool()  # one task per poll
         async with anyio.create_task_group() as polls:
             self._group = polls  # holds of given-up slots end with the loop
+            polls.start_soon(pool.run)
             while self._fatal is None:
                 expiry = self._expire(loop.time())
                 candidate, wake_at = self._choose(loop.time())
                 if expiry is not None:
                     wake_at = expiry if wake_at is None else min(wake_at, expiry)
+                self._changed.clear()
                 if candidate is None:
-                    self._changed.clear()
-                    delay = None if wake_at is None else max(wake_at - loop.time(), 1e-3)
-                    with anyio.move_on_after(delay if delay is not None else math.inf):
+                    if wake_at is None:
                         await self._changed.wait()
+                    else:
+                        with anyio.move_on_after(max(wake_at - loop.time(), 1e-3)):
+                            await self._changed.wait()
                     continue
+                asked = loop.time()
                 await self._governor.request("confirm" if candidate.urgent else "status")
-                # Things may have changed while we waited for the permit.
-                chosen, _ = self._choose(loop.time())
+                # Things may have changed while we waited for the permit; a permit that
+                # came at once, with no news since, leaves the choice as it was.
+                chosen: _Tracked | None = candidate
+                if self._changed.is_set() or loop.time() - asked > _PERMIT_AT_ONCE:
+                    chosen, _ = self._choose(loop.time())
                 if chosen is None:
                     chosen = candidate if candidate.task_id in self._active else None
                 if chosen is None:
                     continue
                 chosen.polling = True
-                polls.start_soon(self._poll_one, chosen)
+                pool.start_soon(self._poll_one, chosen)
+            pool.close()  # polls in flight end as they would
 
     def _expire(self, now: float) -> float | None:
         """Give up tasks tracked for longer than ``max_task_age``; return the next expiry."""
         max_age = self.policy.max_task_age
+        if not self._active:
+            return None
+        if now < self._earliest_start + max_age:
+            # No task is that old yet: skip the scan. The bound may be of a task gone
+            # since, so the expiry returned may be early: that wake-up scans.
+            return self._earliest_start + max_age
         next_expiry: float | None = None
+        self._earliest_start = math.inf
         for tracked in list(self._active.values()):
             expiry = tracked.started + max_age
             if now < expiry or tracked.polling:  # a poll in flight may still end it
                 next_expiry = expiry if next_expiry is None else min(next_expiry, expiry)
+                self._earliest_start = min(self._earliest_start, tracked.started)
                 continue
             logger.warning("task %s not finished after %g s: given up", tracked.task_id, max_age)
             self._give_up(tracked, TaskAbandonedError(tracked.task_id, max_age))
@@ -477,8 +530,7 @@ class PollScheduler:
         self._finished[tracked.task_id] = status
         while len(self._finished) > self.policy.keep_results:
             self._finished.popitem(last=False)
-        if not tracked.done.done():
-            tracked.done.set_result(status)
+        tracked.finish(status)
         if not relayed:
             # Processes sharing the key may also track it: one awaits it (a web worker
             # the GET reached), another holds its slot (the creator, or the adopter of a
@@ -497,9 +549,7 @@ class PollScheduler:
 
     def _fail(self, tracked: _Tracked, error: BaseException, *, hold: float = 0.0) -> None:
         self._drop(tracked, hold=hold)
-        if not tracked.done.done():
-            tracked.done.set_exception(error)
-            tracked.done.exception()  # mark it retrieved: nobody may be waiting
+        tracked.finish(None, error)
 
     def _drop(self, tracked: _Tracked, *, hold: float = 0.0) -> None:
         if self._active.pop(tracked.task_id, None) is not None and tracked.holds_slot:

@@ -125,6 +125,10 @@ class Transport:
         # After a 401 nothing that uses the key can succeed: refuse without sending.
         self._key_refused: AuthenticationError | None = None
         self.recorder: Recorder | None = None  # set by sora_async.otel.instrument()
+        # Built once: the key goes on API calls only, never on the session, since
+        # result URLs may live on another host.
+        self._headers = {"Authorization": f"Bearer {api_key}"}
+        self._json_headers = {**self._headers, "Content-Type": "application/json"}
 
     def __repr__(self) -> str:
         return f"Transport(base_url={self._base_url!r})"
@@ -160,25 +164,24 @@ class Transport:
         """
         body = _encoder.encode(request)
         url = f"{self._base_url}/generateTask/{model}"
+        return await self._with_retries("create", self._create_once, model, url, body)
 
-        async def attempt() -> str:
-            try:
-                raw = await self._send("create", model, "POST", url, body=body)
-            except _Retry as retry:
-                cause = retry.cause
-                if retry.refused or isinstance(cause, RateLimitError):
-                    raise
-                if isinstance(cause, ServerError) and cause.code in _CREATE_SAFE_STATUSES:
-                    raise
-                raise SubmitUncertainError(f"create may have made a task: {cause}") from cause
-            try:
-                return _created_decoder.decode(raw).task_id
-            except (msgspec.MsgspecError, RecursionError) as exc:
-                raise SubmitUncertainError(
-                    f"create answered success without a readable task id: {exc}"
-                ) from exc
-
-        return await self._with_retries("create", attempt)
+    async def _create_once(self, model: str, url: str, body: bytes, prepaid: bool) -> str:
+        try:
+            raw = await self._send("create", model, "POST", url, body=body)
+        except _Retry as retry:
+            cause = retry.cause
+            if retry.refused or isinstance(cause, RateLimitError):
+                raise
+            if isinstance(cause, ServerError) and cause.code in _CREATE_SAFE_STATUSES:
+                raise
+            raise SubmitUncertainError(f"create may have made a task: {cause}") from cause
+        try:
+            return _created_decoder.decode(raw).task_id
+        except (msgspec.MsgspecError, RecursionError) as exc:
+            raise SubmitUncertainError(
+                f"create answered success without a readable task id: {exc}"
+            ) from exc
 
     async def status(self, model: str, task_id: str, *, prepaid: bool = False) -> TaskStatus:
         """Return the status of one task (retried on 429, 5xx, network errors).
@@ -186,47 +189,54 @@ class Transport:
         ``prepaid``: the caller already took the governor's permit for the first attempt.
         """
         url = f"{self._base_url}/statusTask/{model}"
-        first = [prepaid]
-
-        async def attempt() -> TaskStatus:
-            paid, first[0] = first[0], False
-            raw = await self._send(
-                "status", model, "GET", url, params={"taskId": task_id}, prepaid=paid
-            )
-            # An answer that reads but makes no sense is not retried here: the
-            # scheduler counts such answers per task and gives up after a few.
-            return decode_status(raw, task_id)
-
         try:
-            return await self._with_retries("status", attempt)
+            return await self._with_retries(
+                "status", self._status_once, model, url, task_id, prepaid=prepaid
+            )
         except ProtocolError as exc:
             if exc.task_id is not None:
                 raise
             raise ProtocolError(task_id, exc.problem) from exc.__cause__
 
+    async def _status_once(self, model: str, url: str, task_id: str, prepaid: bool) -> TaskStatus:
+        raw = await self._send(
+            "status", model, "GET", url, params={"taskId": task_id}, prepaid=prepaid
+        )
+        # An answer that reads but makes no sense is not retried here: the
+        # scheduler counts such answers per task and gives up after a few.
+        return decode_status(raw, task_id)
+
     async def balance(self, model: str) -> float:
         """Return the key's remaining balance in USD, spending from ``model``'s budget."""
         url = f"{self._base_url}/apikeys/current-balance"
+        return await self._with_retries("balance", self._balance_once, model, url)
 
-        async def attempt() -> float:
-            raw = await self._send("balance", model, "GET", url)
-            try:
-                return _balance_decoder.decode(raw)
-            except (msgspec.MsgspecError, RecursionError) as exc:
-                raise ProtocolError(None, f"a balance that is not a number ({exc})") from exc
-
-        return await self._with_retries("balance", attempt)
+    async def _balance_once(self, model: str, url: str, prepaid: bool) -> float:
+        raw = await self._send("balance", model, "GET", url)
+        try:
+            return _balance_decoder.decode(raw)
+        except (msgspec.MsgspecError, RecursionError) as exc:
+            raise ProtocolError(None, f"a balance that is not a number ({exc})") from exc
 
     # --- machinery ----------------------------------------------------------------------
 
-    async def _with_retries(self, kind: RequestKind, attempt: Callable[[], Awaitable[T]]) -> T:
+    async def _with_retries(
+        self,
+        kind: RequestKind,
+        attempt: Callable[..., Awaitable[T]],
+        *args: Any,
+        prepaid: bool = False,
+    ) -> T:
+        """Return ``attempt(*args, prepaid)``, called again while it raises _Retry;
+        ``prepaid`` (the first attempt's permit is taken) holds for the first only."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._retry.deadline
         number = 0  # failed attempts that count against RetryPolicy.attempts
         while True:
             try:
-                return await attempt()
+                return await attempt(*args, prepaid)
             except _Retry as retry:
+                prepaid = False
                 cause = retry.cause
                 if isinstance(cause, RateLimitError):
                     # A 429 is the key's traffic, not a fault of this call: the governor
@@ -273,11 +283,22 @@ class Transport:
                 waited = asyncio.get_running_loop().time() - asked
         if self._key_refused is not None:
             raise self._key_refused
-        if recorder is None:
-            return await self._attempt(kind, governor, method, url, body, params)
         outcome = "ok"
         try:
-            return await self._attempt(kind, governor, method, url, body, params)
+            # The exchange in this coroutine, not one of its own: one fewer per request.
+            headers = self._headers if body is None else self._json_headers
+            try:
+                async with self.session.request(
+                    method, url, data=body, params=params, headers=headers
+                ) as response:
+                    payload = await response.read()
+            except aiohttp.ClientConnectorError as exc:
+                error = _transport_error(f"cannot connect: {exc}", exc)
+                raise _Retry(error, refused=True) from exc
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                message = f"{type(exc).__name__}: {exc}".rstrip(": ")
+                raise _Retry(_transport_error(message, exc)) from exc
+            return self._answer(kind, governor, response, payload)
         except _Retry as retry:
             outcome = _outcome(retry.cause)
             raise
@@ -285,33 +306,18 @@ class Transport:
             outcome = _outcome(error)
             raise
         finally:
-            recorder.request(kind, model, outcome, waited)
+            if recorder is not None:
+                recorder.request(kind, model, outcome, waited)
 
-    async def _attempt(
+    def _answer(
         self,
         kind: RequestKind,
         governor: Governor,
-        method: str,
-        url: str,
-        body: bytes | None,
-        params: dict[str, str] | None,
+        response: aiohttp.ClientResponse,
+        payload: bytes,
     ) -> bytes:
-        # The key goes on API calls only, never on the session: result URLs may live
-        # on another host.
-        headers = {"Authorization": f"Bearer {self._api_key}"}
-        if body is not None:
-            headers["Content-Type"] = "application/json"
-        try:
-            async with self.session.request(
-                method, url, data=body, params=params, headers=headers
-            ) as response:
-                payload = await response.read()
-                status, retry_after = response.status, _retry_after(response.headers)
-        except aiohttp.ClientConnectorError as exc:
-            raise _Retry(_transport_error(f"cannot connect: {exc}", exc), refused=True) from exc
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            message = f"{type(exc).__name__}: {exc}".rstrip(": ")
-            raise _Retry(_transport_error(message, exc)) from exc
+        """Return an answer's raw ``data``, or raise as _send says."""
+        status = response.status
         try:
             envelope = decode_envelope(payload)
             code, message, data = envelope.code, envelope.message, envelope.data
@@ -324,6 +330,7 @@ class Transport:
                 raise _Retry(unreadable) from exc
             code, message, data = status, f"HTTP {status} with an undecodable body", _NULL
         if not 200 <= code < 300 or status >= 400:
+            retry_after = _retry_after(response.headers)
             error = error_from_response(
                 status, code, message, _error_data(data), retry_after=retry_after
             )
