@@ -191,6 +191,13 @@ _COLUMNS = (
 
 
 def _record_of(row: tuple[Any, ...]) -> TaskRecord:
+    try:
+        return _decode_row(row)
+    except (ValueError, TypeError) as exc:  # a file written by something else
+        raise InputError("store", f"record {row[0]!r} cannot be read: {exc}") from exc
+
+
+def _decode_row(row: tuple[Any, ...]) -> TaskRecord:
     return TaskRecord(
         key=row[0],
         fingerprint=row[1],

@@ -20,7 +20,14 @@ __all__ = ["RedisStore"]
 
 _T = TypeVar("_T")
 
-_decode_record = msgspec.json.Decoder(TaskRecord).decode
+_record_decoder = msgspec.json.Decoder(TaskRecord)
+
+
+def _decode_record(body: bytes | str) -> TaskRecord:
+    try:
+        return _record_decoder.decode(body)
+    except msgspec.DecodeError as exc:  # written by something else
+        raise InputError("store", f"a task record in Redis cannot be read: {exc}") from exc
 
 
 class RedisStore:
@@ -108,7 +115,6 @@ class RedisStore:
         stored = await self._patiently(lambda: db.get(where))
         if stored is None:  # forgotten between the two commands: claim again
             return await self.claim(record)
-        assert isinstance(stored, bytes)
         return _decode_record(stored)
 
     async def save(self, record: TaskRecord) -> None:
@@ -156,7 +162,6 @@ class RedisStore:
         body = await self._patiently(lambda: db.get(self._record_key(_text(key))))
         if body is None:
             return None
-        assert isinstance(body, bytes)
         return _decode_record(body)
 
 

@@ -205,3 +205,16 @@ async def test_a_key_is_never_resubmitted_after_an_uncertain_create(fake: FakeAp
             await client.submit(PROMPT, idempotency_key="once")
         assert await client.submit(sa.TextToVideo(prompt="no key")) is not None
     assert fake.stats.creates_per_prompt[PROMPT.prompt] == 1
+
+
+async def test_a_damaged_store_is_an_input_error_naming_it(fake: FakeApixo, tmp_path: Path) -> None:
+    """A record the client cannot read stops its start with InputError('store'), no traceback."""
+    store = tmp_path / "tasks.db"
+    async with client_on(fake, sa.SQLiteStore(store)) as first:
+        await first.submit(PROMPT, idempotency_key="k")
+    with sqlite3.connect(store) as db:
+        db.execute("UPDATE tasks SET result_urls='{broken'")
+    with pytest.raises(sa.InputError) as caught:
+        async with client_on(fake, sa.SQLiteStore(store)):
+            pass
+    assert caught.value.field == "store"
