@@ -174,13 +174,13 @@ class RequestQueue:
                     continue
                 delay = await attempt(kind)
                 if delay <= 0:
-                    heapq.heappop(self._line)
+                    # Not heappop: a create that came while the attempt awaited (Redis)
+                    # may head the line now, and its ticket must stay.
+                    self._leave(ticket)
                     return
                 await asyncio.sleep(delay)
         except BaseException:
-            if ticket in self._line:
-                self._line.remove(ticket)
-                heapq.heapify(self._line)
+            self._leave(ticket)
             raise
         finally:
             # Whoever is first now computes its own wait.
@@ -188,6 +188,13 @@ class RequestQueue:
                 head = self._line[0].waker
                 if head is not None and not head.done():
                     head.set_result(None)
+
+    def _leave(self, ticket: _Ticket) -> None:
+        if self._line and self._line[0] is ticket:
+            heapq.heappop(self._line)
+        elif ticket in self._line:
+            self._line.remove(ticket)
+            heapq.heapify(self._line)
 
 
 class Backoff:

@@ -20,7 +20,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import sora_async as sa
-from sora_async._governor import Governor, RequestKind
+from sora_async._governor import Governor, RequestKind, RequestQueue
 from sora_async._models import TaskStatus
 from sora_async.testing import RedisServer
 
@@ -346,3 +346,31 @@ async def test_a_create_finds_room_while_polls_use_the_budget() -> None:
     polls.cancel()
     await asyncio.gather(polls, return_exceptions=True)
     assert waits == [0.0] * 5
+
+
+async def test_a_create_arriving_during_a_polls_permit_call_is_served_next() -> None:
+    """A permit call that awaits (the Redis governor's script) lets a create join the
+    line meanwhile; when the poll is granted the create is next, and the line empties
+    (the poll once took the create's place in line with it, and later callers hung)."""
+    queue = RequestQueue()
+    poll_granted = asyncio.Event()
+    attempts: list[RequestKind] = []
+
+    async def attempt(kind: RequestKind) -> float:
+        attempts.append(kind)
+        if kind == "status":
+            await poll_granted.wait()  # a round trip to Redis, during which a create comes
+        if kind == "create" and attempts.count("create") == 1:
+            return 0.5  # the window is full for a moment: the create waits in line
+        return 0.0
+
+    poll = asyncio.ensure_future(queue.serve("status", attempt))
+    await asyncio.sleep(0)
+    create = asyncio.ensure_future(queue.serve("create", attempt))
+    await asyncio.sleep(0)
+    poll_granted.set()
+    await asyncio.wait_for(asyncio.gather(poll, create), 1.0)
+    later = [asyncio.ensure_future(queue.serve("status", attempt)) for _ in range(3)]
+    await asyncio.wait_for(asyncio.gather(*later), 1.0)
+    assert len(queue) == 0
+    assert attempts.count("create") == 2
