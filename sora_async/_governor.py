@@ -327,12 +327,16 @@ class CreatePause:
         self._passes = 0  # the service is full again
         self._notify()
 
-    def went_through(self, *, release: bool, retry_at: float) -> None:
-        """A create was taken: end the hold (``release``), or probe again at ``retry_at``."""
+    def went_through(self, backoff: Backoff) -> None:
+        """A create was taken: end the hold if ``backoff`` is ramping the slots back up,
+        else let the next probe go after its probe delay."""
+        if not self.held:
+            return
         self._out = max(0, self._out - 1)
-        if release:
+        if backoff.ramping:
             self.held = False
         else:
+            retry_at = asyncio.get_running_loop().time() + backoff.probe_delay()
             self._probe_at = max(self._probe_at, retry_at)
         self._notify()
 
@@ -538,10 +542,8 @@ class LocalGovernor:
         )
         if rate_up:
             self._rate_factor = min(1.0, self._rate_factor + _RATE_INCREASE)
-        if kind == "create" and self._creates.held:
-            now = asyncio.get_running_loop().time()
-            retry_at = now + self._backoff.probe_delay()
-            self._creates.went_through(release=self._backoff.ramping, retry_at=retry_at)
+        if kind == "create":
+            self._creates.went_through(self._backoff)
         nominal = self.limits.concurrent_tasks
         if kind == "create" and self._slot_limit < nominal:
             # The service took a task: the limit is at least the tasks we hold.

@@ -19,6 +19,7 @@ import itertools
 import json
 import logging
 import os
+import random
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -202,15 +203,13 @@ class RedisGovernor:
 
     async def _patiently(self, call: Callable[[], Awaitable[_T]]) -> _T:
         self._client()
-        result = await patiently(
-            call, url=self.url, timeout=self.redis_timeout, pause=self._reconnect_pause
-        )
+        result = await patiently(call, url=self.url, timeout=self.redis_timeout, rng=self._random)
         self.round_trips += 1
         return result
 
     def _reconnect_pause(self, attempt: int) -> float:
         """Return how long to wait before trying Redis again (backed off, jittered)."""
-        return min(2.0, 0.05 * 2.0**attempt) * self._random.uniform(0.5, 1.0)
+        return reconnect_pause(attempt, self._random)
 
     async def refresh(self) -> None:
         """Read the key's figures from Redis now, taking nothing and writing nothing.
@@ -355,9 +354,8 @@ class RedisGovernor:
         if slots_up:
             self._slot_limit = min(self.limits.concurrent_tasks, self._slot_limit + 1)
             self._send("slot_probe")
-        if kind == "create" and self._creates.held:
-            retry_at = asyncio.get_running_loop().time() + self._backoff.probe_delay()
-            self._creates.went_through(release=self._backoff.ramping, retry_at=retry_at)
+        if kind == "create":
+            self._creates.went_through(self._backoff)
 
     # --- task slots ---------------------------------------------------------------------
 
@@ -688,15 +686,20 @@ def redis_url_and_key(url: str | None, api_key: str | None) -> tuple[str, str]:
     return url, key
 
 
+def reconnect_pause(attempt: int, rng: random.Random) -> float:
+    """Return how long to wait before trying Redis again (backed off, jittered)."""
+    return min(2.0, 0.05 * 2.0**attempt) * rng.uniform(0.5, 1.0)
+
+
 async def patiently(
     call: Callable[[], Awaitable[_T]],
     *,
     url: str,
     timeout: float,
-    pause: Callable[[int], float],
+    rng: random.Random,
 ) -> _T:
     """Return ``call()``'s answer, waiting out a Redis outage for up to ``timeout``
-    seconds (``pause(attempt)`` between tries); then raise RedisUnavailableError.
+    seconds (backed off, jittered by ``rng``); then raise RedisUnavailableError.
     Nothing that needs Redis's word goes ahead without it."""
     loop = asyncio.get_running_loop()
     deadline: float | None = None
@@ -714,7 +717,7 @@ async def patiently(
                     f"Redis at {_safe_url(url)} unreachable for {timeout:g} s: {exc}"
                 ) from exc
             attempt += 1
-            await asyncio.sleep(min(pause(attempt), max(deadline - now, _MIN_WAIT)))
+            await asyncio.sleep(min(reconnect_pause(attempt, rng), max(deadline - now, _MIN_WAIT)))
             continue
         except RedisError as exc:
             raise RedisUnavailableError(f"Redis refused a command: {exc}") from exc

@@ -66,6 +66,7 @@ class RedisStore:
         self.keep = keep
         self.redis_timeout = redis_timeout
         self._redis: aioredis.Redis | None = None
+        self._random = random.Random()  # jitter of reconnection attempts
 
     def __repr__(self) -> str:
         return f"RedisStore(prefix={self.prefix!r})"
@@ -90,7 +91,7 @@ class RedisStore:
             call,
             url=self.url,
             timeout=self.redis_timeout,
-            pause=lambda attempt: min(2.0, 0.05 * 2.0**attempt) * random.uniform(0.5, 1.0),
+            rng=self._random,
         )
 
     async def open(self) -> None:
