@@ -50,6 +50,43 @@ SLOT_REFUSAL_WINDOW = 0.5
 # A create probing for a slot after a refusal whose answer never came is given up after
 # this long, and another probes.
 _SLOT_PROBE_LOST = 120.0
+# A learned jitter margin is the slowest answer of the last window plus this much: the
+# event loop's own hops between a grant and the write are not in the measured time.
+_MARGIN_SLACK = 0.05
+
+
+class LatencyMargin:
+    """The jitter margin a request budget needs, learned from how long requests take.
+
+    A request's arrival at the service lags its grant by at most the time its answer
+    took, so windows of ``period + margin`` over grant times keep every ``period``
+    window of arrivals within the budget while ``margin`` exceeds the slowest answer
+    among the requests a window can hold. The margin is the slowest answer seen in the
+    last ``period + ceiling`` seconds plus a little slack, never above ``ceiling``, and
+    ``ceiling`` itself until an answer is seen (or when none came in that time).
+    """
+
+    def __init__(self, period: float, ceiling: float) -> None:
+        self.ceiling = ceiling
+        self._horizon = period + ceiling
+        # (when seen, seconds), the seconds falling: the head is the slowest in the horizon.
+        self._slowest: collections.deque[tuple[float, float]] = collections.deque()
+
+    def observe(self, now: float, seconds: float) -> None:
+        """Learn one request's time from grant to answer (or failure)."""
+        slowest = self._slowest
+        while slowest and slowest[-1][1] <= seconds:
+            slowest.pop()
+        slowest.append((now, seconds))
+
+    def at(self, now: float) -> float:
+        """Return the margin in force at ``now``."""
+        slowest = self._slowest
+        while slowest and slowest[0][0] + self._horizon <= now:
+            slowest.popleft()
+        if not slowest:
+            return self.ceiling
+        return min(self.ceiling, slowest[0][1] + _MARGIN_SLACK)
 
 
 class TaskNews(Protocol):
@@ -84,6 +121,9 @@ class Governor(Protocol):
 
     def request_succeeded(self, kind: RequestKind) -> None:
         """Report a request answered without a 429: probe back up."""
+
+    def request_took(self, seconds: float) -> None:
+        """Report how long a sent request took to be answered (or to fail)."""
 
     async def acquire_slot(self) -> None:
         """Wait, first come first served, for a task slot."""
@@ -375,9 +415,12 @@ class LocalGovernor:
     """Keep one process inside an API key's limits.
 
     The hard bound is a log of send times: no more than ``requests`` are sent in any
-    window of ``period + jitter_margin`` seconds, so no ``period`` window of arrivals
-    at the server holds more while network delays vary by less than
-    ``jitter_margin``. Polls are also paced, one per ``(period + jitter_margin) /
+    window of ``period + margin`` seconds, so no ``period`` window of arrivals at the
+    server holds more while network delays vary by less than the margin. With
+    ``learn_margin`` (the default) the margin is learned from how long requests take
+    (the slowest answer of the last window plus 50 ms, see LatencyMargin), never above
+    ``jitter_margin``, which it is until answers are seen; without it the margin is
+    ``jitter_margin``. Polls are also paced, one per ``(period + margin) /
     (requests - 1)`` seconds (longer while 429s cut the rate), so they never use the
     window up in a burst, and polls leave the last ``create_reserve``
     places of every window to creates and confirmations, which are not paced: a
@@ -400,6 +443,7 @@ class LocalGovernor:
         limits: Limits | None = None,
         *,
         jitter_margin: float = 1.0,
+        learn_margin: bool = True,
         create_reserve: int = 1,
         backoff_base: float = 1.0,
         backoff_cap: float = 60.0,
@@ -412,8 +456,11 @@ class LocalGovernor:
         if not 0 <= create_reserve < self.limits.requests:
             raise InputError("create_reserve", "must be at least 0 and below limits.requests")
         self._reserve = create_reserve
-        self._window = self.limits.period + jitter_margin
-        self._spacing = self._window / (self.limits.requests - 1)
+        # The send log keeps what the widest window needs; each grant weighs the margin
+        # in force then.
+        self._longest_window = self.limits.period + jitter_margin
+        self._margin = LatencyMargin(self.limits.period, jitter_margin) if learn_margin else None
+        self._fixed_margin = jitter_margin
         self._backoff = Backoff(
             base=backoff_base,
             cap=backoff_cap,
@@ -476,19 +523,33 @@ class LocalGovernor:
             self._sent.append(now)
         return delay
 
+    @property
+    def jitter_margin(self) -> float:
+        """Return the jitter margin in force now, in seconds (learned, or as given)."""
+        if self._margin is None:
+            return self._fixed_margin
+        return self._margin.at(asyncio.get_running_loop().time())
+
+    def request_took(self, seconds: float) -> None:
+        """Learn how long a sent request took to be answered (or to fail)."""
+        if self._margin is not None:
+            self._margin.observe(asyncio.get_running_loop().time(), seconds)
+
     def _delay(self, now: float, *, paced: bool) -> float:
         """Return how long the head of the queue must still wait (<= 0: go now)."""
-        while self._sent and self._sent[0] + self._window <= now:
+        while self._sent and self._sent[0] + self._longest_window <= now:
             self._sent.popleft()
+        margin = self._fixed_margin if self._margin is None else self._margin.at(now)
+        window = self.limits.period + margin
         wait = self._not_before - now
         limit = max(1, int(self.limits.requests * self._rate_factor))
         if paced:
             limit = max(1, limit - self._reserve)
         if len(self._sent) >= limit:
             # The send that must leave the window before one more may enter it.
-            wait = max(wait, self._sent[len(self._sent) - limit] + self._window - now)
+            wait = max(wait, self._sent[len(self._sent) - limit] + window - now)
         if paced and self._last_poll is not None:
-            step = self._spacing / self._rate_factor
+            step = window / (self.limits.requests - 1) / self._rate_factor
             wait = max(wait, self._last_poll + step - now)
         # A wake-up computed from floats may land a hair early: never re-arm closer.
         return max(wait, _MIN_WAIT) if wait > 0 else wait

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -287,17 +288,27 @@ class Transport:
         try:
             # The exchange in this coroutine, not one of its own: one fewer per request.
             headers = self._headers if body is None else self._json_headers
+            loop = asyncio.get_running_loop()
+            sent = loop.time()
             try:
                 async with self.session.request(
                     method, url, data=body, params=params, headers=headers
                 ) as response:
+                    # The request reached the service before its answer began.
+                    governor.request_took(loop.time() - sent)
                     payload = await response.read()
             except aiohttp.ClientConnectorError as exc:
                 error = _transport_error(f"cannot connect: {exc}", exc)
                 raise _Retry(error, refused=True) from exc
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                # It may have reached the service at any time until now.
+                governor.request_took(loop.time() - sent)
                 message = f"{type(exc).__name__}: {exc}".rstrip(": ")
                 raise _Retry(_transport_error(message, exc)) from exc
+            except asyncio.CancelledError:
+                # Given up on mid-way: when (or whether) it arrives is unknown.
+                governor.request_took(math.inf)
+                raise
             return self._answer(kind, governor, response, payload)
         except _Retry as retry:
             outcome = _outcome(retry.cause)

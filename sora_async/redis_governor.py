@@ -340,6 +340,10 @@ class RedisGovernor:
         self._send("limited", "", f"{pause * 1000:.3f}", kind)
         logger.warning("429 on %s: pausing every process %.1f s", kind, pause)
 
+    def request_took(self, seconds: float) -> None:
+        """Nothing to learn: grants are stamped on Redis's clock, from hosts whose paths to
+        Redis and to the service differ, so the margin stays ``jitter_margin``."""
+
     def request_succeeded(self, kind: RequestKind) -> None:
         """Count a success; after enough of them, raise the key's rate and slots one step."""
         rate_up, slots_up = self._backoff.succeeded(

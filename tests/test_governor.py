@@ -95,6 +95,87 @@ def test_no_window_ever_holds_more_than_the_limit(
     assert max_in_window(skewed, period) <= requests
 
 
+@settings(deadline=None, max_examples=60)
+@example(  # the first arrives late, the last at once: the margin learned must cover it
+    arrivals=[(0.0, "create"), (0.0, "create"), (0.9, "create")],
+    delays=[(0.45, 0.01), (0.2, 0.01)] + [(0.0, 0.0)] * 148,
+    requests=2,
+    period=1.0,
+)
+@example(  # the same before any answer came: the margin is the ceiling
+    arrivals=[(0.0, "create")] * 3,
+    delays=[(0.45, 0.6), (0.2, 0.9)] + [(0.0, 0.0)] * 148,
+    requests=2,
+    period=1.0,
+)
+@given(
+    arrivals=arrivals,
+    delays=st.lists(
+        st.tuples(st.floats(0.0, 0.499), st.floats(0.0, 0.499)), min_size=150, max_size=150
+    ),
+    requests=st.integers(2, 60),
+    period=st.sampled_from([1.0, 10.0, 60.0]),
+)
+def test_a_learned_margin_keeps_every_window_of_arrivals_within_the_limit(
+    arrivals: list[tuple[float, RequestKind]],
+    delays: list[tuple[float, float]],
+    requests: int,
+    period: float,
+) -> None:
+    """Requests that take any time to reach the server (below the 0.5-s ceiling) and any
+    time to be answered, the governor learning its margin from those answers: no window
+    of `period` at the server ever holds more than `requests` arrivals."""
+    limits = sa.Limits(requests=requests, period=period)
+
+    async def scenario() -> list[float]:
+        governor = sa.LocalGovernor(limits, jitter_margin=0.5)
+        loop = asyncio.get_running_loop()
+        reached: list[float] = []
+
+        async def caller(at: float, kind: RequestKind, there: float, back: float) -> None:
+            await asyncio.sleep(at)
+            await governor.request(kind)
+            await asyncio.sleep(there)
+            reached.append(loop.time())
+            await asyncio.sleep(back)
+            governor.request_took(there + back)
+
+        await asyncio.gather(
+            *(caller(at, kind, *delay) for (at, kind), delay in zip(arrivals, delays, strict=False))
+        )
+        return reached
+
+    reached = run_virtual(scenario())
+    assert len(reached) == len(arrivals)
+    assert max_in_window(reached, period) <= requests
+
+
+async def test_a_learned_margin_spends_more_of_the_budget() -> None:
+    """Answers in 10 ms: the margin falls from the 1-s ceiling to 60 ms, so a steady
+    stream of polls gets more grants in ten minutes than with the fixed margin, and
+    still no 60-s window of arrivals holds more than 60."""
+    loop = asyncio.get_running_loop()
+
+    async def polls_in_ten_minutes(governor: sa.LocalGovernor) -> list[float]:
+        reached = []
+        start = loop.time()
+        while loop.time() - start < 600:
+            await governor.request("status")
+            await asyncio.sleep(0.005)
+            reached.append(loop.time())
+            await asyncio.sleep(0.005)
+            governor.request_took(0.01)
+        return reached
+
+    learned = sa.LocalGovernor()
+    assert learned.jitter_margin == 1.0  # nothing seen yet: the ceiling
+    with_learning = await polls_in_ten_minutes(learned)
+    assert learned.jitter_margin == pytest.approx(0.06)
+    fixed = await polls_in_ten_minutes(sa.LocalGovernor(learn_margin=False))
+    assert len(with_learning) >= len(fixed) + 8
+    assert max_in_window(with_learning, 60.0) <= 60
+
+
 async def test_full_bucket_limiter_would_break_the_window() -> None:
     """The trap we avoid: AsyncLimiter(60, 60) admits far more than 60 in the first minute,
     while the governor admits at most 60 in any minute."""

@@ -33,6 +33,30 @@ async def test_500_generations_stay_inside_the_limits() -> None:
     assert set(stats.creates_per_prompt.values()) == {1}
 
 
+@pytest.mark.parametrize("learned", [True, False])
+async def test_a_margin_learned_over_a_slow_varying_network_keeps_the_window(
+    learned: bool,
+) -> None:
+    """Requests take 0-0.4 s to reach the service and as long back, 200 short videos fill
+    the budget: with the margin learned from those answers (or the fixed 1-s one) the
+    service sees 0 429s and never more than 60 requests in any 60-s window; the learned
+    margin sits between the slowest answer and 1 s."""
+    async with FakeApixo(
+        generation_time=lognormal(30.0, 0.3), seed=5, balance=1e6, network_delay=0.4
+    ) as fake:
+        governor = sa.LocalGovernor(learn_margin=learned)
+        async with sa.SoraClient(
+            api_key=fake.api_key, base_url=fake.url, governor=governor
+        ) as client:
+            outcomes = [o async for o in client.generate_many(prompts(200))]
+            margin = governor.jitter_margin
+        stats = fake.stats
+    assert all(o.video is not None for o in outcomes)
+    assert stats.rate_limited == 0
+    assert stats.max_requests_in_window == 60  # the budget was spent in full
+    assert 0.4 < margin < 0.85 if learned else margin == 1.0
+
+
 async def test_thousands_of_concurrent_callers_are_safe_and_fair(fake: FakeApixo) -> None:
     """Many concurrent generate() calls: within limits, and tasks are created in call order."""
     async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:

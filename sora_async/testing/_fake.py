@@ -113,6 +113,7 @@ class FakeApixo:
         chaos: float = 0.0,
         chaos_delay: float = 75.0,
         chaos_faults: Collection[FaultKind] | None = None,
+        network_delay: float = 0.0,
     ) -> None:
         """Configure the fake; nothing listens until :meth:`start`.
 
@@ -154,11 +155,17 @@ class FakeApixo:
                 up to 60 s. ``chaos_delay``: seconds a slow answer takes (past a
                 client's 60-s timeout). ``chaos_faults``: draw only these kinds (default:
                 every kind). ``fake.chaos`` may be changed at run time.
+            network_delay: each API request reaches the fake (is counted against the
+                window) U(0, network_delay) s after it was sent, and its answer takes
+                another U(0, network_delay) s back: a network path whose delays vary,
+                seeded by ``seed``.
         """
         if period <= 0 or requests < 0 or concurrent_tasks < 0:
             raise ValueError("limits must be positive")
-        if callback_delay < 0 or callback_jitter < 0:
-            raise ValueError("callback_delay and callback_jitter must be >= 0")
+        if callback_delay < 0 or callback_jitter < 0 or network_delay < 0:
+            raise ValueError("callback_delay, callback_jitter and network_delay must be >= 0")
+        self.network_delay = network_delay
+        self._network = random.Random(f"network-{seed}")
         self.api_key = api_key
         self.requests = requests
         self.concurrent_tasks = concurrent_tasks
@@ -432,6 +439,16 @@ class FakeApixo:
         self, request: web.Request, kind: RequestKind, work: Handler
     ) -> web.StreamResponse:
         """Authenticate, count, rate-limit and fault one API request around ``work``."""
+        if self.network_delay <= 0:
+            return await self._arrived(request, kind, work)
+        await asyncio.sleep(self._network.uniform(0.0, self.network_delay))  # on its way
+        response = await self._arrived(request, kind, work)
+        await asyncio.sleep(self._network.uniform(0.0, self.network_delay))  # and back
+        return response
+
+    async def _arrived(
+        self, request: web.Request, kind: RequestKind, work: Handler
+    ) -> web.StreamResponse:
         scheme, _, key = request.headers.get("Authorization", "").strip().partition(" ")
         if scheme.lower() != "bearer" or key.strip() != self.api_key:
             self.stats.unauthorized += 1
