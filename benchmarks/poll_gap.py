@@ -25,7 +25,14 @@ Changing one thing at a time splits the gap:
 - the measured utilisation (``utilization.py``) against the model at ``k = 1``,
   ``margin`` 1 s: learning the distribution from the prior, and the model's own noise.
 
+The same rows with the scheduler's rule replaced by the Whittle index (``IndexRule``,
+the best known online policy for such restless bandits: each task's own best schedule
+at every price of a poll, the permit to the task that would pay the most for it) say
+how much of the gap one permit stream costs a client whatever its rule. Each index
+row is also compared run by run with the client's rule at the same seeds.
+
     python benchmarks/poll_gap.py [--scenario NAME] [--seeds 6] [--scale 2 4]
+                                  [--policy client --policy index]
 """
 
 from __future__ import annotations
@@ -130,17 +137,24 @@ class IndexRule:
     index; the index is interpolated in log ``lam`` between grid prices, so that tasks
     rarely tie."""
 
-    def __init__(self, generation: GenerationTime) -> None:
-        cdf = _cdf(generation, _INDEX_STEP)
-        table = np.array([_choices(cdf, _INDEX_STEP, lam) for lam in _PRICES])
+    def __init__(
+        self,
+        generation: GenerationTime,
+        *,
+        step: float = _INDEX_STEP,
+        prices: tuple[float, ...] = _PRICES,
+    ) -> None:
+        cdf = _cdf(generation, step)
+        table = np.array([_choices(cdf, step, lam) for lam in prices])
         # A dearer poll never comes sooner; argmin ties could break that by a grid step.
-        table = np.maximum.accumulate(table, axis=0) * _INDEX_STEP
+        table = np.maximum.accumulate(table, axis=0) * step
         self.nexts = [[float(x) for x in column] for column in table.T]  # [s][lam]
         self.top = len(self.nexts) - 1
-        self.logs = [math.log(lam) for lam in _PRICES]
+        self.step = step
+        self.logs = [math.log(lam) for lam in prices]
 
     def _column(self, task: _Task) -> list[float]:
-        return self.nexts[min(round((task.seen - task.start) / _INDEX_STEP), self.top)]
+        return self.nexts[min(round((task.seen - task.start) / self.step), self.top)]
 
     def due(self, task: _Task) -> float:
         """Return when ``task``'s index reaches the cheapest price."""
@@ -238,13 +252,12 @@ def _mean_se(values: list[float]) -> tuple[float, float]:
 def _cases(policy: str, scale: list[int]) -> list[tuple[int, float, int]]:
     """Return the (k, margin, reserve) rows of one policy."""
     ks = sorted(k for k in scale if k > 1)
-    if policy == "index":
-        # The best known policy at 10 slots, then with the budget spread over more slots.
-        return [(1, 1.0, 1), (1, 0.0, 1)] + [(k, 0.0, k) for k in ks]
     # As the client is; without the margin; without the create reserve (creates then wait
-    # for a place); k times the slots and requests; and at the largest k, one place kept.
-    bare = [(k, 0.0, 1) for k in ks[-1:]]
-    return [(1, 1.0, 1), (1, 0.0, 1), (1, 0.0, 0)] + [(k, 0.0, k) for k in ks] + bare
+    # for a place; the client's rule only); k times the slots and requests; and at the
+    # largest k, one place kept.
+    bare = [(1, 0.0, 0)] if policy == "client" else []
+    scaled = [(k, 0.0, k) for k in ks] + [(k, 0.0, 1) for k in ks[-1:]]
+    return [(1, 1.0, 1), (1, 0.0, 1), *bare, *scaled]
 
 
 def main() -> None:
