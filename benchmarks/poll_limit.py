@@ -33,6 +33,7 @@ from sora_async.testing._timing import _Fixed, _HeavyTailed, _LogNormal, _Unifor
 __all__ = ["Limit", "poll_limit"]
 
 Array = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
 # Ages past this survival are left out of the grid (unbounded distributions).
 _TAIL = 1e-7
 # Draws used to estimate the distribution of a generation time of unknown form.
@@ -88,14 +89,19 @@ def _cdf(generation: GenerationTime, h: float) -> Array:
     return counts / len(draws)
 
 
-def _solve(cdf: Array, h: float, lam: float) -> tuple[float, float, list[int]]:
-    """Return E[polls], E[D] and the poll ages (grid indices) of the best schedule at ``lam``."""
-    n = len(cdf) - 1
-    ages = np.arange(n + 1) * h
+def _moments(cdf: Array, h: float) -> tuple[Array, Array, Array]:
+    """Return the grid ages, the first moment of T up to each age, and S."""
+    ages = np.arange(len(cdf), dtype=np.float64) * h
     mass = np.diff(cdf, prepend=0.0)  # P(T in (t_{j-1}, t_j])
     middle = ages - h / 2  # where an end in that interval falls on average
-    moment = np.cumsum(mass * middle)
-    survival = 1.0 - cdf
+    return ages, np.cumsum(mass * middle), 1.0 - cdf
+
+
+def _choices(cdf: Array, h: float, lam: float) -> IntArray:
+    """Return, for each grid age of a poll that saw the task running, the grid age of
+    the next poll in the best schedule at price ``lam``."""
+    n = len(cdf) - 1
+    ages, moment, survival = _moments(cdf, h)
     value = np.zeros(n + 1)
     choice = np.full(n + 1, n, dtype=np.int64)
     for a in range(n - 1, -1, -1):
@@ -106,6 +112,14 @@ def _solve(cdf: Array, h: float, lam: float) -> tuple[float, float, list[int]]:
         best = int(np.argmin(total))
         value[a] = lam * survival[a] + total[best]
         choice[a] = a + 1 + best
+    return choice
+
+
+def _solve(cdf: Array, h: float, lam: float) -> tuple[float, float, list[int]]:
+    """Return E[polls], E[D] and the poll ages (grid indices) of the best schedule at ``lam``."""
+    n = len(cdf) - 1
+    ages, moment, survival = _moments(cdf, h)
+    choice = _choices(cdf, h, lam)
     polls, delay, at, schedule = 0.0, 0.0, 0, []
     while at < n:
         nxt = int(choice[at])
