@@ -408,6 +408,14 @@ class PollScheduler:
         # With callbacks a permit spent on a poll may delay a create or a confirmation
         # that a callback just asked for, so the bar rises as callbacks prove reliable.
         task_threshold = min(0.5, policy.min_hazard / task_loss)
+        # Tasks never seen since their create (believed callbacks alike) differ only in
+        # age, and both their eligibility and their accrued delay grow with age (so does
+        # their due time with their start): the first one met, the oldest since tasks
+        # are met in the order they started, outweighs all the others (ties go to the
+        # first met). Weigh it alone (unless the floor grows faster than age: then the
+        # order fails, and all are weighed).
+        skip_unseen = False
+        shortcut = policy.relative_interval <= 1.0
         for tracked in self._active.values():
             if tracked.polling:
                 continue
@@ -417,6 +425,10 @@ class PollScheduler:
                 continue
             if tracked.urgent:
                 return tracked, now
+            if shortcut and tracked.last_seen == tracked.started and not tracked.doubted:
+                if skip_unseen:
+                    continue
+                skip_unseen = True
             age = now - tracked.started
             seen_age = tracked.last_seen - tracked.started
             floor = max(policy.min_interval, policy.relative_interval * age)
