@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 import msgspec
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from ._errors import (
     AuthenticationError,
@@ -127,9 +128,13 @@ class Transport:
         self._key_refused: AuthenticationError | None = None
         self.recorder: Recorder | None = None  # set by sora_async.otel.instrument()
         # Built once: the key goes on API calls only, never on the session, since
-        # result URLs may live on another host.
-        self._headers = {"Authorization": f"Bearer {api_key}"}
-        self._json_headers = {**self._headers, "Content-Type": "application/json"}
+        # result URLs may live on another host. Read-only multidicts, which aiohttp
+        # takes as they are (a dict it would copy into a new one for every request).
+        auth = {"Authorization": f"Bearer {api_key}"}
+        self._headers = CIMultiDictProxy(CIMultiDict(auth))
+        self._json_headers = CIMultiDictProxy(
+            CIMultiDict({**auth, "Content-Type": "application/json"})
+        )
 
     def __repr__(self) -> str:
         return f"Transport(base_url={self._base_url!r})"
@@ -165,7 +170,14 @@ class Transport:
         """
         body = _encoder.encode(request)
         url = f"{self._base_url}/generateTask/{model}"
-        return await self._with_retries("create", self._create_once, model, url, body)
+        started = asyncio.get_running_loop().time()
+        try:
+            return await self._create_once(model, url, body, False)
+        except _Retry as retry:
+            failed = retry
+        return await self._with_retries(
+            "create", failed, started, self._create_once, model, url, body
+        )
 
     async def _create_once(self, model: str, url: str, body: bytes, prepaid: bool) -> str:
         try:
@@ -190,9 +202,14 @@ class Transport:
         ``prepaid``: the caller already took the governor's permit for the first attempt.
         """
         url = f"{self._base_url}/statusTask/{model}"
+        started = asyncio.get_running_loop().time()
         try:
+            try:
+                return await self._status_once(model, url, task_id, prepaid)
+            except _Retry as retry:
+                failed = retry
             return await self._with_retries(
-                "status", self._status_once, model, url, task_id, prepaid=prepaid
+                "status", failed, started, self._status_once, model, url, task_id
             )
         except ProtocolError as exc:
             if exc.task_id is not None:
@@ -210,7 +227,12 @@ class Transport:
     async def balance(self, model: str) -> float:
         """Return the key's remaining balance in USD, spending from ``model``'s budget."""
         url = f"{self._base_url}/apikeys/current-balance"
-        return await self._with_retries("balance", self._balance_once, model, url)
+        started = asyncio.get_running_loop().time()
+        try:
+            return await self._balance_once(model, url, False)
+        except _Retry as retry:
+            failed = retry
+        return await self._with_retries("balance", failed, started, self._balance_once, model, url)
 
     async def _balance_once(self, model: str, url: str, prepaid: bool) -> float:
         raw = await self._send("balance", model, "GET", url)
@@ -224,37 +246,40 @@ class Transport:
     async def _with_retries(
         self,
         kind: RequestKind,
+        retry: _Retry,
+        started: float,
         attempt: Callable[..., Awaitable[T]],
         *args: Any,
-        prepaid: bool = False,
     ) -> T:
-        """Return ``attempt(*args, prepaid)``, called again while it raises _Retry;
-        ``prepaid`` (the first attempt's permit is taken) holds for the first only."""
+        """Return ``attempt(*args, False)``, called again while it raises _Retry, after a
+        first attempt (sent at loop time ``started``) failed with ``retry``.
+
+        The first attempt is the caller's own: a request that succeeds at once (the
+        usual case) costs no coroutine of this one.
+        """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._retry.deadline
+        deadline = started + self._retry.deadline
         number = 0  # failed attempts that count against RetryPolicy.attempts
         while True:
+            cause = retry.cause
+            if isinstance(cause, RateLimitError):
+                # A 429 is the key's traffic, not a fault of this call: the governor
+                # pauses everyone and the next permit waits for it; only the
+                # deadline bounds how long we keep asking.
+                wait = 0.0
+            else:
+                number += 1
+                wait = self._retry.backoff(number, self._random)
+                if retry.wait is not None:
+                    wait = max(wait, retry.wait)
+            if number >= self._retry.attempts or loop.time() + wait > deadline:
+                raise cause from cause.__cause__
+            logger.info("%s attempt %d failed (%s); retrying in %.2f s", kind, number, cause, wait)
+            await asyncio.sleep(wait)
             try:
-                return await attempt(*args, prepaid)
-            except _Retry as retry:
-                prepaid = False
-                cause = retry.cause
-                if isinstance(cause, RateLimitError):
-                    # A 429 is the key's traffic, not a fault of this call: the governor
-                    # pauses everyone and the next permit waits for it; only the
-                    # deadline bounds how long we keep asking.
-                    wait = 0.0
-                else:
-                    number += 1
-                    wait = self._retry.backoff(number, self._random)
-                    if retry.wait is not None:
-                        wait = max(wait, retry.wait)
-                if number >= self._retry.attempts or loop.time() + wait > deadline:
-                    raise cause from cause.__cause__
-                logger.info(
-                    "%s attempt %d failed (%s); retrying in %.2f s", kind, number, cause, wait
-                )
-                await asyncio.sleep(wait)
+                return await attempt(*args, False)
+            except _Retry as again:
+                retry = again
 
     async def _send(
         self,
