@@ -552,6 +552,10 @@ class SoraClient:
             created.add_done_callback(lambda _: self._creating.pop(key, None))
         self._creates.start_soon(self._create_detached, prepared, created, recorded)
         try:
+            if recorded is None:
+                # Nobody else awaits this future, so no shield: a caller cancelled
+                # cancels it, and the create goes on all the same (_create_detached).
+                return await created
             return await asyncio.shield(created)
         except asyncio.CancelledError:
             created.add_done_callback(_log_orphan)  # its caller will never hear of it
@@ -605,10 +609,14 @@ class SoraClient:
                 if recorded is not None:
                     self._record_end_of(*recorded, task_id=task_id)
                     await _note(recorded, RecordState.RUNNING, task_id=task_id)
-                created.set_result(task_id)
+                if created.cancelled():  # its caller stopped waiting (see _create_with_slot)
+                    _log_orphan_id(task_id)
+                else:
+                    created.set_result(task_id)
                 return
         except SoraError as exc:
-            created.set_exception(exc)
+            if not created.cancelled():
+                created.set_exception(exc)
         except BaseException:
             created.cancel()
             raise
@@ -907,10 +915,13 @@ async def _note(
 def _log_orphan(created: asyncio.Future[str]) -> None:
     """Name a task made for a caller that stopped waiting (its deadline passed)."""
     if not created.cancelled() and created.exception() is None:
-        logger.warning(
-            "task %s was created after its caller stopped waiting; it is tracked to its end",
-            created.result(),
-        )
+        _log_orphan_id(created.result())
+
+
+def _log_orphan_id(task_id: str) -> None:
+    logger.warning(
+        "task %s was created after its caller stopped waiting; it is tracked to its end", task_id
+    )
 
 
 def _check_timeout(timeout: object) -> None:
