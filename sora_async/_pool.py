@@ -11,6 +11,7 @@ escapes one fails the group, as it would for any child.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -29,6 +30,9 @@ class TaskPool:
         self._closing = False  # close() was called: run() returns once the tasks are done
         self._closed = False  # run() has ended
         self._on_done = self._finished  # bound once, not once per task
+        # The context _finished runs in (it reads no context variable): one for all
+        # tasks, where add_done_callback would copy the current one for each.
+        self._context = contextvars.Context()
 
     def start_soon(self, func: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
         """Start ``func(*args)`` in a task of its own (cancelled after its first step if the
@@ -36,7 +40,7 @@ class TaskPool:
         loop = asyncio.get_running_loop()
         task = loop.create_task(func(*args))
         self._tasks.add(task)
-        task.add_done_callback(self._on_done)
+        task.add_done_callback(self._on_done, context=self._context)
         if self._closed:
             loop.call_soon(task.cancel)
 
