@@ -218,7 +218,9 @@ class TaskState(str, enum.Enum):
         return self in (TaskState.SUCCESS, TaskState.FAILED)
 
 
-class TaskStatus(msgspec.Struct, frozen=True, kw_only=True):
+# gc=False: strings, numbers and an enum can be in no reference cycle, so the garbage
+# collector need not track the (up to keep_results) statuses a scheduler remembers.
+class TaskStatus(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """A task as the status endpoint (or a callback) reports it.
 
     ``result_urls`` is decoded from the service's ``resultJson`` string; times are
@@ -286,8 +288,11 @@ class Video(Result, frozen=True, kw_only=True):
 
 # --- the wire ---------------------------------------------------------------------------
 
+# Structs of strings and numbers only (gc=False) can never be in a reference cycle: the
+# garbage collector need not track them, and each answer then costs it nothing.
 
-class Envelope(msgspec.Struct, kw_only=True):
+
+class Envelope(msgspec.Struct, kw_only=True, gc=False):
     """Every response body: ``{"code", "message", "data"}``; ``data`` decoded later."""
 
     code: int
@@ -295,13 +300,13 @@ class Envelope(msgspec.Struct, kw_only=True):
     data: msgspec.Raw = msgspec.Raw(b"null")
 
 
-class CreatedTask(msgspec.Struct, kw_only=True, rename="camel"):
+class CreatedTask(msgspec.Struct, kw_only=True, rename="camel", gc=False):
     """``data`` of a successful create."""
 
     task_id: str
 
 
-class WireStatus(msgspec.Struct, kw_only=True, rename="camel"):
+class WireStatus(msgspec.Struct, kw_only=True, rename="camel", gc=False):
     """``data`` of a status answer (or a callback) exactly as sent."""
 
     task_id: str
@@ -315,7 +320,7 @@ class WireStatus(msgspec.Struct, kw_only=True, rename="camel"):
     cost_time: int | float | None = None
 
 
-class ResultJson(msgspec.Struct):
+class ResultJson(msgspec.Struct, gc=False):
     """The JSON object carried as a string in ``resultJson``."""
 
     resultUrls: tuple[str, ...] = ()
