@@ -50,6 +50,8 @@ logger = logging.getLogger("sora_async")
 
 _T = TypeVar("_T")
 _MIN_WAIT = 1e-3
+# Back-off between attempts to reach Redis grows to this many seconds at most.
+_LONGEST_RECONNECT_PAUSE = 2.0
 
 
 @dataclass
@@ -203,13 +205,26 @@ class RedisGovernor:
 
     async def _patiently(self, call: Callable[[], Awaitable[_T]]) -> _T:
         self._client()
-        result = await patiently(call, url=self.url, timeout=self.redis_timeout, rng=self._random)
+        result = await patiently(
+            call,
+            url=self.url,
+            timeout=self.redis_timeout,
+            rng=self._random,
+            longest_pause=self._longest_pause,
+        )
         self.round_trips += 1
         return result
 
     def _reconnect_pause(self, attempt: int) -> float:
         """Return how long to wait before trying Redis again (backed off, jittered)."""
-        return reconnect_pause(attempt, self._random)
+        return reconnect_pause(attempt, self._random, self._longest_pause)
+
+    @property
+    def _longest_pause(self) -> float:
+        # After Redis comes back empty, creates wait one lease for live processes to
+        # write their slots back: each must retry Redis well within it (it also waits
+        # up to lease / 3 for its next renewal).
+        return min(_LONGEST_RECONNECT_PAUSE, self.lease / 4)
 
     async def refresh(self) -> None:
         """Read the key's figures from Redis now, taking nothing and writing nothing.
@@ -690,9 +705,12 @@ def redis_url_and_key(url: str | None, api_key: str | None) -> tuple[str, str]:
     return url, key
 
 
-def reconnect_pause(attempt: int, rng: random.Random) -> float:
-    """Return how long to wait before trying Redis again (backed off, jittered)."""
-    return min(2.0, 0.05 * 2.0**attempt) * rng.uniform(0.5, 1.0)
+def reconnect_pause(
+    attempt: int, rng: random.Random, longest: float = _LONGEST_RECONNECT_PAUSE
+) -> float:
+    """Return how long to wait before trying Redis again (backed off, jittered, at most
+    ``longest`` seconds)."""
+    return min(longest, 0.05 * 2.0**attempt) * rng.uniform(0.5, 1.0)
 
 
 async def patiently(
@@ -701,6 +719,7 @@ async def patiently(
     url: str,
     timeout: float,
     rng: random.Random,
+    longest_pause: float = _LONGEST_RECONNECT_PAUSE,
 ) -> _T:
     """Return ``call()``'s answer, waiting out a Redis outage for up to ``timeout``
     seconds (backed off, jittered by ``rng``); then raise RedisUnavailableError.
@@ -721,7 +740,8 @@ async def patiently(
                     f"Redis at {_safe_url(url)} unreachable for {timeout:g} s: {exc}"
                 ) from exc
             attempt += 1
-            await asyncio.sleep(min(reconnect_pause(attempt, rng), max(deadline - now, _MIN_WAIT)))
+            pause = reconnect_pause(attempt, rng, longest_pause)
+            await asyncio.sleep(min(pause, max(deadline - now, _MIN_WAIT)))
             continue
         except RedisError as exc:
             raise RedisUnavailableError(f"Redis refused a command: {exc}") from exc
