@@ -98,6 +98,10 @@ class TaskNews(Protocol):
     def announce(self, status: TaskStatus, trusted: bool) -> None:
         """Take news of a task that another process received (a callback, an adopted end)."""
 
+    def hand_over(self, task_id: str, model: str) -> None:
+        """Stop polling a task another process adopted (this one's lease had lapsed): its
+        slot is theirs now, and its end comes as news."""
+
 
 @runtime_checkable
 class Governor(Protocol):

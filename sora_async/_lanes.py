@@ -168,3 +168,6 @@ class _News:
 
     def announce(self, status: TaskStatus, trusted: bool) -> None:
         self._lanes.announce(status, trusted=trusted, relayed=True)
+
+    def hand_over(self, task_id: str, model: str) -> None:
+        self._lanes.get(model).scheduler.hand_over(task_id)

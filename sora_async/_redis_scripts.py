@@ -13,8 +13,9 @@ MIN_RATE_FACTOR = 0.25
 # tostring keeps 14 digits, too few for epoch milliseconds), and the epoch check.
 # The epoch names one life of the Redis data. A Redis that holds nothing for the key
 # (first use, or restarted without its data) cannot tell what was sent in the last
-# window or which tasks run: requests pause one window and slots wait one lease, in
-# which every live process re-registers its slots, unless told to trust it.
+# window or which tasks run: requests and slots pause for one re-registration round,
+# in which every live process writes back its slots and its grants of the last window,
+# unless told to trust it.
 PRELUDE = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
@@ -27,7 +28,7 @@ end
 local function raise_to(key, value)
   if value > getnum(key, 0) then redis.call('SET', key, num(value)) end
 end
-local function check_epoch(epoch_key, pause_key, recover_key, known, owner, window, lease)
+local function check_epoch(epoch_key, pause_key, recover_key, known, owner, round)
   -- known: the epoch this process saw last; '' before its first answer, '*' if it was
   -- told to trust a Redis that holds nothing for the key.
   local epoch = redis.call('GET', epoch_key)
@@ -40,21 +41,23 @@ local function check_epoch(epoch_key, pause_key, recover_key, known, owner, wind
     born = tonumber(string.match(epoch, '^([%d%.]+)/'))
   end
   if born then
-    raise_to(pause_key, born + window)
-    raise_to(recover_key, born + lease)
+    raise_to(pause_key, born + round)
+    raise_to(recover_key, born + round)
   end
   return epoch
 end
 """
 
 # KEYS: grants, pause, factor, last_poll, epoch, recover, poll_line, poll_due, poll_seq
-# ARGV: epoch, owner, member, window_ms, requests, reserve, paced, spacing_ms, lease_ms,
+# ARGV: epoch, owner, member, window_ms, requests, reserve, paced, spacing_ms, round_ms,
 #       ticket (a paced request's place in the poll line, the same on every attempt)
+# Returns the grant's time on Redis's clock too: the process keeps its grants of the
+# last window, to write them back if Redis loses them.
 REQUEST = (
     PRELUDE
     + """
 local window = tonumber(ARGV[4])
-local epoch = check_epoch(KEYS[5], KEYS[2], KEYS[6], ARGV[1], ARGV[2], window, tonumber(ARGV[9]))
+local epoch = check_epoch(KEYS[5], KEYS[2], KEYS[6], ARGV[1], ARGV[2], tonumber(ARGV[9]))
 local wait = getnum(KEYS[2], 0) - now
 local factor = getnum(KEYS[3], 1)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', num(now - window))
@@ -92,7 +95,7 @@ if paced then
   redis.call('PEXPIRE', line, math.ceil(window + wait) + 2000)
   redis.call('PEXPIRE', due, math.ceil(window + wait) + 2000)
 end
-if wait > 0 then return {0, num(wait), epoch, num(factor), n} end
+if wait > 0 then return {0, num(wait), epoch, num(factor), n, num(now)} end
 redis.call('ZADD', KEYS[1], num(now), ARGV[3])
 redis.call('PEXPIRE', KEYS[1], math.ceil(window) + 1000)
 if paced then
@@ -100,17 +103,16 @@ if paced then
   redis.call('ZREM', KEYS[7], ARGV[10])
   redis.call('HDEL', KEYS[8], ARGV[10])
 end
-return {1, '0', epoch, num(factor), n + 1}
+return {1, '0', epoch, num(factor), n + 1, num(now)}
 """
 )
 
 # KEYS: slots, tickets, owners, seq, slot_limit, epoch, pause, recover
-# ARGV: epoch, owner, ticket, nominal, window_ms, lease_ms
+# ARGV: epoch, owner, ticket, nominal, round_ms
 ACQUIRE = (
     PRELUDE
     + """
-local epoch = check_epoch(KEYS[6], KEYS[7], KEYS[8], ARGV[1], ARGV[2],
-                          tonumber(ARGV[5]), tonumber(ARGV[6]))
+local epoch = check_epoch(KEYS[6], KEYS[7], KEYS[8], ARGV[1], ARGV[2], tonumber(ARGV[5]))
 local alive = redis.call('ZSCORE', KEYS[3], ARGV[2])
 if (not alive) or tonumber(alive) < now then return {-1, '0', epoch, 0} end
 local recover = getnum(KEYS[8], 0)
@@ -213,19 +215,30 @@ return {num(getnum(KEYS[4], 1)), getnum(KEYS[5], tonumber(ARGV[3])), redis.call(
 
 # KEYS: owners, slots, tickets, epoch, pause, recover, grants, factor, slot_limit
 # ARGV: epoch, owner, lease_ms, window_ms, hold_ms, channel, period_ms, nominal, readd,
+#       round_ms, this process's grants of the last window (JSON: [[time_ms, member]...]),
 #       then groups of four for each slot this process holds: token, task, model, hold_ms
 # A process is taken for dead one lease after its lease ran out: after a Redis restart
 # that kept the data, live processes renew within that grace, and keep their tasks.
+# After a restart that lost it, each writes back its slots and the grants of its last
+# window (stamped on Redis's clock when they were made), so the window is whole again.
 RENEW = (
     PRELUDE
     + """
 local owner = ARGV[2]
 local known = ARGV[1]
-local epoch = check_epoch(KEYS[4], KEYS[5], KEYS[6], known, owner,
-                          tonumber(ARGV[4]), tonumber(ARGV[3]))
+local epoch = check_epoch(KEYS[4], KEYS[5], KEYS[6], known, owner, tonumber(ARGV[10]))
 local data_lost = (known ~= '' and known ~= '*' and epoch ~= known) or ARGV[9] == '1'
+if data_lost then
+  local window = tonumber(ARGV[4])
+  for _, grant in ipairs(cjson.decode(ARGV[11])) do
+    if grant[1] > now - window then
+      redis.call('ZADD', KEYS[7], 'NX', num(grant[1]), grant[2])
+    end
+  end
+  redis.call('PEXPIRE', KEYS[7], math.ceil(window) + 1000)
+end
 local lost = {}
-for i = 10, #ARGV, 4 do
+for i = 12, #ARGV, 4 do
   local token = ARGV[i]
   local raw = redis.call('HGET', KEYS[2], token)
   local held = tonumber(ARGV[i + 3])

@@ -91,6 +91,7 @@ class _Tracked:
     __slots__ = (
         "done",
         "doubted",
+        "handed_over",
         "holds_slot",
         "last_seen",
         "model",
@@ -120,6 +121,8 @@ class _Tracked:
         # A claim of its end was refuted twice: later claims cost nothing, and it is
         # polled as if no callback would come.
         self.doubted = False
+        # Another process adopted it and polls it: its end comes as news, never by a poll.
+        self.handed_over = False
         self.strikes = 0  # answers in a row that made no sense
         # (model version, age, survival, its integral) at the last sighting, cached.
         self.seen: tuple[int, float, float, float] | None = None
@@ -210,6 +213,15 @@ class PollScheduler:
         self._active[task_id] = tracked
         self._earliest_start = min(self._earliest_start, now)
         self._changed.set()
+
+    def hand_over(self, task_id: str) -> None:
+        """Stop polling a task that another process took over with its slot: its waiters
+        here still wake on the news of its end that the other process shares."""
+        tracked = self._active.get(task_id)
+        if tracked is not None:
+            tracked.handed_over = True
+            tracked.holds_slot = False
+            self._changed.set()
 
     def result(self, task_id: str) -> TaskStatus | None:
         """Return the terminal status of a task seen to end, if remembered."""
@@ -417,7 +429,7 @@ class PollScheduler:
         skip_unseen = False
         shortcut = policy.relative_interval <= 1.0
         for tracked in self._active.values():
-            if tracked.polling:
+            if tracked.polling or tracked.handed_over:
                 continue
             if tracked.urgent == "recheck" and now < tracked.recheck_at:
                 due = tracked.recheck_at

@@ -14,6 +14,7 @@ Each decision is one Lua script, atomic on Redis and timed by Redis's own clock
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import itertools
 import json
@@ -52,6 +53,10 @@ _T = TypeVar("_T")
 _MIN_WAIT = 1e-3
 # Back-off between attempts to reach Redis grows to this many seconds at most.
 _LONGEST_RECONNECT_PAUSE = 2.0
+# How often a process checks that Redis still holds the key's data, and retries Redis
+# at most, in parts of the re-registration round: it must have written its slots and
+# grants back well within the round.
+_ROUND_PARTS = 4
 
 
 @dataclass
@@ -82,9 +87,10 @@ class RedisGovernor:
     When Redis cannot be reached nothing is sent: work waits up to ``redis_timeout``
     seconds, then raises :class:`RedisUnavailableError`. A Redis that holds nothing for
     the key (its first use, or a restart that lost the data) cannot tell what was sent
-    in the last window or which tasks still run, so requests wait one window and
-    creates one ``lease`` while live processes re-register their tasks; pass
-    ``trust_empty_redis=True`` where nothing else can have used the key (tests).
+    in the last window or which tasks still run, so every process waits one
+    ``reregister_round`` (1 s), in which each live process writes back its slots and
+    the grants of its last window (it looks for the loss every quarter of a round);
+    pass ``trust_empty_redis=True`` where nothing else can have used the key (tests).
 
     Key names carry a hash of the API key and the model, never the key itself.
     Raises :class:`InputError` for a bad URL, key or setting.
@@ -113,6 +119,7 @@ class RedisGovernor:
         backoff_cap: float = 60.0,
         probe_after: int = 10,
         trust_empty_redis: bool = False,
+        reregister_round: float = 1.0,
         seed: int | None = None,
     ) -> None:
         self.url, key = redis_url_and_key(url, api_key)
@@ -123,6 +130,8 @@ class RedisGovernor:
             raise InputError("create_reserve", "must be at least 0 and below limits.requests")
         if lease <= 0 or redis_timeout <= 0 or uncertain_hold < 0:
             raise InputError("lease", "lease and redis_timeout must be positive seconds")
+        if reregister_round <= 0:
+            raise InputError("reregister_round", "must be positive seconds")
         self.model = model
         # Who shares: a hash of the key and the model. The braces keep every key of one
         # budget in one Redis Cluster slot, as multi-key scripts need.
@@ -132,6 +141,7 @@ class RedisGovernor:
         self.lease = lease
         self.uncertain_hold = uncertain_hold
         self.redis_timeout = redis_timeout
+        self.reregister_round = reregister_round
         self._window = self.limits.period + jitter_margin
         self._spacing = self._window / (self.limits.requests - 1)
         self._reserve = create_reserve
@@ -166,6 +176,10 @@ class RedisGovernor:
         self._registered = asyncio.Event()
         self._slots_freed = asyncio.Event()
         self._renewed_at: float | None = None
+        self._watched_at: float | None = None
+        # This process's grants of the last window, (Redis time in ms, member): written
+        # back if Redis loses them, so the window stays whole across a restart.
+        self._grants: collections.deque[tuple[float, str]] = collections.deque()
         self.round_trips = 0  # scripts run, for the benchmark's round trips per request
 
     def __repr__(self) -> str:
@@ -221,10 +235,9 @@ class RedisGovernor:
 
     @property
     def _longest_pause(self) -> float:
-        # After Redis comes back empty, creates wait one lease for live processes to
-        # write their slots back: each must retry Redis well within it (it also waits
-        # up to lease / 3 for its next renewal).
-        return min(_LONGEST_RECONNECT_PAUSE, self.lease / 4)
+        # After Redis comes back empty, everyone waits one round for live processes to
+        # write their slots and grants back: each must retry Redis well within it.
+        return min(_LONGEST_RECONNECT_PAUSE, self.reregister_round / _ROUND_PARTS)
 
     async def refresh(self) -> None:
         """Read the key's figures from Redis now, taking nothing and writing nothing.
@@ -293,7 +306,8 @@ class RedisGovernor:
         if self._not_before > now:
             return self._not_before - now
         paced = kind == "status"
-        granted, wait_ms, epoch, factor, in_window = await self._script(
+        member = f"{self.owner}:{next(self._members)}"
+        granted, wait_ms, epoch, factor, in_window, redis_now = await self._script(
             "request",
             [
                 self._key("grants"),
@@ -309,13 +323,13 @@ class RedisGovernor:
             [
                 self._known_epoch,
                 self.owner,
-                f"{self.owner}:{next(self._members)}",
+                member,
                 self._window * 1000,
                 self.limits.requests,
                 self._reserve,
                 1 if paced else 0,
                 self._spacing * 1000,
-                self.lease * 1000,
+                self.reregister_round * 1000,
                 ticket,
             ],
         )
@@ -323,12 +337,19 @@ class RedisGovernor:
         self._rate_factor = float(factor)
         self._in_window = int(in_window)
         if int(granted):
+            self._remember_grant(float(redis_now), member)
             return 0.0
         wait = max(float(wait_ms) / 1000, _MIN_WAIT)
         if paced:
             return wait  # the poll line already orders the processes: a late poll is waste
         # Jitter: processes woken by one event must not all arrive in the same instant.
         return wait + self._random.uniform(0, min(0.05, wait / 10))
+
+    def _remember_grant(self, at_ms: float, member: str) -> None:
+        grants = self._grants
+        grants.append((at_ms, member))
+        while grants and grants[0][0] <= at_ms - self._window * 1000:
+            grants.popleft()
 
     def rate_limited(self, kind: RequestKind, retry_after: float | None) -> None:
         """Pause every process and shrink the key's rate (and slots, for a create).
@@ -418,8 +439,7 @@ class RedisGovernor:
                         self.owner,
                         ticket,
                         self.limits.concurrent_tasks,
-                        self._window * 1000,
-                        self.lease * 1000,
+                        self.reregister_round * 1000,
                     ],
                 )
                 self._note_epoch(epoch)
@@ -465,12 +485,13 @@ class RedisGovernor:
                 return
 
     def release_slot(self, task_id: str | None = None) -> None:
-        """Give back the slot of ``task_id`` (or one with no task) to every process."""
-        token = self._find(task_id) if task_id else None
+        """Give back the slot of ``task_id`` (or, with None, one with no task) to every
+        process. A task whose slot this process no longer holds (adopted by another while
+        our lease had lapsed) frees nothing: never a slot that another task or create holds.
+        """
+        token = self._find(task_id or "")
         if token is None:
-            token = self._find("")
-        if token is None:
-            return  # adopted by another process while our lease had lapsed: theirs now
+            return
         del self._mine[token]
         self._send("free", token)
         self._backoff.slot_freed()
@@ -518,6 +539,7 @@ class RedisGovernor:
     async def _maintain(self, news: TaskNews) -> None:
         loop = asyncio.get_running_loop()
         interval = self.lease / 3
+        look_every = self.reregister_round / _ROUND_PARTS
         while True:
             try:
                 await self._flush()
@@ -527,6 +549,8 @@ class RedisGovernor:
                     or (not self._registered.is_set())
                 ):
                     await self._renew(news)
+                elif self._watched_at is None or loop.time() - self._watched_at >= look_every:
+                    await self._watch_epoch(news)
             except RedisUnavailableError as exc:
                 # Keep the reports; callers waiting for permits raise on their own deadline.
                 logger.warning("shared governor: %s", exc)
@@ -535,10 +559,22 @@ class RedisGovernor:
             due = (
                 interval if self._renewed_at is None else self._renewed_at + interval - loop.time()
             )
+            if self._watched_at is not None:
+                due = min(due, self._watched_at + look_every - loop.time())
             self._outbox_ready.clear()
             if not self._outbox:
                 with anyio.move_on_after(max(due, _MIN_WAIT)):
                     await self._outbox_ready.wait()
+
+    async def _watch_epoch(self, news: TaskNews) -> None:
+        """Look whether Redis still holds the key's data (one GET); if it lost it, write
+        this process's slots and grants back now, within the newcomers' round."""
+        redis = self._client()
+        epoch = await self._patiently(lambda: redis.get(self._key("epoch")))
+        self._watched_at = asyncio.get_running_loop().time()
+        if epoch != self._epoch:
+            self._reregister = True
+            await self._renew(news)
 
     async def _flush(self) -> None:
         while self._outbox:
@@ -579,6 +615,7 @@ class RedisGovernor:
                     del self._mine[token]  # Redis frees it by its own clock
                     continue
             held += [token, slot.task_id, slot.model, f"{hold_ms:.3f}"]
+        grants = json.dumps([[at, member] for at, member in self._grants])
         epoch, lost, adopted, used, slot_limit, factor, in_window = await self._script(
             "renew",
             [
@@ -602,17 +639,32 @@ class RedisGovernor:
                 self.limits.period * 1000,
                 self.limits.concurrent_tasks,
                 "1" if self._reregister else "0",
+                self.reregister_round * 1000,
+                grants,
                 *held,
             ],
         )
         if self._reregister or (self._epoch and epoch != self._epoch):
-            logger.warning("Redis lost the governor's data: slots re-registered, one window paused")
+            logger.warning(
+                "Redis lost the governor's data: slots and the last window's grants written "
+                "back, %g s paused",
+                self.reregister_round,
+            )
         self._reregister = False
         self._epoch = epoch
-        self._renewed_at = now
+        self._renewed_at = self._watched_at = now
         self._registered.set()
         for token in lost:
-            self._mine.pop(token, None)
+            gone = self._mine.pop(token) if token in self._mine else None
+            if gone is not None and gone.task_id:
+                # Another process adopted it while our lease had lapsed: it polls the task
+                # and holds its slot now; its end still reaches us as news.
+                logger.warning(
+                    "task %s was adopted by another process while this one's lease had "
+                    "lapsed; no longer polled here",
+                    gone.task_id,
+                )
+                news.hand_over(gone.task_id, gone.model)
         for token, task_id, model in zip(adopted[::3], adopted[1::3], adopted[2::3], strict=True):
             logger.warning("adopting task %s of a process that stopped", task_id)
             self._mine[token] = _Slot(task_id=task_id, model=model)

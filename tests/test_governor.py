@@ -208,6 +208,9 @@ class NoNews:
     def announce(self, status: TaskStatus, trusted: bool) -> None:
         """Ignore shared news."""
 
+    def hand_over(self, task_id: str, model: str) -> None:
+        """Ignore a task another process took over."""
+
 
 MakeGovernor = Callable[..., Governor]
 

@@ -129,17 +129,18 @@ async def test_work_resumes_when_redis_comes_back(service: FakeApixo) -> None:
     assert service.stats.creates == 1
 
 
-async def test_an_empty_redis_makes_the_first_requests_wait_one_window(
+async def test_an_empty_redis_makes_the_first_requests_wait_one_round_not_a_window(
     service: FakeApixo, redis_server: RedisServer
 ) -> None:
-    """Redis holds nothing for the key: requests may have been sent in the last window
-    by processes it no longer knows, so the first request waits one window; trusted
-    (nothing else used the key), it goes at once."""
-    limits = sa.Limits(requests=10, period=1.0)
+    """Redis holds nothing for the key: live processes may have sent requests in the
+    last window, so the first request waits one re-registration round (1 s), in which
+    they write them back, and not the whole 61-s window; trusted (nothing else used the
+    key), it goes at once."""
+    limits = sa.Limits(requests=10, period=60.0)
     cautious = sa.RedisGovernor(redis_server.url, api_key=secrets.token_hex(8), limits=limits)
     trusting = governor_for(redis_server.url, service, limits=limits)
     loop = asyncio.get_running_loop()
-    for governor, least, most in ((cautious, 1.9, 10.0), (trusting, 0.0, 0.5)):
+    for governor, least, most in ((cautious, 0.9, 2.5), (trusting, 0.0, 0.5)):
         start = loop.time()
         await governor.request("create")
         assert least <= loop.time() - start <= most
@@ -285,3 +286,78 @@ async def test_tasks_we_do_not_know_cut_the_keys_slots_not_its_rate(
     assert governor.rate_factor == 1.0
     assert min(limits) < 10
     assert stats.max_requests_in_window <= 600
+
+
+async def test_a_live_process_writes_its_grants_back_after_redis_restarts_empty() -> None:
+    """Redis restarts without its data after a live governor was granted 8 of the key's
+    10 requests of the minute: within the re-registration round it writes them back,
+    so a newcomer gets the 2 left at once after the round, not 10 more, and not after
+    the 61-s window."""
+    limits = sa.Limits(requests=10, period=60.0)
+    key = secrets.token_hex(8)
+    loop = asyncio.get_running_loop()
+    with RedisServer() as server:
+
+        def governor() -> sa.RedisGovernor:
+            return sa.RedisGovernor(server.url, api_key=key, limits=limits, lease=3.0)
+
+        live, newcomer = governor(), governor()
+        async with anyio.create_task_group() as group:
+            group.start_soon(live.run, NoNews())
+            for _ in range(8):
+                await live.request("create")
+            await asyncio.to_thread(server.restart, down_for=0.3, keep_data=False)
+            restarted = loop.time()
+            granted: list[float] = []
+            with anyio.move_on_after(4.0):
+                while True:
+                    await newcomer.request("create")
+                    granted.append(loop.time() - restarted)
+            assert len(granted) == 2, granted
+            assert 0.9 <= granted[0] <= 2.5, granted
+            connection = aioredis.from_url(server.url)
+            try:
+                assert await connection.zcard(f"{live.prefix}:grants") == 10
+            finally:
+                await connection.aclose()
+            group.cancel_scope.cancel()
+        await live.aclose()
+        await newcomer.aclose()
+
+
+class NoNews:
+    """A process that tracks nothing: the governor's news goes nowhere."""
+
+    def adopt(self, task_id: str, model: str) -> None:
+        """Ignore an adopted task."""
+
+    def announce(self, status: sa.TaskStatus, trusted: bool) -> None:
+        """Ignore shared news."""
+
+    def hand_over(self, task_id: str, model: str) -> None:
+        """Ignore a task another process took over."""
+
+
+async def test_releasing_a_task_this_process_no_longer_holds_frees_nothing(
+    service: FakeApixo, redis_server: RedisServer
+) -> None:
+    """A process told that a task ended whose slot it no longer holds (another process
+    adopted it while this one's lease had lapsed) frees nothing: not the slot of its
+    create still in flight, which would leave that create's task held by no record."""
+    governor = governor_for(redis_server.url, service)
+    async with anyio.create_task_group() as group:
+        group.start_soon(governor.run, NoNews())
+        await governor.acquire_slot()
+        governor.bind_slot("task_ours", "sora-2-pro")
+        await governor.acquire_slot()  # a create in flight: no task yet
+        governor.release_slot("task_adopted_by_another")
+        await asyncio.sleep(0.2)  # what a release sends reaches Redis in the background
+        await governor.refresh()
+        assert governor.slots_in_use == 2
+        governor.release_slot("task_ours")
+        governor.release_slot()
+        await asyncio.sleep(0.2)
+        await governor.refresh()
+        assert governor.slots_in_use == 0
+        group.cancel_scope.cancel()
+    await governor.aclose()

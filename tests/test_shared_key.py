@@ -15,7 +15,9 @@ import sqlite3
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 import redis.asyncio as aioredis
 
@@ -58,7 +60,12 @@ def write_prompts(folder: Path, count: int) -> Path:
 
 
 async def start_worker(
-    fake: FakeApixo, redis_url: str, prompts: Path, out: Path, shard: str
+    fake: FakeApixo,
+    redis_url: str,
+    prompts: Path,
+    out: Path,
+    shard: str,
+    scale: float = SCALE,
 ) -> asyncio.subprocess.Process:
     """Start one ``sora-async batch`` worker process on its shard."""
     return await asyncio.create_subprocess_exec(
@@ -72,7 +79,7 @@ async def start_worker(
         "--shard",
         shard,
         "--time-scale",
-        str(SCALE),
+        str(scale),
         "--redis-url",
         redis_url,
         "--api-key",
@@ -181,3 +188,116 @@ async def test_redis_restarts_mid_run_with_and_without_its_data(
         assert await slots_left(server.url, service) == 0
         logs = "".join(log for _, log in results)
         assert "Redis lost the governor's data" in logs
+
+
+async def first_request_after(fake: FakeApixo, since: float) -> float:
+    """Return how long after loop time ``since`` the fake next saw a request."""
+    loop = asyncio.get_running_loop()
+    seen = fake.stats.requests
+    while fake.stats.requests == seen:  # noqa: ASYNC110 - the requests come from other processes
+        await asyncio.sleep(0.01)
+    return loop.time() - since
+
+
+async def test_a_fresh_or_emptied_redis_costs_one_round_not_a_window(tmp_path: Path) -> None:
+    """Four workers start on a fresh Redis at limits compressed 10 times (a 6.1-s window,
+    a 3-s lease): the first create reaches the service within 3 s of their start, not a
+    window later. Redis then restarts empty under them: the next request comes within
+    3 s of its return, while the live workers write back their slots and the window's
+    grants, so no window holds more than 60 requests and no 429 is sent."""
+    scale = 10.0
+    prompts = write_prompts(tmp_path, 24)
+    out = tmp_path / "out"
+    loop = asyncio.get_running_loop()
+    async with FakeApixo(
+        period=60.0 / scale,
+        generation_time=lognormal(60.0 / scale, 0.3),
+        pending_time=0.05,
+        balance=1e9,
+        seed=5,
+    ) as fake:
+        with RedisServer() as server:
+            started = loop.time()
+            workers = [
+                await start_worker(fake, server.url, prompts, out, f"{k}/4", scale)
+                for k in range(1, 5)
+            ]
+            to_first_request = await first_request_after(fake, started)
+            await until(lambda: fake.stats.creates >= 14)
+            await asyncio.to_thread(server.restart, down_for=0.5, keep_data=False)
+            to_resume = await first_request_after(fake, loop.time())
+            results = [await finish(worker) for worker in workers]
+        assert [code for code, _ in results] == [0] * 4, results
+        assert to_first_request <= 3.0
+        assert to_resume <= 3.0
+        assert_limits_held(fake, 24)
+        assert videos(out) == 24
+        logs = "".join(log for _, log in results)
+        assert "Redis lost the governor's data" in logs
+
+
+def slot_records(raw: dict[str, str]) -> list[dict[str, Any]]:
+    """Decode the key's slot records as Redis holds them."""
+    return [json.loads(record) for record in raw.values()]
+
+
+async def test_a_process_paused_past_its_lease_lets_its_adopted_tasks_go(
+    tmp_path: Path,
+) -> None:
+    """A worker is paused (SIGSTOP) past its lease while its tasks run; the other adopts
+    them. Resumed, it stops polling them and frees no slot it no longer holds: at every
+    moment each task has at most one slot record, and every task running for a second
+    has one, so an 11th create never becomes possible."""
+    prompts = write_prompts(tmp_path, 20)
+    out = tmp_path / "out"
+    async with FakeApixo(
+        period=60.0 / SCALE,
+        generation_time=lognormal(12.0, 0.2),
+        pending_time=0.05,
+        balance=1e9,
+        seed=7,
+    ) as fake:
+        with RedisServer() as server:
+            prefix = sa.RedisGovernor(server.url, api_key=fake.api_key).prefix
+            connection = aioredis.from_url(server.url, decode_responses=True)
+            paused, other = [
+                await start_worker(fake, server.url, prompts, out, f"{k}/2") for k in (1, 2)
+            ]
+            journal = out / ".sora-async-journal-1of2.sqlite"
+            worst_duplicates = 0
+            unheld: list[str] = []
+
+            async def watch_slots() -> None:
+                nonlocal worst_duplicates
+                while True:
+                    records = slot_records(await connection.hgetall(f"{prefix}:slots"))
+                    bound = [record["t"] for record in records if record["t"]]
+                    worst_duplicates = max(worst_duplicates, len(bound) - len(set(bound)))
+                    now = fake.now()
+                    unheld.extend(
+                        task.task_id
+                        for task in fake.tasks.values()
+                        if task.created_at + 1.0 < now < task.complete_at
+                        and task.task_id not in bound
+                    )
+                    await asyncio.sleep(0.05)
+
+            try:
+                async with anyio.create_task_group() as group:
+                    group.start_soon(watch_slots)
+                    await until(lambda: len(running_task_ids(journal)) >= 3)
+                    await asyncio.sleep(1.0)  # their slots name them in Redis by now
+                    paused.send_signal(signal.SIGSTOP)
+                    await asyncio.sleep(8.0)  # a 3-s lease, dead one lease later: adopted
+                    paused.send_signal(signal.SIGCONT)
+                    results = [await finish(worker) for worker in (paused, other)]
+                    group.cancel_scope.cancel()
+            finally:
+                await connection.aclose()
+        assert [code for code, _ in results] == [0, 0], results
+        assert worst_duplicates == 0
+        assert not unheld, sorted(set(unheld))
+        assert "no longer polled here" in results[0][1]
+        assert "adopting task" in results[1][1]
+        assert_limits_held(fake, 20)
+        assert videos(out) == 20
