@@ -48,9 +48,12 @@ local function check_epoch(epoch_key, pause_key, recover_key, known, owner, roun
 end
 """
 
-# KEYS: grants, pause, factor, last_poll, epoch, recover, poll_line, poll_due, poll_seq
+# KEYS: grants, pause, factor, last_poll, epoch, recover, poll_line, poll_due, poll_seq,
+#       slots
 # ARGV: epoch, owner, member, window_ms, requests, reserve, paced, spacing_ms, round_ms,
-#       ticket (a paced request's place in the poll line, the same on every attempt)
+#       ticket (a paced request's place in the poll line, the same on every attempt),
+#       slot (a create's slot with no task: marked sent with the grant, so that if the
+#       process dies only a create that may have left is held as uncertain)
 # Returns the grant's time on Redis's clock too: the process keeps its grants of the
 # last window, to write them back if Redis loses them.
 REQUEST = (
@@ -96,12 +99,25 @@ if paced then
   redis.call('PEXPIRE', due, math.ceil(window + wait) + 2000)
 end
 if wait > 0 then return {0, num(wait), epoch, num(factor), n, num(now)} end
+local slot = nil
+if ARGV[11] ~= '' then
+  -- a create goes only on a slot still ours (a lapsed lease may have lost it)
+  local raw = redis.call('HGET', KEYS[10], ARGV[11])
+  slot = raw and cjson.decode(raw)
+  if not slot or slot.o ~= ARGV[2] or slot.t ~= '' then
+    return {-1, '0', epoch, num(factor), n, num(now)}
+  end
+end
 redis.call('ZADD', KEYS[1], num(now), ARGV[3])
 redis.call('PEXPIRE', KEYS[1], math.ceil(window) + 1000)
 if paced then
   redis.call('SET', KEYS[4], num(now), 'PX', math.ceil(window))
   redis.call('ZREM', KEYS[7], ARGV[10])
   redis.call('HDEL', KEYS[8], ARGV[10])
+end
+if slot then
+  slot.w = 1
+  redis.call('HSET', KEYS[10], ARGV[11], cjson.encode(slot))
 end
 return {1, '0', epoch, num(factor), n + 1, num(now)}
 """
@@ -136,7 +152,7 @@ local limit = getnum(KEYS[5], tonumber(ARGV[4]))
 if rank < limit - used then
   redis.call('ZREM', KEYS[2], ARGV[3])
   redis.call('HSET', KEYS[1], ARGV[3],
-             cjson.encode({o = ARGV[2], t = '', m = '', s = now, f = 0}))
+             cjson.encode({o = ARGV[2], t = '', m = '', s = now, f = 0, w = 0}))
   return {1, '0', epoch, used + 1}
 end
 if next_free > 0 then return {0, num(next_free - now), epoch, used} end
@@ -216,7 +232,8 @@ return {num(getnum(KEYS[4], 1)), getnum(KEYS[5], tonumber(ARGV[3])), redis.call(
 # KEYS: owners, slots, tickets, epoch, pause, recover, grants, factor, slot_limit
 # ARGV: epoch, owner, lease_ms, window_ms, hold_ms, channel, period_ms, nominal, readd,
 #       round_ms, this process's grants of the last window (JSON: [[time_ms, member]...]),
-#       then groups of four for each slot this process holds: token, task, model, hold_ms
+#       then groups of five for each slot this process holds: token, task, model, hold_ms,
+#       sent (1 if a create was granted on it)
 # A process is taken for dead one lease after its lease ran out: after a Redis restart
 # that kept the data, live processes renew within that grace, and keep their tasks.
 # After a restart that lost it, each writes back its slots and the grants of its last
@@ -238,11 +255,12 @@ if data_lost then
   redis.call('PEXPIRE', KEYS[7], math.ceil(window) + 1000)
 end
 local lost = {}
-for i = 12, #ARGV, 4 do
+for i = 12, #ARGV, 5 do
   local token = ARGV[i]
   local raw = redis.call('HGET', KEYS[2], token)
   local held = tonumber(ARGV[i + 3])
-  local mine = {o = owner, t = ARGV[i + 1], m = ARGV[i + 2], s = now, f = 0}
+  local mine = {o = owner, t = ARGV[i + 1], m = ARGV[i + 2], s = now, f = 0,
+                w = tonumber(ARGV[i + 4])}
   if held > 0 then mine.f = now + held end
   if raw then
     local rec = cjson.decode(raw)
@@ -260,7 +278,9 @@ for i = 12, #ARGV, 4 do
 end
 redis.call('ZADD', KEYS[1], num(now + tonumber(ARGV[3])), owner)
 -- A dead process's tasks still run and hold the key's slots: adopt them. Its slots
--- with no task (a create in flight when it died) are held as uncertain, then freed.
+-- with no task are freed at once if no create was granted on them (nothing left), else
+-- held as uncertain (a create may have made a task), then freed. A record with no
+-- mark (written by an older version) counts as sent.
 local alive = {}
 local function is_alive(o)
   if alive[o] == nil then
@@ -278,13 +298,18 @@ for i = 1, #all, 2 do
     redis.call('HDEL', KEYS[2], token)
     freed = true
   elseif not is_alive(rec.o) then
-    if rec.t ~= '' then
-      rec.o = owner
-      table.insert(adopted, token); table.insert(adopted, rec.t); table.insert(adopted, rec.m)
-    elseif rec.f == 0 then
-      rec.f = now + tonumber(ARGV[5])
+    if rec.t == '' and rec.f == 0 and rec.w == 0 then
+      redis.call('HDEL', KEYS[2], token)
+      freed = true
+    else
+      if rec.t ~= '' then
+        rec.o = owner
+        table.insert(adopted, token); table.insert(adopted, rec.t); table.insert(adopted, rec.m)
+      elseif rec.f == 0 then
+        rec.f = now + tonumber(ARGV[5])
+      end
+      redis.call('HSET', KEYS[2], token, cjson.encode(rec))
     end
-    redis.call('HSET', KEYS[2], token, cjson.encode(rec))
   end
 end
 local dead_before = '(' .. num(now - tonumber(ARGV[3]))

@@ -66,6 +66,13 @@ class _Slot:
     task_id: str = ""
     model: str = ""
     free_at: float | None = None  # loop time an uncertain hold ends
+    # A create was granted a permit on it: its bytes may have left. Only such a slot is
+    # held as uncertain when this process dies; the others are freed at once.
+    sent: bool = False
+
+
+class _SlotLost(Exception):
+    """The slot a create was to be sent on is no longer this process's."""
 
 
 _status_encoder = msgspec.json.Encoder()
@@ -171,6 +178,7 @@ class RedisGovernor:
         self._slot_waiters = 0
         # Slots: what this process holds, and what it must still tell Redis.
         self._mine: dict[str, _Slot] = {}
+        self._slots_owed = 0  # slots of our creates lost while our lease had lapsed
         self._outbox: list[str] = []
         self._outbox_ready = asyncio.Event()
         self._registered = asyncio.Event()
@@ -290,10 +298,19 @@ class RedisGovernor:
         """Wait until one request of ``kind`` may be sent by this process, and spend it."""
         if kind == "create":
             await self._creates.wait()
+            while self._slots_owed:
+                # A create's slot was freed while our lease had lapsed: take another.
+                self._slots_owed -= 1
+                await self.acquire_slot()
         # A poll keeps one place in the key's poll line across its attempts.
         ticket = f"{self.owner}:p{next(self._members)}" if kind == "status" else ""
         try:
-            await self._queue.serve(kind, lambda kind: self._try_send(kind, ticket))
+            while True:
+                try:
+                    await self._queue.serve(kind, lambda kind: self._try_send(kind, ticket))
+                    return
+                except _SlotLost:
+                    await self.acquire_slot()
         except BaseException:
             if ticket:
                 # Cancelled (a caller's deadline): give its place in the key's line back
@@ -307,6 +324,9 @@ class RedisGovernor:
             return self._not_before - now
         paced = kind == "status"
         member = f"{self.owner}:{next(self._members)}"
+        # The slot a granted create marks as sent, in the same atomic step. Attempts are
+        # made one at a time (by the head of the line), so no two pick the same slot.
+        sending = self._unbound(sent=False) if kind == "create" else None
         granted, wait_ms, epoch, factor, in_window, redis_now = await self._script(
             "request",
             [
@@ -319,6 +339,7 @@ class RedisGovernor:
                 self._key("poll_line"),
                 self._key("poll_due"),
                 self._key("poll_seq"),
+                self._key("slots"),
             ],
             [
                 self._known_epoch,
@@ -331,13 +352,21 @@ class RedisGovernor:
                 self._spacing * 1000,
                 self.reregister_round * 1000,
                 ticket,
+                sending or "",
             ],
         )
         self._note_epoch(epoch)
         self._rate_factor = float(factor)
         self._in_window = int(in_window)
+        if int(granted) == -1:
+            assert sending is not None
+            logger.warning("a create's slot was freed while this process's lease had lapsed")
+            del self._mine[sending]
+            raise _SlotLost
         if int(granted):
             self._remember_grant(float(redis_now), member)
+            if sending is not None and sending in self._mine:
+                self._mine[sending].sent = True
             return 0.0
         wait = max(float(wait_ms) / 1000, _MIN_WAIT)
         if paced:
@@ -478,18 +507,21 @@ class RedisGovernor:
 
     def bind_slot(self, task_id: str, model: str) -> None:
         """Record that a slot of this process is held by ``task_id`` (adopted if we die)."""
-        for token, slot in self._mine.items():
-            if not slot.task_id and slot.free_at is None:
-                slot.task_id, slot.model = task_id, model
-                self._send("bind", token, task_id, model)
-                return
+        token = self._unbound(sent=True)
+        if token is not None:
+            slot = self._mine[token]
+            slot.task_id, slot.model = task_id, model
+            self._send("bind", token, task_id, model)
 
     def release_slot(self, task_id: str | None = None) -> None:
         """Give back the slot of ``task_id`` (or, with None, one with no task) to every
         process. A task whose slot this process no longer holds (adopted by another while
         our lease had lapsed) frees nothing: never a slot that another task or create holds.
         """
-        token = self._find(task_id or "")
+        # With no task: a create that failed or never went; of the slots with no task,
+        # one never marked sent goes first, so those marked stay at least as many as the
+        # creates whose bytes may be out (a dead process's marked slots are held).
+        token = self._unbound(sent=False) if task_id is None else self._find(task_id)
         if token is None:
             return
         del self._mine[token]
@@ -499,7 +531,7 @@ class RedisGovernor:
 
     def release_slot_later(self, delay: float) -> None:
         """Hold a slot with no task for ``delay`` seconds (an uncertain create), then free it."""
-        token = self._find("")
+        token = self._unbound(sent=True)
         if token is None:
             return
         self._mine[token].free_at = asyncio.get_running_loop().time() + delay
@@ -510,6 +542,16 @@ class RedisGovernor:
             if slot.task_id == task_id and slot.free_at is None:
                 return token
         return None
+
+    def _unbound(self, *, sent: bool) -> str | None:
+        """Return a slot of ours with no task and no hold, one marked ``sent`` if any."""
+        other = None
+        for token, slot in self._mine.items():
+            if not slot.task_id and slot.free_at is None:
+                if slot.sent == sent:
+                    return token
+                other = other or token
+        return other
 
     # --- news between processes -----------------------------------------------------------
 
@@ -614,7 +656,7 @@ class RedisGovernor:
                 if hold_ms <= 0:
                     del self._mine[token]  # Redis frees it by its own clock
                     continue
-            held += [token, slot.task_id, slot.model, f"{hold_ms:.3f}"]
+            held += [token, slot.task_id, slot.model, f"{hold_ms:.3f}", int(slot.sent)]
         grants = json.dumps([[at, member] for at, member in self._grants])
         epoch, lost, adopted, used, slot_limit, factor, in_window = await self._script(
             "renew",
@@ -656,7 +698,9 @@ class RedisGovernor:
         self._registered.set()
         for token in lost:
             gone = self._mine.pop(token) if token in self._mine else None
-            if gone is not None and gone.task_id:
+            if gone is not None and not gone.task_id and gone.free_at is None:
+                self._slots_owed += 1  # a create of ours still goes on it: it takes another
+            elif gone is not None and gone.task_id:
                 # Another process adopted it while our lease had lapsed: it polls the task
                 # and holds its slot now; its end still reaches us as news.
                 logger.warning(

@@ -13,7 +13,7 @@ import json
 import signal
 import sqlite3
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -199,12 +199,36 @@ async def first_request_after(fake: FakeApixo, since: float) -> float:
     return loop.time() - since
 
 
-async def test_a_fresh_or_emptied_redis_costs_one_round_not_a_window(tmp_path: Path) -> None:
-    """Four workers start on a fresh Redis at limits compressed 10 times (a 6.1-s window,
-    a 3-s lease): the first create reaches the service within 3 s of their start, not a
-    window later. Redis then restarts empty under them: the next request comes within
-    3 s of its return, while the live workers write back their slots and the window's
-    grants, so no window holds more than 60 requests and no 429 is sent."""
+async def test_four_workers_on_a_fresh_redis_create_within_seconds(tmp_path: Path) -> None:
+    """Four workers start at the real limits (a 61-s window, a 15-s lease) on a fresh
+    Redis: the first create reaches the service seconds after their start (one 1-s
+    round after the first touched Redis), not a window later. The bound leaves room for
+    four Python start-ups on a loaded machine; benchmarks/shared_key.py measures it."""
+    prompts = write_prompts(tmp_path, 8)
+    loop = asyncio.get_running_loop()
+    async with FakeApixo(generation_time=lognormal(30.0, 0.3), balance=1e9, seed=3) as fake:
+        with RedisServer() as server:
+            started = loop.time()
+            workers = [
+                await start_worker(fake, server.url, prompts, tmp_path / "out", f"{k}/4", 1.0)
+                for k in range(1, 5)
+            ]
+            try:
+                to_first_create = await first_request_after(fake, started)
+            finally:
+                for worker in workers:
+                    worker.kill()
+                    await worker.wait()
+    assert fake.stats.requests_by_kind["create"] >= 1
+    assert to_first_create <= 10.0
+
+
+async def test_redis_restarted_empty_costs_one_round_not_a_window(tmp_path: Path) -> None:
+    """Redis restarts without its data under four busy workers (limits compressed 10
+    times: a 6.1-s window, a 3-s lease): the next request reaches the service a round
+    after Redis is back, well before the window the old rule waited, while the live
+    workers write back their slots and the window's grants: no window holds more than
+    60 requests, no 429 is sent, nothing is created twice."""
     scale = 10.0
     prompts = write_prompts(tmp_path, 24)
     out = tmp_path / "out"
@@ -217,26 +241,23 @@ async def test_a_fresh_or_emptied_redis_costs_one_round_not_a_window(tmp_path: P
         seed=5,
     ) as fake:
         with RedisServer() as server:
-            started = loop.time()
             workers = [
                 await start_worker(fake, server.url, prompts, out, f"{k}/4", scale)
                 for k in range(1, 5)
             ]
-            to_first_request = await first_request_after(fake, started)
             await until(lambda: fake.stats.creates >= 14)
             await asyncio.to_thread(server.restart, down_for=0.5, keep_data=False)
             to_resume = await first_request_after(fake, loop.time())
             results = [await finish(worker) for worker in workers]
         assert [code for code, _ in results] == [0] * 4, results
-        assert to_first_request <= 3.0
-        assert to_resume <= 3.0
+        assert to_resume <= 4.5  # the old rule: 6.1 s (a window); the benchmark times it
         assert_limits_held(fake, 24)
         assert videos(out) == 24
         logs = "".join(log for _, log in results)
         assert "Redis lost the governor's data" in logs
 
 
-def slot_records(raw: dict[str, str]) -> list[dict[str, Any]]:
+def slot_records(raw: Mapping[Any, Any]) -> list[dict[str, Any]]:
     """Decode the key's slot records as Redis holds them."""
     return [json.loads(record) for record in raw.values()]
 
@@ -301,3 +322,68 @@ async def test_a_process_paused_past_its_lease_lets_its_adopted_tasks_go(
         assert "adopting task" in results[1][1]
         assert_limits_held(fake, 20)
         assert videos(out) == 20
+
+
+HOLDER = """
+import asyncio, sys
+import sora_async as sa
+
+async def main() -> None:
+    url, key = sys.argv[1], sys.argv[2]
+    governor = sa.RedisGovernor(url, api_key=key, lease=1.0, trust_empty_redis=True)
+    task = asyncio.ensure_future(governor.run(None))
+    for _ in range(3):
+        await governor.acquire_slot()
+    await governor.request("create")  # one create granted: its bytes may leave now
+    await asyncio.sleep(0.5)  # the rest of what it reports reaches Redis
+    print("ready", flush=True)
+    await task
+
+asyncio.run(main())
+"""
+
+
+async def test_a_killed_process_holds_only_the_slots_of_creates_that_may_have_left(
+    tmp_path: Path,
+) -> None:
+    """A process holding three slots, one of whose creates was granted its permit, is
+    killed: once its lease lapses, the slot of the create that may have left is held as
+    uncertain, and the two whose creates never got a permit are freed at once."""
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER)
+    key = "killed-holder"
+    with RedisServer() as server:
+        holder = await asyncio.create_subprocess_exec(
+            sys.executable, str(script), server.url, key, stdout=asyncio.subprocess.PIPE
+        )
+        assert holder.stdout is not None
+        assert (await holder.stdout.readline()).strip() == b"ready"
+        holder.kill()
+        await holder.wait()
+        survivor = sa.RedisGovernor(server.url, api_key=key, lease=1.0)
+        connection = aioredis.from_url(server.url, decode_responses=True)
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(survivor.run, NoNews())
+                await asyncio.sleep(3.5)  # the holder's lease lapses; it is dead a lease later
+                raw = await connection.hgetall(f"{survivor.prefix}:slots")
+                records = slot_records(raw)
+                group.cancel_scope.cancel()
+        finally:
+            await connection.aclose()
+            await survivor.aclose()
+    assert len(records) == 1, records
+    assert records[0]["f"] > 0  # held as uncertain, then freed by time
+
+
+class NoNews:
+    """A process that tracks nothing: the governor's news goes nowhere."""
+
+    def adopt(self, task_id: str, model: str) -> None:
+        """Ignore an adopted task."""
+
+    def announce(self, status: sa.TaskStatus, trusted: bool) -> None:
+        """Ignore shared news."""
+
+    def hand_over(self, task_id: str, model: str) -> None:
+        """Ignore a task another process took over."""
