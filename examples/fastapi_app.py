@@ -36,6 +36,8 @@ tasks still running and keeps idempotency keys; with ``SORA_ASYNC_REDIS_URL`` th
 records live in Redis instead, shared by every worker),
 ``APIXO_LIMITS`` (the key's limits as ``requests/period/concurrent_tasks``, default
 ``60/60/10``: set it if your plan differs, or to test against a time-compressed fake),
+``SORA_ASYNC_SHARED_BUDGET=1`` (every model spends one budget, the default model's:
+for a key whose limits span all its models; default: each model its own),
 and the client's policies, each optional (a bad value stops the app at start with the
 variable named):
 
@@ -87,8 +89,9 @@ limits (60 requests a minute, 10 unfinished tasks) are per API key, not per proc
 N workers each governing alone would together send N times too many requests, hold N
 times too many tasks, and earn 429s. Set ``SORA_ASYNC_REDIS_URL=redis://host:6379/0``
 (and install ``sora-async[redis]``): every worker then takes its requests and task
-slots from one budget in Redis (``sa.RedisGovernor``), any worker may use every slot,
-and the tasks of a worker that dies are adopted by another. Without Redis, run one
+slots from one budget in Redis (``sa.RedisGovernor``; each model's own budget, every
+one on Redis, or one for all with ``SORA_ASYNC_SHARED_BUDGET=1``), any worker may use
+every slot, and the tasks of a worker that dies are adopted by another. Without Redis, run one
 worker (one asyncio process serves thousands of waiting requests), or give each of N
 workers 1/N of the limits (set ``APIXO_WORKERS=N``; ``10 // 4`` leaves 2 slots a
 worker, 8 of 10 in all, and an idle worker's share is wasted).
@@ -182,6 +185,16 @@ def _number(name: str, *, whole: bool = False) -> Any:
     return value
 
 
+def _flag(name: str) -> bool:
+    """Return environment variable ``name`` as a yes / no (unset: no)."""
+    raw = (os.environ.get(name) or "0").strip().lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise sa.InputError(name, f"must be 1 or 0 (true or false), got {raw!r}")
+
+
 def _given(**values: Any) -> dict[str, Any]:
     return {name: value for name, value in values.items() if value is not None}
 
@@ -236,6 +249,8 @@ def client_from_env() -> sa.SoraClient:
     return sa.SoraClient(
         limits=limits,
         governor=governor,
+        # Each other model's governor is made by this one: on Redis too when it is.
+        shared_budget=_flag("SORA_ASYNC_SHARED_BUDGET"),
         store=store,
         callback_url=callback_url,
         callback_secret=secret,

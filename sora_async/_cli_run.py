@@ -25,6 +25,7 @@ from typing import Any, NoReturn
 
 from rich.console import Console
 
+from ._catalog import MODELS
 from ._client import SoraClient
 from ._errors import APIError, InputError, NotFoundError, SoraError, TaskFailedError
 from ._governor import Governor, LocalGovernor
@@ -114,9 +115,20 @@ def scaled_client_options(
     """Return SoraClient options with every timing divided by ``scale``.
 
     With ``redis_url`` the governor is a RedisGovernor shared by every process using
-    the key. The jitter margin is not cut below 0.1 s: network delays do not scale.
+    the key (the client makes each other model's from it, on the same Redis). Every
+    model of the catalogue gets its limits with the period scaled too (a model outside
+    it keeps the real 60-s window: slower, never over). The jitter margin is not cut
+    below 0.1 s: network delays do not scale.
     """
-    limits = Limits(period=60.0 / scale)
+    model_limits = {
+        name: Limits(
+            requests=info.limits.requests,
+            period=info.limits.period / scale,
+            concurrent_tasks=info.limits.concurrent_tasks,
+        )
+        for name, info in MODELS.items()
+    }
+    limits = model_limits.get(model or "sora-2-pro") or Limits(period=60.0 / scale)
     timings: dict[str, Any] = {
         "jitter_margin": max(1.0 / scale, 0.1) if scale != 1.0 else 1.0,
         "backoff_base": 1.0 / scale,
@@ -139,6 +151,7 @@ def scaled_client_options(
         governor = LocalGovernor(limits, **timings)
     return {
         "limits": limits,
+        "model_limits": model_limits,
         "governor": governor,
         "poll_policy": PollPolicy(prior_mean=180.0 / scale, min_interval=1.0 / scale),
         "retry": RetryPolicy(
@@ -160,6 +173,7 @@ async def _client(params: dict[str, Any]) -> AsyncIterator[SoraClient]:
         options = scaled_client_options(
             scale, redis_url=params["redis_url"], api_key=params["api_key"], model=params["model"]
         )
+    options["shared_budget"] = params["shared_budget"]
     if not params["simulate"]:
         async with SoraClient(
             api_key=params["api_key"], base_url=params["base_url"], model=params["model"], **options
@@ -176,6 +190,8 @@ async def _client(params: dict[str, Any]) -> AsyncIterator[SoraClient]:
             balance=1e9,
             seed=int(time.time()),
             state_file=params.get("state_file"),
+            # A key whose limits span its models, as --shared-budget says.
+            limits_per="key" if params["shared_budget"] else "model",
         ) as fake,
         SoraClient(api_key=fake.api_key, base_url=fake.url, **options) as client,
     ):

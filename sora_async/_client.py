@@ -97,7 +97,10 @@ class SoraClient:
     ImageToVideo go to ``model``; ``limits`` and ``governor`` are that model's. Other
     models get their limits from :data:`sa.MODELS` unless ``model_limits`` names them,
     and a governor of their own unless ``governors`` names one (the same governor
-    for several models shares it) or ``shared_budget`` is set.
+    for several models shares it) or ``shared_budget`` is set (every model then spends
+    the default model's governor). A governor of their own is made by ``governor``
+    (``Governor.for_model``): of the same kind and settings, so that when ``governor``
+    is a :class:`RedisGovernor` every model's budget is shared through Redis.
     ``store`` (a :class:`SQLiteStore`) records every task before its create is sent
     and after every transition; a client opened on a store adopts the unfinished
     tasks of the process that used it before (it holds their slots and polls them to
@@ -223,8 +226,9 @@ class SoraClient:
         """Return the governor that holds ``model``'s budget on this key.
 
         Each model has its own, built from its limits (:data:`sa.MODELS`, overridden by
-        ``model_limits``), unless ``governors`` names one for it or ``shared_budget``
-        gives every model the default model's."""
+        ``model_limits``) by the default governor's ``for_model`` (a RedisGovernor for
+        each model when the default is one), unless ``governors`` names one for it or
+        ``shared_budget`` gives every model the default model's."""
         return self._lanes.governor_for(check_model_id(model))
 
     def scheduler_for(self, model: str) -> PollScheduler:

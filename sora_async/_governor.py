@@ -14,7 +14,7 @@ import itertools
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import anyio
 
@@ -166,6 +166,10 @@ class Governor(Protocol):
     @property
     def slot_waiters(self) -> int:
         """Return how many creates wait for a task slot now."""
+
+    def for_model(self, model: str, limits: Limits) -> Governor:
+        """Return a new governor of this kind and with these settings for ``model``'s
+        own budget (``limits``), apart from this one's (a client's other model lanes)."""
 
     async def run(self, news: TaskNews) -> None:
         """Do the governor's background work until cancelled (nothing, in process)."""
@@ -460,6 +464,15 @@ class LocalGovernor:
         if not 0 <= create_reserve < self.limits.requests:
             raise InputError("create_reserve", "must be at least 0 and below limits.requests")
         self._reserve = create_reserve
+        # What for_model() hands on to the governors of other models' budgets.
+        self._settings: dict[str, Any] = {
+            "jitter_margin": jitter_margin,
+            "learn_margin": learn_margin,
+            "backoff_base": backoff_base,
+            "backoff_cap": backoff_cap,
+            "probe_after": probe_after,
+            "seed": seed,
+        }
         # The send log keeps what the widest window needs; each grant weighs the margin
         # in force then.
         self._longest_window = self.limits.period + jitter_margin
@@ -683,6 +696,17 @@ class LocalGovernor:
             if not waiter.done():
                 self._in_use += 1
                 waiter.set_result(None)
+
+    def for_model(self, model: str, limits: Limits) -> LocalGovernor:
+        """Return a LocalGovernor for ``model``'s own ``limits`` with this one's settings
+        (jitter margin, back-off, create reserve: at most ``limits.requests - 1``).
+
+        Example::
+
+            veo = governor.for_model("veo-3-1", sa.MODELS["veo-3-1"].limits)
+        """
+        reserve = min(self._reserve, limits.requests - 1)
+        return LocalGovernor(limits, create_reserve=reserve, **self._settings)
 
     def share(self, status: TaskStatus, *, trusted: bool) -> None:
         """No other process to tell."""

@@ -3,8 +3,10 @@
 Models have their own limits and their own generation times (a 20-s image and a
 3-min video must not share one distribution), so each model a client uses gets a
 scheduler of its own and, by default, a governor of its own built from the
-model's limits. Several models may share one governor: then they share its
-budget and slots, and the governor runs once.
+model's limits by the default model's governor (``Governor.for_model``: a governor
+of the same kind and settings, so that a client on Redis has every model on Redis).
+Several models may share one governor: then they share its budget and slots, and
+the governor runs once.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 import anyio.abc
 
 from ._catalog import limits_for, model_info
-from ._governor import Governor, LocalGovernor
+from ._governor import Governor
 from ._models import Limits, TaskStatus
 from ._recorder import Recorder
 from ._scheduler import PollPolicy, PollScheduler
@@ -69,13 +71,16 @@ class Lanes:
         self.default = self.get(default_model)
 
     def governor_for(self, model: str) -> Governor:
-        """Return the governor of ``model`` (made from its limits on first use)."""
+        """Return the governor of ``model``: the one given for it, else the default
+        model's when shared, else one made on first use by the default model's
+        governor for ``model``'s own limits (same kind, same settings)."""
         governor = self._governors.get(model)
         if governor is None:
+            default = self._governors[self._default_model]
             if self._shared:
-                governor = self._governors[self._default_model]
+                governor = default
             else:
-                governor = LocalGovernor(limits_for(model, self._model_limits))
+                governor = default.for_model(model, limits_for(model, self._model_limits))
             self._governors[model] = governor
         return governor
 

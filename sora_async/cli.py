@@ -65,6 +65,13 @@ def _common(function: Callable[..., Any]) -> Callable[..., Any]:
             help="Share the key's limits with every process using this Redis "
             "[env SORA_ASYNC_REDIS_URL].",
         ),
+        click.option(
+            "--shared-budget",
+            is_flag=True,
+            envvar="SORA_ASYNC_SHARED_BUDGET",
+            help="Put every model on one budget, the --model's: for a key whose limits "
+            "span all models [env SORA_ASYNC_SHARED_BUDGET=1].",
+        ),
     ]
     for option in reversed(options):
         function = option(function)
@@ -75,7 +82,7 @@ def _params(kwargs: dict[str, Any], *, simulate: bool = True) -> dict[str, Any]:
     """Take the common options out of ``kwargs``; ``simulate``: whether a fresh fake
     service can answer this command at all."""
     scale = kwargs.pop("time_scale")
-    names = ("api_key", "base_url", "model", "simulate", "as_json", "redis_url")
+    names = ("api_key", "base_url", "model", "simulate", "as_json", "redis_url", "shared_budget")
     params = {k: kwargs.pop(k) for k in names}
     params["time_scale"] = scale if scale is not None else (20.0 if params["simulate"] else 1.0)
     as_json = params["as_json"]

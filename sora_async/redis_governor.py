@@ -149,6 +149,20 @@ class RedisGovernor:
         self.uncertain_hold = uncertain_hold
         self.redis_timeout = redis_timeout
         self.reregister_round = reregister_round
+        # What for_model() hands on to the governors of other models' budgets.
+        self._api_key = key
+        self._settings: dict[str, Any] = {
+            "jitter_margin": jitter_margin,
+            "lease": lease,
+            "uncertain_hold": uncertain_hold,
+            "redis_timeout": redis_timeout,
+            "backoff_base": backoff_base,
+            "backoff_cap": backoff_cap,
+            "probe_after": probe_after,
+            "trust_empty_redis": trust_empty_redis,
+            "reregister_round": reregister_round,
+            "seed": seed,
+        }
         self._window = self.limits.period + jitter_margin
         self._spacing = self._window / (self.limits.requests - 1)
         self._reserve = create_reserve
@@ -189,6 +203,24 @@ class RedisGovernor:
         # back if Redis loses them, so the window stays whole across a restart.
         self._grants: collections.deque[tuple[float, str]] = collections.deque()
         self.round_trips = 0  # scripts run, for the benchmark's round trips per request
+
+    def for_model(self, model: str, limits: Limits) -> RedisGovernor:
+        """Return a RedisGovernor for ``model``'s own budget on the same Redis and key:
+        its own ``limits``, this one's settings (lease, timeouts, jitter margin,
+        back-off; the create reserve at most ``limits.requests - 1``).
+
+        Example::
+
+            veo = governor.for_model("veo-3-1", sa.MODELS["veo-3-1"].limits)
+        """
+        return RedisGovernor(
+            self.url,
+            api_key=self._api_key,
+            model=model,
+            limits=limits,
+            create_reserve=min(self._reserve, limits.requests - 1),
+            **self._settings,
+        )
 
     def __repr__(self) -> str:
         return f"RedisGovernor(prefix={self.prefix!r}, owner={self.owner!r})"

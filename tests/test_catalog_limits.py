@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 import sora_async as sa
+from sora_async._cli_run import scaled_client_options
 from sora_async.testing import FakeApixo, fixed
 
 pytestmark = pytest.mark.looptime
@@ -38,6 +39,47 @@ def test_the_table_gives_each_model_its_limits() -> None:
     assert client.governor_for("veo-3-1") is not client.governor
     assert sa.MODELS["ltx-2-19b"].limits_documented
     assert not sa.MODELS["veo-3-1"].limits_documented
+
+
+async def test_each_model_gets_a_governor_of_the_default_kind_and_settings() -> None:
+    """A model's own governor is made by the client's governor: a LocalGovernor with its
+    settings and the model's own limits (the create reserve kept below the model's
+    requests, so a small model_limits is no error)."""
+    default = sa.LocalGovernor(
+        sa.Limits(requests=30, period=6.0, concurrent_tasks=4),
+        jitter_margin=0.3,
+        learn_margin=False,
+        create_reserve=5,
+    )
+    veo_limits = sa.Limits(requests=4, period=6.0, concurrent_tasks=2)
+    client = sa.SoraClient(
+        api_key="k",
+        base_url="http://127.0.0.1:9/api/v1",
+        governor=default,
+        model_limits={"veo-3-1": veo_limits},
+    )
+    veo = client.governor_for("veo-3-1")
+    banana = client.governor_for("nano-banana")
+    assert isinstance(veo, sa.LocalGovernor)
+    assert isinstance(banana, sa.LocalGovernor)
+    assert len({id(default), id(veo), id(banana)}) == 3
+    assert veo.limits == veo_limits
+    assert banana.limits == sa.Limits()
+    assert veo.jitter_margin == banana.jitter_margin == 0.3  # not learned: as given
+
+
+async def test_the_clis_time_scale_reaches_every_models_lane() -> None:
+    """The CLI's --time-scale options (scaled_client_options) give every model of the
+    catalogue its own limits over the scaled window and the scaled timings, not only
+    --model's."""
+    options = scaled_client_options(30.0)
+    client = sa.SoraClient(api_key="k", base_url="http://127.0.0.1:9/api/v1", **options)
+    for model in ("sora-2-pro", "veo-3-1", "nano-banana", "ltx-2-19b"):
+        governor = client.governor_for(model)
+        assert isinstance(governor, sa.LocalGovernor)
+        assert governor.limits.period == 2.0
+        assert governor.jitter_margin == 0.1
+    assert client.governor_for("ltx-2-19b").limits.concurrent_tasks == 1000
 
 
 async def test_each_model_stays_inside_its_own_limits() -> None:

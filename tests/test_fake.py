@@ -334,6 +334,35 @@ async def test_max_requests_in_window_is_the_trailing_maximum() -> None:
 
 
 @pytest.mark.looptime
+@pytest.mark.parametrize("limits_per", ["model", "key"])
+async def test_limits_per_model_or_for_the_key_as_a_whole(limits_per: str) -> None:
+    """limits_per="model" gives each model its own window and slots; "key" counts every
+    model in one window and one task count. Either way the fake counts the requests of
+    all models together in max_requests_in_window_all_models."""
+    async with running(requests=10, concurrent_tasks=3, limits_per=limits_per) as (fake, api):
+        for i in range(3):
+            assert (await api.create(f"sora {i}")).status == 200
+        kling = await api.create("kling 0", model="kling-2-6")
+        for _ in range(6):
+            await api.status("task_x", model="kling-2-6")  # 404s, counted in the window
+        window = await api.status("task_x", model="kling-2-6")
+        stats = fake.stats
+        if limits_per == "model":
+            assert (kling.status, window.status) == (200, 404)
+            assert stats.max_requests_in_window_by_model == {"sora-2-pro": 3, "kling-2-6": 8}
+            assert stats.max_requests_in_window == 8
+            assert stats.max_concurrent_tasks == 4
+            assert stats.max_requests_in_window_all_models == 11
+        else:
+            assert kling.status == 429  # the key's 3 tasks are held by sora-2-pro's
+            assert kling.body["message"] == "Concurrent task limit exceeded"
+            assert window.status == 429  # the 11th request of the key's window
+            assert stats.max_requests_in_window == 10
+            assert stats.max_concurrent_tasks == 3
+            assert stats.max_requests_in_window_all_models == 10
+
+
+@pytest.mark.looptime
 async def test_retry_after_knob_sets_the_header() -> None:
     """With retry_after set, 429 answers carry a Retry-After header in seconds."""
     async with running(requests=1, retry_after=2.5) as (_, api):

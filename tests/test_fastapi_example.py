@@ -196,10 +196,16 @@ async def test_callback_route_refuses_a_wrong_token(fake: FakeApixo, app_url: st
 def test_environment_picks_the_shared_or_the_split_governor(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """With SORA_ASYNC_REDIS_URL every worker governs the whole key through Redis;
-    without it APIXO_WORKERS=N gives each 1/N of APIXO_LIMITS. Bad settings are refused
-    naming the variable."""
-    for name in ("APIXO_CALLBACK_URL", "APIXO_CALLBACK_SECRET", "SORA_ASYNC_REDIS_URL"):
+    """With SORA_ASYNC_REDIS_URL every worker governs the whole key through Redis, every
+    model on Redis (one budget for all with SORA_ASYNC_SHARED_BUDGET=1); without it
+    APIXO_WORKERS=N gives each 1/N of APIXO_LIMITS. Bad settings are refused naming the
+    variable."""
+    for name in (
+        "APIXO_CALLBACK_URL",
+        "APIXO_CALLBACK_SECRET",
+        "SORA_ASYNC_REDIS_URL",
+        "SORA_ASYNC_SHARED_BUDGET",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("APIXO_API_KEY", "test-key")
     monkeypatch.setenv("APIXO_LIMITS", "30/6/8")
@@ -211,6 +217,17 @@ def test_environment_picks_the_shared_or_the_split_governor(
     shared = client_from_env()
     assert isinstance(shared.governor, sa.RedisGovernor)
     assert shared.governor.limits == sa.Limits(requests=30, period=6.0, concurrent_tasks=8)
+    # Every model is on Redis, each on its own budget unless SORA_ASYNC_SHARED_BUDGET=1.
+    veo = shared.governor_for("veo-3-1")
+    assert isinstance(veo, sa.RedisGovernor)
+    assert veo.prefix != shared.governor.prefix
+    monkeypatch.setenv("SORA_ASYNC_SHARED_BUDGET", "1")
+    one_budget = client_from_env()
+    assert one_budget.governor_for("veo-3-1") is one_budget.governor
+    monkeypatch.setenv("SORA_ASYNC_SHARED_BUDGET", "maybe")
+    with pytest.raises(ValueError, match="SORA_ASYNC_SHARED_BUDGET"):
+        client_from_env()
+    monkeypatch.delenv("SORA_ASYNC_SHARED_BUDGET")
     monkeypatch.setenv("APIXO_CALLBACK_URL", "http://127.0.0.1:8000/apixo/callback")
     with pytest.raises(ValueError, match="APIXO_CALLBACK_SECRET"):
         client_from_env()

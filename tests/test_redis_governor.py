@@ -95,6 +95,58 @@ async def test_key_names_carry_a_hash_of_the_key_never_the_key(
     assert other_model.prefix != governor.prefix
 
 
+async def grants_in_redis(url: str, governor: sa.RedisGovernor) -> int:
+    """Return how many request grants ``governor``'s budget holds in Redis now."""
+    connection = aioredis.from_url(url)
+    try:
+        return int(await connection.zcard(f"{governor.prefix}:grants"))
+    finally:
+        await connection.aclose()
+
+
+async def test_every_model_of_a_client_on_redis_is_on_redis(redis_server: RedisServer) -> None:
+    """A client given a RedisGovernor generates on two models: the other model's lane gets
+    a RedisGovernor of its own (same Redis and key, that model's own limits and names,
+    the default's settings), and every request of each model was granted in Redis under
+    its own model's names. With shared_budget every model spends the one governor."""
+    async with FakeApixo(
+        api_key=secrets.token_hex(8), generation_time=fixed(1.0), pending_time=0.05
+    ) as fake:
+        default = governor_for(redis_server.url, fake, redis_timeout=7.0, uncertain_hold=9.0)
+        banana_limits = sa.Limits(requests=30, concurrent_tasks=2)
+        async with client_for(fake, default, model_limits={"nano-banana": banana_limits}) as client:
+            await client.generate(sa.TextToVideo(prompt="a kite", duration=10), timeout=20)
+            await client.generate(sa.NanoBanana(prompt="a pear"), timeout=20)
+            banana = client.governor_for("nano-banana")
+        assert isinstance(banana, sa.RedisGovernor)
+        assert banana is not default
+        assert (banana.model, banana.limits, banana.url) == (
+            "nano-banana",
+            banana_limits,
+            default.url,
+        )
+        named = sa.RedisGovernor(redis_server.url, api_key=fake.api_key, model="nano-banana")
+        assert banana.prefix == named.prefix != default.prefix
+        assert (banana.lease, banana.redis_timeout, banana.uncertain_hold) == (1.0, 7.0, 9.0)
+        assert banana._settings == default._settings  # jitter margin, back-off, trust...
+        sent = fake.stats.max_requests_in_window_by_model  # all of them: one window
+        assert set(sent) == {"sora-2-pro", "nano-banana"}
+        assert await grants_in_redis(redis_server.url, default) == sent["sora-2-pro"]
+        assert await grants_in_redis(redis_server.url, banana) == sent["nano-banana"]
+
+    async with FakeApixo(
+        api_key=secrets.token_hex(8), generation_time=fixed(1.0), pending_time=0.05
+    ) as fake:
+        default = governor_for(redis_server.url, fake)
+        async with client_for(fake, default, shared_budget=True) as client:
+            await client.generate(sa.TextToVideo(prompt="a kite", duration=10), timeout=20)
+            await client.generate(sa.NanoBanana(prompt="a pear"), timeout=20)
+            assert client.governor_for("nano-banana") is default
+        named = sa.RedisGovernor(redis_server.url, api_key=fake.api_key, model="nano-banana")
+        assert await grants_in_redis(redis_server.url, named) == 0
+        assert await grants_in_redis(redis_server.url, default) == fake.stats.requests
+
+
 async def test_unreachable_redis_sends_nothing_and_raises_after_the_deadline(
     service: FakeApixo,
 ) -> None:

@@ -2,7 +2,9 @@
 
 Each worker is the real command line (``sora-async batch --shard K/N --redis-url``) in
 its own process, at limits compressed 30 times (60 requests per 2 s, 10 tasks). The
-fake service runs in the test's own process; only its counters are asserted.
+fake service runs in the test's own process; only its counters are asserted. A mixed
+batch (Sora 2 Pro, Veo 3.1, Nano Banana) is judged per model, or for the key as a
+whole with ``--shared-budget``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import secrets
 import signal
 import sqlite3
 import sys
@@ -59,15 +63,33 @@ def write_prompts(folder: Path, count: int) -> Path:
     return path
 
 
+def write_mixed_prompts(folder: Path, count: int) -> Path:
+    """Write ``count`` prompts cycling through Sora 2 Pro, Veo 3.1 and Nano Banana."""
+    rows: list[dict[str, object]] = []
+    for i in range(count):
+        if i % 3 == 0:
+            rows.append({"id": f"s{i:03d}", "prompt": f"sora {i}", "duration": 10})
+        elif i % 3 == 1:
+            rows.append({"id": f"v{i:03d}", "model": "veo-3-1", "prompt": f"veo {i}"})
+        else:
+            rows.append({"id": f"n{i:03d}", "model": "nano-banana", "prompt": f"banana {i}"})
+    path = folder / "mixed.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
 async def start_worker(
     fake: FakeApixo,
     redis_url: str,
     prompts: Path,
     out: Path,
     shard: str,
+    *extra: str,
     scale: float = SCALE,
+    env: dict[str, str] | None = None,
 ) -> asyncio.subprocess.Process:
-    """Start one ``sora-async batch`` worker process on its shard."""
+    """Start one ``sora-async batch`` worker process on its shard, with ``extra`` options
+    and ``env`` added to this process's environment."""
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -87,8 +109,10 @@ async def start_worker(
         "--base-url",
         fake.url,
         "--json",
+        *extra,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        env=None if env is None else os.environ | env,
     )
 
 
@@ -210,7 +234,7 @@ async def test_four_workers_on_a_fresh_redis_create_within_seconds(tmp_path: Pat
         with RedisServer() as server:
             started = loop.time()
             workers = [
-                await start_worker(fake, server.url, prompts, tmp_path / "out", f"{k}/4", 1.0)
+                await start_worker(fake, server.url, prompts, tmp_path / "out", f"{k}/4", scale=1.0)
                 for k in range(1, 5)
             ]
             try:
@@ -242,7 +266,7 @@ async def test_redis_restarted_empty_costs_one_round_not_a_window(tmp_path: Path
     ) as fake:
         with RedisServer() as server:
             workers = [
-                await start_worker(fake, server.url, prompts, out, f"{k}/4", scale)
+                await start_worker(fake, server.url, prompts, out, f"{k}/4", scale=scale)
                 for k in range(1, 5)
             ]
             await until(lambda: fake.stats.creates >= 14)
@@ -387,3 +411,77 @@ class NoNews:
 
     def hand_over(self, task_id: str, model: str) -> None:
         """Ignore a task another process took over."""
+
+
+MIXED = 45  # 15 prompts of each model
+
+
+def mixed_service(**options: Any) -> FakeApixo:
+    """The fake at limits compressed SCALE times, each model at its own generation times."""
+    return FakeApixo(
+        api_key=secrets.token_hex(8),  # a key no other test used: its own names in Redis
+        period=60.0 / SCALE,
+        generation_time=lognormal(180.0 / SCALE, 0.3),
+        generation_times={
+            "veo-3-1": lognormal(120.0 / SCALE, 0.3),
+            "nano-banana": lognormal(15.0 / SCALE, 0.3),
+        },
+        pending_time=0.05,
+        balance=1e9,
+        seed=5,
+        **options,
+    )
+
+
+async def test_four_processes_keep_every_model_of_a_mixed_batch_in_its_limits(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Four ``batch --shard K/4 --redis-url`` processes run one JSONL file mixing Sora 2
+    Pro, Veo 3.1 and Nano Banana: every model's lane is on Redis, so each model stays
+    within its own 60 requests a window and 10 tasks (the models together exceed
+    them: the budgets are apart), with 0 429s and every prompt created once."""
+    prompts = write_mixed_prompts(tmp_path, MIXED)
+    out = tmp_path / "out"
+    async with mixed_service() as fake:
+        workers = [
+            await start_worker(fake, redis_server.url, prompts, out, f"{k}/4") for k in range(1, 5)
+        ]
+        results = [await finish(worker) for worker in workers]
+        stats = fake.stats
+    assert [code for code, _ in results] == [0] * 4, results
+    assert stats.rate_limited == 0, (stats.rate_limited_by_kind, stats.concurrency_limited)
+    assert set(stats.creates_by_model.values()) == {MIXED // 3}
+    for model in ("sora-2-pro", "veo-3-1", "nano-banana"):
+        assert stats.max_requests_in_window_by_model[model] <= 60, stats
+        assert stats.max_concurrent_tasks_by_model[model] <= 10, stats
+    assert stats.max_concurrent_tasks > 10  # models ran side by side, each on its own slots
+    assert len(stats.creates_per_prompt) == MIXED
+    assert max(stats.creates_per_prompt.values()) == 1
+
+
+async def test_shared_budget_keeps_a_mixed_batch_in_the_keys_limits(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A key whose limits span its models (the fake's limits_per="key"): four processes,
+    two given ``--shared-budget`` and two ``SORA_ASYNC_SHARED_BUDGET=1``, run one mixed
+    JSONL file with every model on one budget in Redis: the key as a whole stays within
+    60 requests a window and 10 tasks, with 0 429s and every prompt created once."""
+    prompts = write_mixed_prompts(tmp_path, MIXED)
+    out = tmp_path / "out"
+    async with mixed_service(limits_per="key") as fake:
+        workers = [
+            await start_worker(fake, redis_server.url, prompts, out, "1/4", "--shared-budget"),
+            await start_worker(fake, redis_server.url, prompts, out, "2/4", "--shared-budget"),
+            await start_worker(
+                fake, redis_server.url, prompts, out, "3/4", env={"SORA_ASYNC_SHARED_BUDGET": "1"}
+            ),
+            await start_worker(
+                fake, redis_server.url, prompts, out, "4/4", env={"SORA_ASYNC_SHARED_BUDGET": "1"}
+            ),
+        ]
+        results = [await finish(worker) for worker in workers]
+        stats = fake.stats
+    assert [code for code, _ in results] == [0] * 4, results
+    assert_limits_held(fake, MIXED)
+    assert stats.max_requests_in_window_all_models <= 60
+    assert set(stats.creates_by_model.values()) == {MIXED // 3}

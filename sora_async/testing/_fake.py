@@ -31,7 +31,7 @@ from ._http import (
 from ._images import IMAGE_TYPES, cached_image
 from ._media import cached_mp4
 from ._persist import StateFile
-from ._state import KeyLimits, Neighbour, Stats, TaskRecord
+from ._state import KeyLimits, Neighbour, RateWindow, Stats, TaskRecord
 from ._timing import DEFAULT_EPOCH_MS, Clock, GenerationTime, lognormal
 from ._validate import InvalidBody, parse_create
 
@@ -207,6 +207,7 @@ class FakeApixo:
         self._clock = Clock(epoch_ms)
         self._neighbours: list[Neighbour] = []
         self._windows: dict[str, KeyLimits] = {}
+        self._all_models = RateWindow(period)  # counted only, never limiting
         self._faults = FaultPlan()
         self._tasks: dict[str, TaskRecord] = {}
         self._runner: web.AppRunner | None = None
@@ -472,6 +473,10 @@ class FakeApixo:
         self.stats.max_requests_in_window = max(self.stats.max_requests_in_window, in_window)
         by_model = self.stats.max_requests_in_window_by_model
         by_model[model] = max(by_model[model], in_window)
+        together = self._all_models.admit(self._clock.now_us())
+        self.stats.max_requests_in_window_all_models = max(
+            self.stats.max_requests_in_window_all_models, together
+        )
         fault = self._faults.take(kind) if queued else first
         if fault is None:
             return await work(request)

@@ -71,6 +71,10 @@ class Stats:
     concurrency_limited: int = 0
     #: Largest number of our unfinished (pending or processing) tasks at any instant.
     max_concurrent_tasks: int = 0
+    #: Largest number of our admitted requests of every model together in any trailing
+    #: ``period`` window, whatever ``limits_per`` (with ``"key"`` it is
+    #: ``max_requests_in_window``).
+    max_requests_in_window_all_models: int = 0
     #: ``max_requests_in_window`` per model's window (balance calls count in sora-2-pro's).
     max_requests_in_window_by_model: collections.Counter[str] = field(
         default_factory=collections.Counter
