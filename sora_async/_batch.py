@@ -35,11 +35,13 @@ from ._errors import (
     InsufficientCreditsError,
     NotFoundError,
     ProtocolError,
+    RedisUnavailableError,
     SubmitUncertainError,
     TaskAbandonedError,
     TaskFailedError,
     TaskTimeoutError,
     TransportError,
+    unwrap_sora_errors,
 )
 from ._journal import ItemState, Journal, JournalRow
 from ._models import Video
@@ -131,6 +133,10 @@ class _Runner:
         self.counts = collections.Counter(row.state.value for row in rows)
         self.stop_creates: InsufficientCreditsError | None = None
         self.stopping = False  # asked to stop: no create is sent any more
+        # Redis stayed unreachable (a RedisGovernor): the run winds down as for a stop,
+        # then run_batch raises it.
+        self.outage: RedisUnavailableError | None = None
+        self.halt = asyncio.Event()  # set by the first outage
         self.sending = 0  # creates between their journal row and their answer
         self.quiet = asyncio.Event()  # set while no create is being sent
         self.quiet.set()
@@ -163,12 +169,15 @@ class _Runner:
         self, resubmit_uncertain: bool, retry_failed: bool, stop: asyncio.Event | None
     ) -> None:
         self.report()
-        async with anyio.create_task_group() as watch:
-            async with anyio.create_task_group() as group:
-                if stop is not None:
-                    watch.start_soon(self.stop_on, stop, group.cancel_scope)
-                await self.run_items(group, resubmit_uncertain, retry_failed)
-            watch.cancel_scope.cancel()
+        # The errors that stop a run (AuthenticationError, say) leave as themselves.
+        with unwrap_sora_errors():
+            async with anyio.create_task_group() as watch:
+                async with anyio.create_task_group() as group:
+                    if stop is not None:
+                        watch.start_soon(self.stop_on, stop, group.cancel_scope)
+                    watch.start_soon(self.halt_on_outage, group.cancel_scope)
+                    await self.run_items(group, resubmit_uncertain, retry_failed)
+                watch.cancel_scope.cancel()
 
     async def run_items(
         self, group: anyio.abc.TaskGroup, resubmit_uncertain: bool, retry_failed: bool
@@ -188,7 +197,11 @@ class _Runner:
             if row.state is ItemState.RUNNING:
                 assert row.task_id is not None
                 model = self.client.model_for(_row_request(row))
-                await self.client.adopt(row.task_id, model=model)
+                try:
+                    await self.client.adopt(row.task_id, model=model)
+                except RedisUnavailableError as exc:
+                    self.give_up(exc)
+                    return
                 group.start_soon(self.follow, row)
             elif row.state is ItemState.SUCCEEDED:
                 group.start_soon(self.fetch, row)
@@ -205,16 +218,30 @@ class _Runner:
         await self.quiet.wait()
         scope.cancel()
 
+    def give_up(self, outage: RedisUnavailableError) -> None:
+        """Stop the run because Redis stayed unreachable (run_batch then raises it)."""
+        if self.outage is None:
+            self.outage = outage
+            self.halt.set()
+
+    async def halt_on_outage(self, scope: anyio.CancelScope) -> None:
+        """After an outage, send no more creates, let those already sent get their
+        answer (journaled), then cancel the run: the journal stays whole, every item
+        in it resumable by running the batch again."""
+        await self.halt.wait()
+        await self.quiet.wait()
+        scope.cancel()
+
     async def create(self, row: JournalRow, group: anyio.abc.TaskGroup) -> bool:
         """Create the item's task; return False when no more creates should be tried."""
-        if self.stop_creates is not None:
+        if self.stop_creates is not None or self.outage is not None:
             return False
         marked = False
 
         async def mark() -> None:
             # Called with the slot taken, just before the create is sent.
             nonlocal marked
-            if self.stopping:
+            if self.stopping or self.outage is not None:
                 raise _Stopped
             marked = True
             self.sending += 1
@@ -250,6 +277,11 @@ class _Runner:
             self.stop_creates = exc
             await self.set(row, ItemState.QUEUED, error=str(exc))
             return False
+        except RedisUnavailableError as exc:
+            # No permit, no request: the create was not sent, so the next run sends it.
+            await self.set(row, ItemState.QUEUED, error=str(exc))
+            self.give_up(exc)
+            return False
         except (TransportError, APIError) as exc:
             # No task was made: a refusal is final, a passing fault is tried next run.
             final = isinstance(exc, APIError) and exc.code < 500 and exc.code != 429
@@ -273,6 +305,9 @@ class _Runner:
             return
         except TaskTimeoutError as exc:
             row.error = str(exc)  # still running: the next run picks it up
+            return
+        except RedisUnavailableError as exc:
+            self.give_up(exc)  # still running: the next run adopts it
             return
         model = video.model or self.client.model
         status = self.client.scheduler_for(model).result(row.task_id)
@@ -363,7 +398,10 @@ async def run_batch(
     creates are sent, those already sent get their answer and are journaled, and the
     report (``stopped=True``) leaves running tasks to the next run. Raises
     AuthenticationError (everything stops), InsufficientCreditsError (after in-flight
-    tasks finish) and InputError (a bad file, output folder or journal path).
+    tasks finish), RedisUnavailableError (a RedisGovernor's Redis stayed unreachable
+    for its ``redis_timeout``: the run stops as for ``stop``, with the journal and
+    manifest written, and the same call resumes it once Redis answers) and InputError
+    (a bad file, output folder or journal path).
 
     ``shard=(K, N)`` takes only the K-th of N shares of the file (by a hash of each
     id), for several hosts sharing one file and one key (with a RedisGovernor); its
@@ -394,6 +432,8 @@ async def run_batch(
         if runner is not None:
             _write_manifest(manifest, runner.rows)
         book.close()
+    if runner.outage is not None:
+        raise runner.outage
     if runner.stop_creates is not None:
         raise runner.stop_creates
     counts = {k: v for k, v in runner.counts.items() if v}

@@ -6,9 +6,10 @@ on stdout, errors included::
     {"ok": true,  "exit_code": 0, ...the command's fields}
     {"ok": false, "exit_code": 1, "error": "TaskFailedError", "message": "...", ...context}
 
-Exit codes: 0 all done, 1 the service or an item failed, 2 bad input or environment
-(before any request), 130 / 143 stopped by SIGINT / SIGTERM (journal and manifest
-written; run the same command again to resume).
+Exit codes: 0 all done, 1 the service or an item failed, or Redis (``--redis-url``)
+stayed unreachable mid-run, 2 bad input or environment (before any request), 130 / 143
+stopped by SIGINT / SIGTERM (journal and manifest written; run the same command again
+to resume).
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ from rich.console import Console
 
 from ._catalog import MODELS
 from ._client import SoraClient
-from ._errors import APIError, InputError, NotFoundError, SoraError, TaskFailedError
+from ._errors import (
+    APIError,
+    InputError,
+    NotFoundError,
+    RedisUnavailableError,
+    SoraError,
+    TaskFailedError,
+)
 from ._governor import Governor, LocalGovernor
 from ._models import Limits
 from ._scheduler import PollPolicy
@@ -118,7 +126,8 @@ def scaled_client_options(
     the key (the client makes each other model's from it, on the same Redis). Every
     model of the catalogue gets its limits with the period scaled too (a model outside
     it keeps the real 60-s window: slower, never over). The jitter margin is not cut
-    below 0.1 s: network delays do not scale.
+    below 0.1 s, the lease below 3 s and ``redis_timeout`` below 4 s: network delays
+    and restarts do not scale.
     """
     model_limits = {
         name: Limits(
@@ -145,6 +154,8 @@ def scaled_client_options(
             limits=limits,
             lease=max(15.0 / scale, 3.0),
             uncertain_hold=600.0 / scale,
+            # A restart of Redis takes a second or so whatever the scale.
+            redis_timeout=max(120.0 / scale, 4.0),
             **timings,
         )
     else:
@@ -252,6 +263,14 @@ def run(params: dict[str, Any], work: Work, stop: Stop | None = None) -> NoRetur
     except APIError as exc:
         detail = f"the service refused: {exc}{_context_line(note, exc)}"
         fail(detail, 1, as_json=as_json, error=type(exc).__name__, code=exc.code, **note)
+    except RedisUnavailableError as exc:
+        # Exit 1, not 2: 2 promises that nothing was sent, but Redis may go away mid-run,
+        # after tasks were made and paid for. A batch (its note names its journal) has
+        # written its journal and manifest, and the same command resumes it. The
+        # message names Redis by its URL without a password (see _safe_url).
+        resume = "; run the same command again once Redis answers" if "journal" in note else ""
+        detail = f"{str(exc).rstrip('.')}{resume}{_context_line(note, exc)}"
+        fail(detail, 1, as_json=as_json, error=type(exc).__name__, **note)
     except SoraError as exc:
         detail = f"{exc}{_context_line(note, exc)}"
         fail(detail, 1, as_json=as_json, error=type(exc).__name__, **note)

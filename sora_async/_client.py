@@ -46,6 +46,7 @@ from ._errors import (
     TaskAbandonedError,
     TaskFailedError,
     TaskTimeoutError,
+    unwrap_sora_errors,
 )
 from ._fanout import Outcome, fan_out
 from ._governor import Governor, LocalGovernor
@@ -307,7 +308,9 @@ class SoraClient:
             await asyncio.wait(set(self._end_writes), timeout=10.0)
         if self._host is not None:
             self._host.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # Background work that failed (its task group wrapped the error) raises the
+            # SoraError itself here, not an exception group.
+            with contextlib.suppress(asyncio.CancelledError), unwrap_sora_errors():
                 await self._host
         await self._lanes.aclose()
         await self._transport.close()
@@ -372,8 +375,10 @@ class SoraClient:
 
         Waits first come, first served for a task slot; the slot stays taken until
         the task is seen to end. Raises InputError before any request for a bad
-        input, an APIError subclass when the service refuses, and
-        SubmitUncertainError when a create may have made a task (``on_uncertain``).
+        input, an APIError subclass when the service refuses,
+        SubmitUncertainError when a create may have made a task (``on_uncertain``),
+        and RedisUnavailableError when a RedisGovernor's Redis stayed unreachable for
+        its ``redis_timeout`` (a create still waiting for its permit is not sent).
 
         ``idempotency_key``: a submit with a key already used returns the task made
         for it and never creates twice: while the first create is in flight, after it,
@@ -703,7 +708,9 @@ class SoraClient:
         model, else a :class:`Result`.
 
         Raises TaskFailedError if it failed, TaskTimeoutError after ``timeout``
-        seconds (default: the client's ``wait_timeout``; the task stays tracked).
+        seconds (default: the client's ``wait_timeout``; the task stays tracked), and
+        RedisUnavailableError when a RedisGovernor's Redis stayed unreachable for its
+        ``redis_timeout`` (no poll could be sent; the task stays tracked).
         The deadline covers everything, the first status request of a task this
         client does not track (and its wait for a permit) included; an unknown id
         raises NotFoundError after that one request. ``model`` is as in :meth:`status`;
@@ -854,9 +861,11 @@ class SoraClient:
         """Generate every request, yielding an Outcome as each finishes.
 
         Requests are pulled lazily, one per free task slot. A refused or failed item
-        never stops the rest, with two exceptions: AuthenticationError stops
-        everything at once and is raised; InsufficientCreditsError stops new creates,
-        lets in-flight tasks finish (their outcomes are yielded), then is raised.
+        never stops the rest, with three exceptions: AuthenticationError and
+        RedisUnavailableError (a RedisGovernor's Redis stayed unreachable for its
+        ``redis_timeout``) stop everything at once and are raised (tasks already made
+        stay tracked); InsufficientCreditsError stops new creates, lets in-flight
+        tasks finish (their outcomes are yielded), then is raised.
         ``timeout`` bounds each wait, as in wait().
         """
 

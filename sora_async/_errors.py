@@ -1,8 +1,16 @@
-"""The exception tree, and the one place where service answers become exceptions."""
+"""The exception tree, the one place where service answers become exceptions, and
+the one place where a task group's exception group becomes the SoraError it carries."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import sys
+from collections.abc import Iterator
 from typing import Any
+
+if sys.version_info < (3, 11):  # the backport anyio itself raises on 3.10
+    from exceptiongroup import BaseExceptionGroup
 
 __all__ = [
     "APIError",
@@ -26,6 +34,8 @@ __all__ = [
     "TaskTimeoutError",
     "TransportError",
     "error_from_response",
+    "sora_error_in",
+    "unwrap_sora_errors",
 ]
 
 
@@ -250,3 +260,47 @@ def error_from_response(
     else:
         cls = APIError
     return cls(effective, message, **kwargs)
+
+
+def sora_error_in(group: BaseExceptionGroup[BaseException]) -> SoraError | None:
+    """Return the SoraError that ``group`` stands for, or None if it stands for more.
+
+    anyio's task groups wrap whatever a child raised in an exception group, even a
+    single error. When every leaf of ``group`` (nested groups flattened) is a
+    SoraError or a cancellation, and one at least is a SoraError, the first such
+    leaf is returned: the leaves of one group share a cause (a Redis outage fails
+    every waiting call at once), and the first is the one that stopped the rest.
+    Anything else (a bug, the caller's own exception) returns None: the group
+    stays, so that nothing is hidden.
+    """
+    found: SoraError | None = None
+    pending: list[BaseException] = [group]
+    while pending:
+        error = pending.pop(0)
+        if isinstance(error, BaseExceptionGroup):
+            pending[:0] = error.exceptions
+        elif isinstance(error, SoraError):
+            found = found or error
+        elif not isinstance(error, asyncio.CancelledError):
+            return None
+    return found
+
+
+@contextlib.contextmanager
+def unwrap_sora_errors() -> Iterator[None]:
+    """Raise the SoraError an exception group stands for, in place of the group.
+
+    Wraps the task groups behind a public call, so that ``except sa.SoraError``
+    subclasses match as documented. The error is raised itself, with its own
+    traceback and cause; the group stays reachable as its ``__context__``. A group
+    that holds anything else is raised unchanged (see :func:`sora_error_in`).
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        error = sora_error_in(group)
+        if error is None:
+            raise
+        # Not "from group": the error keeps its own cause (the Redis error, say), and
+        # the group stays reachable as its __context__.
+        raise error  # noqa: B904

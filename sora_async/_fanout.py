@@ -12,7 +12,14 @@ from typing import Any, TypeVar
 import anyio
 import anyio.abc
 
-from ._errors import AuthenticationError, InputError, InsufficientCreditsError, SoraError
+from ._errors import (
+    AuthenticationError,
+    InputError,
+    InsufficientCreditsError,
+    RedisUnavailableError,
+    SoraError,
+    unwrap_sora_errors,
+)
 from ._governor import Governor
 from ._models import Result
 
@@ -57,20 +64,26 @@ async def fan_out(
     the result with it. Requests of one governor take its slots in order; while one
     model's slots are all taken, the requests of others still go ahead. The work runs
     in ``group`` (the client's), so it may outlive an abandoned iterator only until
-    the iterator is closed. AuthenticationError stops everything
-    and is raised; InsufficientCreditsError stops new creates, lets the others
-    finish, then is raised.
+    the iterator is closed. AuthenticationError and RedisUnavailableError (no permit
+    for anyone) stop everything and are raised; InsufficientCreditsError stops new
+    creates, lets the others finish, then is raised. Whatever else escapes the work
+    (the caller's iterable raised, say) is raised by the iterator, never by the
+    client's background work.
     """
     send, receive = anyio.create_memory_object_stream[Outcome](math.inf)
     fatal: list[SoraError] = []
+    escaped: list[Exception] = []
     batch = anyio.CancelScope()
+
+    def stop_all(error: SoraError) -> None:
+        fatal.append(error)
+        batch.cancel()
 
     async def work(request: Any, body: Prepared) -> None:
         try:
             video = await run(body)
-        except AuthenticationError as exc:
-            fatal.append(exc)
-            batch.cancel()
+        except (AuthenticationError, RedisUnavailableError) as exc:
+            stop_all(exc)
         except InsufficientCreditsError as exc:
             fatal.append(exc)  # the feeder sees it and stops creating
             await send.send(Outcome(request=request, error=exc))
@@ -101,7 +114,11 @@ async def fan_out(
         # Hands the governor's slots to its queue in order, first come, first served.
         while queue:
             request, body = queue[0]
-            await governor.acquire_slot()
+            try:
+                await governor.acquire_slot()
+            except SoraError as exc:  # no slot for anyone (Redis unreachable)
+                stop_all(exc)
+                return
             if fatal:
                 governor.release_slot()
                 queue.clear()
@@ -111,6 +128,12 @@ async def fan_out(
             moved.set()
 
     async def feed() -> None:
+        try:
+            await pull()
+        except Exception as exc:  # raised by the iterator below, not in the client's group
+            escaped.append(exc)
+
+    async def pull() -> None:
         with batch:
             async with send, anyio.create_task_group() as workers:
                 async for request in _aiter(requests):
@@ -139,6 +162,9 @@ async def fan_out(
         batch.cancel()
     if fatal:
         raise fatal[0]
+    if escaped:
+        with unwrap_sora_errors():
+            raise escaped[0]
 
 
 async def _aiter(

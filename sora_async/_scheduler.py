@@ -42,6 +42,9 @@ logger = logging.getLogger("sora_async")
 _RECHECK_DELAY = 2.0
 # A permit granted within this many seconds came at once: the candidate still stands.
 _PERMIT_AT_ONCE = 1e-3
+# After the governor refused a poll permit with an error, ask again this much later
+# (a governor that fails at once must not be asked in a tight loop).
+_NO_PERMIT_PAUSE = 1.0
 
 
 @dataclass(frozen=True)
@@ -294,7 +297,8 @@ class PollScheduler:
         Raises TaskTimeoutError after ``timeout`` seconds (None: no limit; tracking
         goes on), or the
         error that ended tracking (e.g. NotFoundError, AuthenticationError,
-        ProtocolError, TaskAbandonedError).
+        ProtocolError, TaskAbandonedError), or the error the governor gave instead of
+        a poll permit (RedisUnavailableError; tracking goes on).
         """
         finished = self._finished.get(task_id)
         if finished is not None:
@@ -334,6 +338,13 @@ class PollScheduler:
         """Return whether the scheduler knows this task (running or remembered)."""
         return task_id in self._active or task_id in self._finished or task_id in self._given_up
 
+    def _interrupt_waiters(self, error: SoraError) -> None:
+        """Raise ``error`` in every caller waiting for a tracked task; tracking goes on."""
+        for tracked in self._active.values():
+            for waiter in tracked.waiters:
+                if not waiter.done():
+                    waiter.set_exception(error)
+
     def fail_all(self, error: BaseException) -> None:
         """End tracking of every task with ``error`` (e.g. the key was refused)."""
         self._fatal = error
@@ -364,7 +375,17 @@ class PollScheduler:
                             await self._changed.wait()
                     continue
                 asked = loop.time()
-                await self._governor.request("confirm" if candidate.urgent else "status")
+                try:
+                    await self._governor.request("confirm" if candidate.urgent else "status")
+                except SoraError as exc:
+                    # No permit could be had (a shared governor's Redis stayed down past
+                    # its deadline): nothing is sent. The tasks still run on the service
+                    # and stay tracked; their waiters hear why now, not at their own
+                    # deadline, and polling goes on once permits come again.
+                    logger.warning("no permit to poll: %s", exc)
+                    self._interrupt_waiters(exc)
+                    await asyncio.sleep(_NO_PERMIT_PAUSE)
+                    continue
                 # Things may have changed while we waited for the permit; a permit that
                 # came at once, with no news since, leaves the choice as it was.
                 chosen: _Tracked | None = candidate

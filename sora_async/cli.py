@@ -304,6 +304,7 @@ def batch(
     stop = Stop()
 
     async def work(client: SoraClient, note: Note) -> int:
+        note["journal"] = str(book)  # a batch that fails midway resumes from it
         interactive = _err.is_terminal and not as_json
         live = Live(console=_err, refresh_per_second=4) if interactive else None
         last_line = [0.0]
