@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 import signal
 import sqlite3
 import sys
@@ -20,7 +21,7 @@ import pytest
 import redis.asyncio as aioredis
 
 import sora_async as sa
-from sora_async.testing import FakeApixo, RedisServer, lognormal
+from sora_async.testing import FakeApixo, RedisServer, fixed, lognormal
 
 pytestmark = [pytest.mark.looptime(False), pytest.mark.timeout(150)]
 
@@ -58,7 +59,7 @@ def write_prompts(folder: Path, count: int) -> Path:
 
 
 async def start_worker(
-    fake: FakeApixo, redis_url: str, prompts: Path, out: Path, shard: str
+    fake: FakeApixo, redis_url: str, prompts: Path, out: Path, shard: str, scale: float = SCALE
 ) -> asyncio.subprocess.Process:
     """Start one ``sora-async batch`` worker process on its shard."""
     return await asyncio.create_subprocess_exec(
@@ -72,7 +73,7 @@ async def start_worker(
         "--shard",
         shard,
         "--time-scale",
-        str(SCALE),
+        str(scale),
         "--redis-url",
         redis_url,
         "--api-key",
@@ -181,3 +182,47 @@ async def test_redis_restarts_mid_run_with_and_without_its_data(
         assert await slots_left(server.url, service) == 0
         logs = "".join(log for _, log in results)
         assert "Redis lost the governor's data" in logs
+
+
+def journal_states(journal: Path) -> dict[str, int]:
+    """Return how many items of a worker's journal are in each state."""
+    with contextlib.closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True)) as db:
+        return dict(db.execute("SELECT state, COUNT(*) FROM items GROUP BY state").fetchall())
+
+
+async def test_a_worker_killed_while_its_create_waits_for_a_permit_leaves_nothing_uncertain(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A worker on a key that Redis does not know waits one window (10 s here) before
+    its first request. SIGKILLed at a random moment while its first create holds a slot
+    and waits for that permit, it leaves every item queued, none uncertain; run again,
+    it creates every prompt exactly once and saves every video."""
+    scale = 6.0
+    seed = random.randrange(2**32)
+    moment = random.Random(seed).uniform(0.0, 5.0)
+    prompts = write_prompts(tmp_path, 4)
+    out = tmp_path / "out"
+    journal = out / ".sora-async-journal-1of1.sqlite"
+    async with FakeApixo(
+        period=60.0 / scale, generation_time=fixed(2.0), pending_time=0.05, balance=1e9, seed=5
+    ) as fake:
+        worker = await start_worker(fake, redis_server.url, prompts, out, "1/1", scale)
+        slots = 0
+        while not slots:  # its first create holds a slot: from here on it waits for a permit
+            await asyncio.sleep(0.05)
+            slots = await slots_left(redis_server.url, fake)
+        await asyncio.sleep(moment)
+        sent = fake.stats.requests
+        worker.send_signal(signal.SIGKILL)
+        await worker.wait()
+        left = journal_states(journal)
+        context = f"seed {seed}: killed {moment:.2f} s after the slot was taken"
+        assert sent == 0, f"{context}, but it had sent {sent} requests"
+        assert left == {"queued": 4}, f"{context}; journal {left}"
+        code, log = await finish(
+            await start_worker(fake, redis_server.url, prompts, out, "1/1", scale)
+        )
+        assert code == 0, f"{context}; rerun: {log}"
+        assert journal_states(journal) == {"downloaded": 4}, context
+        assert_limits_held(fake, 4)
+        assert videos(out) == 4
