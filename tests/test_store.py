@@ -317,3 +317,26 @@ async def test_a_create_retrying_a_refused_connection_stays_queued(tmp_path: Pat
             task_id = await second.submit(PROMPT, idempotency_key="refused")
             assert (await second.wait(task_id)).task_id == task_id
         assert fake.stats.creates_per_prompt == {PROMPT.prompt: 1}
+
+
+class FullDisk(sa.MemoryStore):
+    """A store that cannot write a record as submitting (say, its disk is full)."""
+
+    async def save(self, record: sa.TaskRecord) -> None:
+        if record.state is sa.RecordState.SUBMITTING:
+            raise sa.InputError("store", "cannot write: disk full")
+        await super().save(record)
+
+
+async def test_a_create_whose_record_cannot_be_written_is_not_sent(fake: FakeApixo) -> None:
+    """The record is written submitting between the permit and the send: when that
+    write fails, nothing is sent, the slot goes back and the store's error is raised;
+    the record still reads as before."""
+    store = FullDisk()
+    async with client_on(fake, store) as client:
+        with pytest.raises(sa.InputError, match="disk full"):
+            await client.submit(PROMPT, idempotency_key="unwritten")
+        assert client.governor.slots_in_use == 0
+        assert await store.unfinished() == []
+    assert fake.stats.creates == 0
+    assert fake.stats.requests == 0
