@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import random
+import secrets
 import signal
 import sqlite3
 import sys
@@ -193,18 +194,23 @@ def journal_states(journal: Path) -> dict[str, int]:
 async def test_a_worker_killed_while_its_create_waits_for_a_permit_leaves_nothing_uncertain(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    """A worker on a key that Redis does not know waits one window (10 s here) before
+    """A worker on a key that Redis does not know waits one window (12 s here) before
     its first request. SIGKILLed at a random moment while its first create holds a slot
-    and waits for that permit, it leaves every item queued, none uncertain; run again,
-    it creates every prompt exactly once and saves every video."""
-    scale = 6.0
+    (taken after one 3-s lease) and waits for that permit, it leaves every item queued,
+    none uncertain; run again, it creates every prompt exactly once and saves every video."""
+    scale = 5.0
     seed = random.randrange(2**32)
-    moment = random.Random(seed).uniform(0.0, 5.0)
+    moment = random.Random(seed).uniform(0.0, 4.0)
     prompts = write_prompts(tmp_path, 4)
     out = tmp_path / "out"
     journal = out / ".sora-async-journal-1of1.sqlite"
     async with FakeApixo(
-        period=60.0 / scale, generation_time=fixed(2.0), pending_time=0.05, balance=1e9, seed=5
+        api_key=f"unknown-to-redis-{secrets.token_hex(8)}",
+        period=60.0 / scale,
+        generation_time=fixed(2.0),
+        pending_time=0.05,
+        balance=1e9,
+        seed=5,
     ) as fake:
         worker = await start_worker(fake, redis_server.url, prompts, out, "1/1", scale)
         slots = 0
