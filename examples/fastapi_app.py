@@ -330,7 +330,8 @@ def app_settings_from_env() -> AppSettings:
 
 
 class _Refused(Exception):
-    """A create not sent: the app began to shut down while it waited for a slot."""
+    """A create not sent: the app began to shut down while it waited for a slot, a
+    request permit or a retry."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -553,16 +554,26 @@ def create_app(
         post = _Post(anyio.CancelScope())
 
         async def sending() -> None:
+            # Awaited once the permit is granted, just before each send of the create.
             if shutdown.stopping:
                 raise _Refused  # the slot goes back; nothing was sent
             post.sending = True  # from here on, shutdown lets the create finish
+
+        async def no_task() -> None:
+            # The send made no task (a 429, a 503): its retry waits, unsent.
+            post.sending = False
+            if shutdown.stopping:
+                post.scope.cancel()
 
         shutdown.posts.add(post)
         task_id = None
         try:
             with post.scope:
                 task_id = await client.submit(
-                    request, idempotency_key=idempotency_key, before_create=sending
+                    request,
+                    idempotency_key=idempotency_key,
+                    before_create=sending,
+                    after_no_task=no_task,
                 )
         except _Refused:
             pass

@@ -212,7 +212,8 @@ class _Runner:
     async def stop_on(self, stop: asyncio.Event, scope: anyio.CancelScope) -> None:
         """Once ``stop`` is set, send no more creates, let those already sent get their
         answer (so that their task ids are journaled), then cancel the run: running
-        tasks stay in the journal for the next run to adopt."""
+        tasks stay in the journal for the next run to adopt. A create still waiting
+        for its permit or its retry is never sent: its row stays queued."""
         await stop.wait()
         self.stopping = True
         await self.quiet.wait()
@@ -236,37 +237,59 @@ class _Runner:
         """Create the item's task; return False when no more creates should be tried."""
         if self.stop_creates is not None or self.outage is not None:
             return False
-        marked = False
+        tried = False  # the row's attempts count this create once
+        on_wire = False  # counted in self.sending
 
         async def mark() -> None:
-            # Called with the slot taken, just before the create is sent.
-            nonlocal marked
+            # Called once the permit is granted, just before the create is sent (again
+            # before each retry's send): never while a slot, a permit or a back-off
+            # is awaited, so only a create whose bytes may be out reads submitting.
+            nonlocal tried, on_wire
             if self.stopping or self.outage is not None:
-                raise _Stopped
-            marked = True
-            self.sending += 1
-            self.quiet.clear()
-            await self.set(row, ItemState.SUBMITTING, attempts=row.attempts + 1)
+                raise _Stopped  # the client frees the slot; the row stays queued
+            if not on_wire:
+                on_wire = True
+                self.sending += 1
+                self.quiet.clear()
+            attempts = row.attempts if tried else row.attempts + 1
+            tried = True
+            await self.set(row, ItemState.SUBMITTING, attempts=attempts)
+
+        async def unmark() -> None:
+            # An answer proved that the send made no task: queued while the retry waits.
+            nonlocal on_wire
+            try:
+                await self.set(row, ItemState.QUEUED)
+            finally:
+                if on_wire:
+                    on_wire = False
+                    self._sent()
 
         try:
-            return await self._create(row, group, mark)
+            return await self._create(row, group, mark, unmark)
         except _Stopped:
             return False
         finally:
-            if marked:
-                self.sending -= 1
-                if not self.sending:
-                    self.quiet.set()
+            if on_wire:
+                on_wire = False
+                self._sent()
+
+    def _sent(self) -> None:
+        """A create is answered, or proved to have made no task."""
+        self.sending -= 1
+        if not self.sending:
+            self.quiet.set()
 
     async def _create(
         self,
         row: JournalRow,
         group: anyio.abc.TaskGroup,
         mark: Callable[[], Awaitable[None]],
+        unmark: Callable[[], Awaitable[None]],
     ) -> bool:
         request = _row_request(row)
         try:
-            task_id = await self.client.submit(request, before_create=mark)
+            task_id = await self.client.submit(request, before_create=mark, after_no_task=unmark)
         except SubmitUncertainError as exc:
             await self.set(row, ItemState.UNCERTAIN, error=str(exc))
             return True

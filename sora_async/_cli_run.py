@@ -58,9 +58,10 @@ class Stop:
     """A request to wind down, set by the first SIGINT / SIGTERM.
 
     ``cancel``: cancel the work when the signal comes, except while a create is in
-    flight (between ``sending()`` and ``answered()``): then the work is cancelled
-    once the create's answer is in, so that the task it made can be named. Without
-    ``cancel`` the work watches ``event`` and winds down itself (a batch).
+    flight (between ``sending()`` and ``answered()`` or ``not_sent()``): then the
+    work is cancelled once the create's answer is in, so that the task it made can
+    be named. Without ``cancel`` the work watches ``event`` and winds down itself
+    (a batch).
     """
 
     def __init__(self, *, cancel: bool = False) -> None:
@@ -82,8 +83,14 @@ class Stop:
     async def sending(self) -> None:
         """Mark a create as sent (a ``before_create`` hook): a signal now waits for it."""
         if self.event.is_set():
-            raise asyncio.CancelledError  # stopped while waiting for a slot: send nothing
+            # Stopped while waiting for a slot, a permit or a retry: send nothing.
+            raise asyncio.CancelledError
         self._in_flight += 1
+
+    async def not_sent(self) -> None:
+        """Mark a create as proved to have made no task (an ``after_no_task`` hook):
+        its retry waits unsent, so a signal that came meanwhile stops it now."""
+        self.answered()
 
     def answered(self) -> None:
         """Mark the create as answered; cancel the work if a signal came meanwhile."""

@@ -370,6 +370,7 @@ class SoraClient:
         *,
         idempotency_key: str | None = None,
         before_create: Callable[[], Awaitable[None]] | None = None,
+        after_no_task: Callable[[], Awaitable[None]] | None = None,
     ) -> str:
         """Create a task for ``request`` on its model and return its task id.
 
@@ -385,35 +386,36 @@ class SoraClient:
         and, with a ``store``, across restarts (without one, for the process's life).
         The same key with another request raises IdempotencyConflictError; a key
         whose create may have made a task nobody can name raises SubmitUncertainError.
-        ``before_create`` is awaited once the slot is taken, just before the create
-        is sent (a journal writes its row there).
+        ``before_create`` is awaited once the request permit is granted, just before
+        the create is sent, again before each retry's send (a journal writes its row
+        ``submitting`` there); an error it raises stops the create unsent, frees the
+        slot and is raised here. ``after_no_task`` is awaited when an answer proved
+        that a send made no task (429, 503, a refused connection), before the wait
+        for the retry (the journal writes its row back to ``queued``). Both run in
+        the create's own task: a caller who stopped waiting may still hear of them.
         """
         self._check_open()
         prepared = self._prepare(request)
         if idempotency_key is not None:
             check_idempotency_key(idempotency_key)
+        hooks = None
+        if before_create is not None or after_no_task is not None:
+            hooks = _Hooks(before_create, after_no_task)
         records = self._records_for(idempotency_key)
         if records is not None:
             key = idempotency_key or f"{_AUTO_KEY}{secrets.token_hex(16)}"
-            return await self._submit_recorded(records, key, prepared, before_create)
-        return await self._slot_then_create(prepared, before_create)
+            return await self._submit_recorded(records, key, prepared, hooks)
+        return await self._slot_then_create(prepared, hooks)
 
     async def _slot_then_create(
         self,
         prepared: tuple[str, CreateRequest],
-        before_create: Callable[[], Awaitable[None]] | None,
+        hooks: _Hooks | None,
         recorded: tuple[TaskStore, TaskRecord] | None = None,
     ) -> str:
-        """Wait for a slot of the request's model, await ``before_create``, create."""
-        governor = self._lanes.get(prepared[0]).governor
-        await governor.acquire_slot()
-        if before_create is not None:
-            try:
-                await before_create()
-            except BaseException:
-                governor.release_slot()
-                raise
-        return await self._create_with_slot(prepared, recorded)
+        """Wait for a slot of the request's model, then create."""
+        await self._lanes.get(prepared[0]).governor.acquire_slot()
+        return await self._create_with_slot(prepared, recorded, hooks)
 
     def _records_for(self, idempotency_key: str | None) -> TaskStore | None:
         """Return where this submit is recorded: the store, or (for a key given
@@ -427,7 +429,7 @@ class SoraClient:
         records: TaskStore,
         key: str,
         prepared: tuple[str, CreateRequest],
-        before_create: Callable[[], Awaitable[None]] | None,
+        hooks: _Hooks | None,
     ) -> str:
         model, body = prepared
         fingerprint = fingerprint_of(model, body.input)
@@ -453,7 +455,7 @@ class SoraClient:
                     "was never learned; it is not sent again (never pay twice)"
                 )
             # Queued or refused: no task exists for this key, so creating is safe.
-            return await self._slot_then_create(prepared, before_create, (records, record))
+            return await self._slot_then_create(prepared, hooks, (records, record))
 
     @contextlib.asynccontextmanager
     async def _key_lock(self, key: str) -> AsyncIterator[None]:
@@ -546,12 +548,14 @@ class SoraClient:
         self,
         prepared: tuple[str, CreateRequest],
         recorded: tuple[TaskStore, TaskRecord] | None = None,
+        hooks: _Hooks | None = None,
     ) -> str:
         """Create a task with a slot already taken; the slot is accounted for either way.
 
         The create runs in the client's own task group: a caller cancelled while it
         is in flight stops waiting, but the create runs to its end, so a task made
         for it is still tracked (its slot kept), recorded, and never made twice.
+        ``hooks`` (and the record) hear of each send: see _Hooks.
         """
         self._check_open()
         created: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -559,7 +563,9 @@ class SoraClient:
             key = recorded[1].key
             self._creating[key] = created
             created.add_done_callback(lambda _: self._creating.pop(key, None))
-        self._creates.start_soon(self._create_detached, prepared, created, recorded)
+            hooks = hooks if hooks is not None else _Hooks(None, None)
+            hooks.recorded = recorded
+        self._creates.start_soon(self._create_detached, prepared, created, recorded, hooks)
         try:
             if recorded is None:
                 # Nobody else awaits this future, so no shield: a caller cancelled
@@ -575,6 +581,7 @@ class SoraClient:
         prepared: tuple[str, CreateRequest],
         created: asyncio.Future[str],
         recorded: tuple[TaskStore, TaskRecord] | None,
+        hooks: _Hooks | None,
     ) -> None:
         model, body = prepared
         lane = self._lanes.get(model)
@@ -583,19 +590,17 @@ class SoraClient:
             recorded is None or recorded[1].key.startswith(_AUTO_KEY)
         )
         try:
-            if recorded is not None:
-                # Written here, not in the caller: a caller cancelled between this write
-                # and the create would leave a create recorded that was never sent.
-                store, record = recorded
-                record.state, record.error = RecordState.SUBMITTING, None
-                try:
-                    await store.save(record)  # before the create is sent
-                except BaseException:
-                    lane.governor.release_slot()
-                    raise
             while True:
                 try:
-                    task_id = await self._transport.create(model, body)
+                    # The record turns submitting in hooks.sending(): once the permit
+                    # is granted, just before the send, never while a slot, a permit
+                    # or a back-off is awaited.
+                    task_id = await self._transport.create(model, body, hooks=hooks)
+                except _NotSent as stopped:
+                    lane.governor.release_slot()
+                    if not created.cancelled():
+                        created.set_exception(stopped.error)
+                    return
                 except SubmitUncertainError as exc:
                     # The task may exist and hold a slot on the server for a while.
                     lane.governor.release_slot_later(self.uncertain_hold)
@@ -889,6 +894,66 @@ def _result_or_raise(status: TaskStatus, model: str) -> Result:
             return Video.from_status(status, model)
         return Result.from_status(status, model)
     raise TaskFailedError(status.task_id, status.fail_code, status.fail_msg)
+
+
+class _NotSent(Exception):
+    """A create's hook failed before its bytes left: the create is not sent."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Hooks:
+    """A create's record and its caller's hooks, told of each attempt's bytes (the
+    transport's CreateHooks): ``submitting`` just before a send, ``queued`` again
+    after an answer that proved no task was made."""
+
+    __slots__ = ("after_no_task", "before_create", "recorded", "written")
+
+    def __init__(
+        self,
+        before_create: Callable[[], Awaitable[None]] | None,
+        after_no_task: Callable[[], Awaitable[None]] | None,
+        recorded: tuple[TaskStore, TaskRecord] | None = None,
+    ) -> None:
+        self.before_create = before_create
+        self.after_no_task = after_no_task
+        self.recorded = recorded
+        self.written = False  # the record reads submitting in its store
+
+    async def sending(self) -> None:
+        """Await the caller's hook, then write the record ``submitting``; a failure of
+        either raises _NotSent (the create is not sent)."""
+        if self.before_create is not None:
+            try:
+                await self.before_create()
+            except Exception as exc:
+                raise _NotSent(exc) from exc
+        if self.recorded is None:
+            return
+        store, record = self.recorded
+        before = record.state, record.error
+        record.state, record.error = RecordState.SUBMITTING, None
+        try:
+            await store.save(record)
+        except Exception as exc:
+            record.state, record.error = before
+            with contextlib.suppress(_NotSent):
+                await self.no_task()  # the caller's row goes back: nothing is sent
+            raise _NotSent(exc) from exc
+        self.written = True
+
+    async def no_task(self) -> None:
+        """Write the record ``queued`` again, then await the caller's hook."""
+        if self.written:
+            self.written = False
+            await _note(self.recorded, RecordState.QUEUED)
+        if self.after_no_task is not None:
+            try:
+                await self.after_no_task()
+            except Exception as exc:
+                raise _NotSent(exc) from exc
 
 
 class _KeyLock:

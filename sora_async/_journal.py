@@ -19,7 +19,7 @@ class ItemState(str, enum.Enum):
     """Where a batch item stands."""
 
     QUEUED = "queued"  # no task made for it
-    SUBMITTING = "submitting"  # a create was (maybe) sent: its fate is not known yet
+    SUBMITTING = "submitting"  # a create's bytes may be on the wire: its fate is not known
     RUNNING = "running"  # a task exists: its id is known
     SUCCEEDED = "succeeded"  # the video is made, not yet on disk
     FAILED = "failed"  # refused or failed: final

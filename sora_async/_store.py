@@ -44,7 +44,7 @@ class RecordState(str, enum.Enum):
     """Where a recorded task stands."""
 
     QUEUED = "queued"  # recorded, no create sent yet
-    SUBMITTING = "submitting"  # a create was (maybe) sent: its fate is not known yet
+    SUBMITTING = "submitting"  # a create's bytes may be on the wire: its fate is not known
     RUNNING = "running"  # the task exists: its id is known, its end is not
     SUCCEEDED = "succeeded"  # ended with results
     FAILED = "failed"  # ended without results (failed, given up, or unknown to the service)

@@ -12,7 +12,7 @@ import math
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import msgspec
@@ -32,7 +32,7 @@ from ._governor import Governor, RequestKind
 from ._models import CreatedTask, CreateRequest, TaskStatus, decode_envelope, decode_status
 from ._recorder import Recorder
 
-__all__ = ["RetryPolicy", "Transport"]
+__all__ = ["CreateHooks", "RetryPolicy", "Transport"]
 
 logger = logging.getLogger("sora_async")
 
@@ -66,6 +66,20 @@ class RetryPolicy:
     def backoff(self, attempt: int, rng: random.Random) -> float:
         """Return the sleep before retry number ``attempt`` (1-based)."""
         return rng.uniform(0, min(self.cap, self.base * 2 ** (attempt - 1)))
+
+
+class CreateHooks(Protocol):
+    """What a create tells its caller about its bytes, attempt by attempt."""
+
+    async def sending(self) -> None:
+        """Awaited once the attempt's permit is granted, just before its bytes leave.
+
+        Whatever it raises stops the create unsent and propagates as it is.
+        """
+
+    async def no_task(self) -> None:
+        """Awaited when an answer proved that the attempt made no task (429, 503, a
+        refused connection), before any wait for the next attempt."""
 
 
 class _Retry(Exception):
@@ -162,33 +176,43 @@ class Transport:
 
     # --- the three calls --------------------------------------------------------------
 
-    async def create(self, model: str, request: CreateRequest) -> str:
+    async def create(
+        self, model: str, request: CreateRequest, *, hooks: CreateHooks | None = None
+    ) -> str:
         """Create a task and return its id.
 
         Retried only where the service certainly made no task (refused connection,
         429, 503). Raises SubmitUncertainError where it may have made one.
+        ``hooks`` hear of each attempt: ``sending()`` between its permit and its send,
+        ``no_task()`` after an answer that proved it made no task.
         """
         body = _encoder.encode(request)
         url = f"{self._base_url}/generateTask/{model}"
         started = asyncio.get_running_loop().time()
         try:
-            return await self._create_once(model, url, body, False)
+            return await self._create_once(model, url, body, hooks, False)
         except _Retry as retry:
             failed = retry
         return await self._with_retries(
-            "create", failed, started, self._create_once, model, url, body
+            "create", failed, started, self._create_once, model, url, body, hooks
         )
 
-    async def _create_once(self, model: str, url: str, body: bytes, prepaid: bool) -> str:
+    async def _create_once(
+        self, model: str, url: str, body: bytes, hooks: CreateHooks | None, prepaid: bool
+    ) -> str:
         try:
-            raw = await self._send("create", model, "POST", url, body=body)
+            raw = await self._send("create", model, "POST", url, body=body, hooks=hooks)
         except _Retry as retry:
             cause = retry.cause
-            if retry.refused or isinstance(cause, RateLimitError):
-                raise
-            if isinstance(cause, ServerError) and cause.code in _CREATE_SAFE_STATUSES:
-                raise
-            raise SubmitUncertainError(f"create may have made a task: {cause}") from cause
+            if not (
+                retry.refused
+                or isinstance(cause, RateLimitError)
+                or (isinstance(cause, ServerError) and cause.code in _CREATE_SAFE_STATUSES)
+            ):
+                raise SubmitUncertainError(f"create may have made a task: {cause}") from cause
+            if hooks is not None:
+                await hooks.no_task()  # before the wait: no bytes of it are on the wire
+            raise
         try:
             return _created_decoder.decode(raw).task_id
         except (msgspec.MsgspecError, RecursionError) as exc:
@@ -291,11 +315,13 @@ class Transport:
         body: bytes | None = None,
         params: dict[str, str] | None = None,
         prepaid: bool = False,
+        hooks: CreateHooks | None = None,
     ) -> bytes:
         """Send one attempt and return the envelope's raw ``data``.
 
         Raises an APIError for a definitive error answer, or _Retry wrapping the
-        failure for anything that may be retried.
+        failure for anything that may be retried. ``hooks.sending()`` is awaited
+        between the permit and the send.
         """
         governor = self._governor_for(model)
         recorder = self.recorder
@@ -309,6 +335,8 @@ class Transport:
                 waited = asyncio.get_running_loop().time() - asked
         if self._key_refused is not None:
             raise self._key_refused
+        if hooks is not None:
+            await hooks.sending()
         outcome = "ok"
         try:
             # The exchange in this coroutine, not one of its own: one fewer per request.

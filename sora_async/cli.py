@@ -163,7 +163,9 @@ def generate(
 
     async def work(client: SoraClient, note: Note) -> int:
         with _err.status("generating..."):
-            task_id = await client.submit(request, before_create=stop.sending)
+            task_id = await client.submit(
+                request, before_create=stop.sending, after_no_task=stop.not_sent
+            )
             note["task_id"] = task_id
             stop.answered()
             video = await client.wait(task_id)

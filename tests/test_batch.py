@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
+import sqlite3
 import tempfile
 from pathlib import Path
 
@@ -441,3 +443,54 @@ async def test_retry_failed_queues_failed_items_again(tmp_path: Path) -> None:
     rows = {row["id"]: row for row in manifest(out)}
     assert rows["fails"]["state"] == "failed"
     assert rows["ok"]["state"] == "downloaded"
+
+
+def journal_states(out: Path) -> dict[str, str]:
+    """Return each item's state as a kill at this instant would leave the journal."""
+    with contextlib.closing(sqlite3.connect(out / ".sora-async-journal.sqlite")) as db:
+        return dict(db.execute("SELECT id, state FROM items").fetchall())
+
+
+@pytest.mark.parametrize("ending", ["stop", "cancel"])
+@pytest.mark.parametrize("wait", ["429", "503", "permit"])
+async def test_a_batch_ended_while_its_create_waits_leaves_the_item_queued(
+    tmp_path: Path, wait: str, ending: str
+) -> None:
+    """A create waiting for its permit, or backing off after a 429 or a 503 (no task
+    made), leaves its journal row queued, not submitting. Ended there (``stop`` set, or
+    cancelled as a kill would), the batch sends nothing more and the slot goes back;
+    the rerun creates every prompt once, with nothing uncertain."""
+    source = write_prompts(tmp_path / "p.jsonl", 3)
+    out = tmp_path / "out"
+    limits = sa.Limits(requests=5, period=60.0)
+    async with FakeApixo(generation_time=fixed(60), balance=1e6) as fake:
+        if wait == "429":
+            fake.inject("rate_limit", on="create", retry_after=60.0)
+        elif wait == "503":
+            fake.inject("server_error", on="create", status=503, retry_after=60.0)
+        async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url, limits=limits) as client:
+            if wait == "permit":
+                for _ in range(limits.requests):  # the window is spent: the create waits
+                    await client.balance()
+            stop = asyncio.Event()
+            run = asyncio.ensure_future(client.run_batch(source, out, stop=stop))
+            await asyncio.sleep(20.0)
+            assert client.governor.slots_in_use == 1  # the first create holds its slot
+            assert set(journal_states(out).values()) == {"queued"}
+            if ending == "stop":
+                stop.set()
+                report = await asyncio.wait_for(run, 1.0)  # at once: nothing is on the wire
+                assert report.stopped
+                await asyncio.sleep(60.0)  # its permit comes: the stopped create is not sent
+                assert client.governor.slots_in_use == 0
+            else:
+                run.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await run
+        assert fake.stats.creates == 0
+        assert set(journal_states(out).values()) == {"queued"}
+        async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
+            again = await client.run_batch(source, out)
+        assert again.ok
+        assert fake.stats.creates_per_prompt == {f"prompt {i}": 1 for i in range(3)}
+        assert fake.stats.rate_limited == (wait == "429")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
@@ -297,3 +298,43 @@ async def test_deeply_nested_answers_are_sora_errors(body: bytes, http_status: i
         ending = sa.ProtocolError if http_status == 200 else sa.TaskTimeoutError
         with pytest.raises(ending):
             await client.wait(task_id, timeout=900)
+
+
+class _Refused(Exception):
+    """A caller's hook declining to send."""
+
+
+async def test_before_create_runs_once_the_permit_is_granted(fake: FakeApixo) -> None:
+    """``before_create`` is awaited once the request permit is granted, just before the
+    send, not while the create waits for the window; what it raises stops the create
+    unsent, frees its slot and is raised by submit. ``after_no_task`` hears of a 429."""
+    limits = sa.Limits(requests=5, period=60.0)
+    async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url, limits=limits) as client:
+        for _ in range(limits.requests):  # the window is spent: the create waits ~60 s
+            await client.balance()
+        loop = asyncio.get_running_loop()
+        heard: list[tuple[str, float, int]] = []
+
+        async def sending() -> None:
+            heard.append(("sending", loop.time(), fake.stats.requests))
+
+        async def no_task() -> None:
+            heard.append(("no_task", loop.time(), fake.stats.requests))
+
+        fake.inject("rate_limit", on="create", retry_after=10.0)
+        await client.submit(PROMPT, before_create=sending, after_no_task=no_task)
+        assert [event for event, _, _ in heard] == ["sending", "no_task", "sending"]
+        assert heard[0][1] >= limits.period  # after the wait for the permit
+        assert heard[0][2] == limits.requests  # and before its create reached the service
+        assert heard[1][2] == heard[2][2] == limits.requests + 1  # the 429, then the retry
+        assert heard[2][1] >= heard[1][1] + 10.0
+
+        async def refuse() -> None:
+            raise _Refused
+
+        requests = fake.stats.requests
+        with pytest.raises(_Refused):
+            await client.submit(PROMPT, before_create=refuse)
+        assert fake.stats.requests == requests
+        assert client.governor.slots_in_use == 1  # the first task's only
+    assert fake.stats.creates == 1

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import secrets
 import signal
 import sqlite3
@@ -26,7 +27,7 @@ import pytest
 import redis.asyncio as aioredis
 
 import sora_async as sa
-from sora_async.testing import FakeApixo, RedisServer, lognormal
+from sora_async.testing import FakeApixo, RedisServer, fixed, lognormal
 
 pytestmark = [pytest.mark.looptime(False), pytest.mark.timeout(150)]
 
@@ -485,3 +486,62 @@ async def test_shared_budget_keeps_a_mixed_batch_in_the_keys_limits(
     assert_limits_held(fake, MIXED)
     assert stats.max_requests_in_window_all_models <= 60
     assert set(stats.creates_by_model.values()) == {MIXED // 3}
+
+
+def journal_states(journal: Path) -> dict[str, int]:
+    """Return how many items of a worker's journal are in each state."""
+    with contextlib.closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True)) as db:
+        return dict(db.execute("SELECT state, COUNT(*) FROM items GROUP BY state").fetchall())
+
+
+async def test_a_worker_killed_while_its_create_waits_for_a_permit_leaves_nothing_uncertain(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Another process of the key has just spent its whole window (60 requests; 12 s
+    here), so a worker's first create waits for a permit. SIGKILLed at a random moment
+    while that create holds a slot and waits, it leaves every item queued, none
+    uncertain; run again, it creates every prompt exactly once and saves every video."""
+    scale = 5.0
+    seed = random.randrange(2**32)
+    moment = random.Random(seed).uniform(0.0, 4.0)
+    prompts = write_prompts(tmp_path, 4)
+    out = tmp_path / "out"
+    journal = out / ".sora-async-journal-1of1.sqlite"
+    async with FakeApixo(
+        api_key=f"unknown-to-redis-{secrets.token_hex(8)}",
+        period=60.0 / scale,
+        generation_time=fixed(2.0),
+        pending_time=0.05,
+        balance=1e9,
+        seed=5,
+    ) as fake:
+        neighbour = sa.RedisGovernor(
+            redis_server.url,
+            api_key=fake.api_key,
+            limits=sa.Limits(period=60.0 / scale),
+            jitter_margin=0.2,
+            trust_empty_redis=True,
+        )
+        for _ in range(60):
+            await neighbour.request("create")
+        await neighbour.aclose()
+        worker = await start_worker(fake, redis_server.url, prompts, out, "1/1", scale=scale)
+        slots = 0
+        while not slots:  # its first create holds a slot: from here on it waits for a permit
+            await asyncio.sleep(0.05)
+            slots = await slots_left(redis_server.url, fake)
+        await asyncio.sleep(moment)
+        sent = fake.stats.requests
+        worker.send_signal(signal.SIGKILL)
+        await worker.wait()
+        left = journal_states(journal)
+        context = f"seed {seed}: killed {moment:.2f} s after the slot was taken"
+        assert sent == 0, f"{context}, but it had sent {sent} requests"
+        assert left == {"queued": 4}, f"{context}; journal {left}"
+        code, log = await finish(
+            await start_worker(fake, redis_server.url, prompts, out, "1/1", scale=scale)
+        )
+        assert code == 0, f"{context}; rerun: {log}"
+        assert journal_states(journal) == {"downloaded": 4}, context
+        assert_limits_held(fake, 4)
+        assert videos(out) == 4

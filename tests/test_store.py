@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -218,3 +220,123 @@ async def test_a_damaged_store_is_an_input_error_naming_it(fake: FakeApixo, tmp_
         async with client_on(fake, sa.SQLiteStore(store)):
             pass
     assert caught.value.field == "store"
+
+
+def record_state(store: Path, key: str) -> str:
+    """Return the state a kill at this instant would leave ``key``'s record in."""
+    with contextlib.closing(sqlite3.connect(store)) as db:
+        (state,) = db.execute("SELECT state FROM tasks WHERE key = ?", (key,)).fetchone()
+    return str(state)
+
+
+async def spend_the_window(client: sa.SoraClient) -> None:
+    """Spend every request of the client's window (balance calls), so a create waits."""
+    for _ in range(client.limits.requests):
+        await client.balance()
+
+
+@pytest.mark.parametrize("wait", ["429", "503", "permit"])
+async def test_a_create_stopped_before_its_bytes_leave_stays_queued(
+    fake: FakeApixo, tmp_path: Path, wait: str
+) -> None:
+    """A create backing off after a 429 or a 503 (no task made), or waiting for its
+    permit, reads queued, not submitting, in the store; stopped there (its client
+    closed, as a kill would), the next client creates it once under the same key."""
+    store = tmp_path / "tasks.db"
+    if wait == "429":
+        fake.inject("rate_limit", on="create", retry_after=60.0)
+    elif wait == "503":
+        fake.inject("server_error", on="create", status=503, retry_after=60.0)
+    limits = sa.Limits(requests=5, period=60.0)
+    async with sa.SoraClient(
+        api_key=fake.api_key, base_url=fake.url, limits=limits, store=sa.SQLiteStore(store)
+    ) as first:
+        if wait == "permit":
+            await spend_the_window(first)
+        requests = fake.stats.requests
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(first.submit(PROMPT, idempotency_key="waits"), 20.0)
+        # The create still holds its slot and waits, inside the client.
+        assert first.governor.slots_in_use == 1
+        assert fake.stats.requests == requests + (wait != "permit")
+        assert record_state(store, "waits") == "queued"
+    assert record_state(store, "waits") == "queued"
+    assert fake.stats.creates == 0
+    async with client_on(fake, sa.SQLiteStore(store)) as second:
+        assert second.governor.slots_in_use == 0  # nothing to hold: no task may exist
+        task_id = await second.submit(PROMPT, idempotency_key="waits")
+        assert (await second.wait(task_id)).task_id == task_id
+    assert fake.stats.creates_per_prompt == {PROMPT.prompt: 1}
+    assert record_state(store, "waits") == "succeeded"
+
+
+async def test_a_create_retried_after_a_429_is_recorded_submitting_only_while_sent(
+    fake: FakeApixo, tmp_path: Path
+) -> None:
+    """Each send of a create is recorded submitting just before it leaves, and queued
+    again once a 429 proved it made no task: the record follows the bytes."""
+    store = tmp_path / "tasks.db"
+    fake.inject("rate_limit", on="create", times=2, retry_after=30.0)
+    async with client_on(fake, sa.SQLiteStore(store)) as client:
+        creating = asyncio.ensure_future(client.submit(PROMPT, idempotency_key="retried"))
+        seen = []
+        for _ in range(8):
+            await asyncio.sleep(10.0)
+            seen.append((fake.stats.rate_limited, record_state(store, "retried")))
+        task_id = await creating
+    assert seen[0] == (1, "queued")
+    assert (2, "queued") in seen
+    assert seen[-1] == (2, "running")
+    assert task_id in fake.tasks
+    assert fake.stats.creates == 1
+
+
+async def test_a_create_retrying_a_refused_connection_stays_queued(tmp_path: Path) -> None:
+    """While nothing listens, a create's record reads queued between its attempts (a
+    refused connection proves no task was made); stopped there (its client closed), the
+    service once up gets the create once under the same key."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    store = tmp_path / "tasks.db"
+    retry = sa.RetryPolicy(attempts=100, cap=5.0)
+    async with sa.SoraClient(
+        api_key="a-key-that-reaches-nobody",
+        base_url=f"http://127.0.0.1:{port}/api/v1",
+        retry=retry,
+        store=sa.SQLiteStore(store),
+    ) as first:
+        creating = asyncio.ensure_future(first.submit(PROMPT, idempotency_key="refused"))
+        for _ in range(20):
+            await asyncio.sleep(1.0)
+            assert record_state(store, "refused") == "queued"
+        assert not creating.done()
+    assert creating.cancelled()
+    async with FakeApixo(port=port, generation_time=fixed(60.0)) as fake:
+        async with client_on(fake, sa.SQLiteStore(store)) as second:
+            task_id = await second.submit(PROMPT, idempotency_key="refused")
+            assert (await second.wait(task_id)).task_id == task_id
+        assert fake.stats.creates_per_prompt == {PROMPT.prompt: 1}
+
+
+class FullDisk(sa.MemoryStore):
+    """A store that cannot write a record as submitting (say, its disk is full)."""
+
+    async def save(self, record: sa.TaskRecord) -> None:
+        if record.state is sa.RecordState.SUBMITTING:
+            raise sa.InputError("store", "cannot write: disk full")
+        await super().save(record)
+
+
+async def test_a_create_whose_record_cannot_be_written_is_not_sent(fake: FakeApixo) -> None:
+    """The record is written submitting between the permit and the send: when that
+    write fails, nothing is sent, the slot goes back and the store's error is raised;
+    the record still reads as before."""
+    store = FullDisk()
+    async with client_on(fake, store) as client:
+        with pytest.raises(sa.InputError, match="disk full"):
+            await client.submit(PROMPT, idempotency_key="unwritten")
+        assert client.governor.slots_in_use == 0
+        assert await store.unfinished() == []
+    assert fake.stats.creates == 0
+    assert fake.stats.requests == 0
