@@ -15,14 +15,14 @@ import asyncio
 import contextlib
 import json
 import sqlite3
-import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 import sora_async as sa
-from sora_async.testing import FakeApixo, RedisServer, fixed, lognormal
+from sora_async.testing import FakeApixo, RedisServer, fixed
+from tests.workers import scaled_fake, start_worker, until, write_prompts
 
 pytestmark = [pytest.mark.looptime(False), pytest.mark.timeout(90)]
 
@@ -63,12 +63,6 @@ def client_for(fake: FakeApixo, server: RedisServer) -> sa.SoraClient:
     )
 
 
-async def until(condition: Callable[[], bool]) -> None:
-    """Wait until ``condition`` holds."""
-    while not condition():  # noqa: ASYNC110 - the fake's counters have no event
-        await asyncio.sleep(0.02)
-
-
 @contextlib.asynccontextmanager
 async def redis_stops_when(
     server: RedisServer, condition: Callable[[], bool]
@@ -95,14 +89,6 @@ def assert_is_the_error(error: BaseException, server: RedisServer) -> None:
     assert type(error) is sa.RedisUnavailableError, repr(error)
     assert "Redis" in str(error)
     assert f"127.0.0.1:{server.port}" in str(error)
-
-
-def write_prompts(folder: Path, count: int) -> Path:
-    """Write ``count`` prompts with ids to a JSONL file."""
-    path = folder / "prompts.jsonl"
-    lines = [json.dumps({"id": f"item-{i:02d}", "prompt": f"outage {i}"}) for i in range(count)]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def journal_states(journal: Path) -> dict[str, tuple[str, str | None]]:
@@ -211,46 +197,13 @@ async def test_the_clients_exit_raises_no_group_after_its_poller_met_an_outage(
 
 # --- the command line, in real processes ---------------------------------------------
 
-SCALE = 30.0  # 60 requests per 2 s, generations of about 6 s; redis_timeout 4 s
-
 
 @pytest.fixture
 async def scaled_service() -> AsyncIterator[FakeApixo]:
-    """The fake service at the real limits, every timing divided by SCALE."""
-    async with FakeApixo(
-        period=60.0 / SCALE,
-        generation_time=lognormal(180.0 / SCALE, 0.3),
-        pending_time=0.05,
-        balance=1e9,
-        seed=21,
-    ) as fake:
+    """The fake service at the real limits, every timing divided by SCALE
+    (redis_timeout is then 4 s: the CLI keeps it at 4 s or more)."""
+    async with scaled_fake(seed=21) as fake:
         yield fake
-
-
-async def batch_process(
-    fake: FakeApixo, redis_url: str, prompts: Path, out: Path, *options: str
-) -> asyncio.subprocess.Process:
-    """Start ``sora-async batch`` on ``fake`` through the Redis at ``redis_url``."""
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sora_async",
-        "batch",
-        str(prompts),
-        "-o",
-        str(out),
-        "--time-scale",
-        str(SCALE),
-        "--redis-url",
-        redis_url,
-        "--api-key",
-        fake.api_key,
-        "--base-url",
-        fake.url,
-        *options,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
 
 
 async def outcome(process: asyncio.subprocess.Process) -> tuple[int, str, str]:
@@ -279,10 +232,8 @@ async def test_cli_batch_shards_exit_1_with_one_line_naming_redis(
     prompts = write_prompts(tmp_path, 12)
     out = tmp_path / "out"
     with RedisServer(persist=True) as server:
-        as_json = await batch_process(
-            scaled_service, server.url, prompts, out, "--shard", "1/2", "--json"
-        )
-        as_text = await batch_process(scaled_service, server.url, prompts, out, "--shard", "2/2")
+        as_json = await start_worker(scaled_service, server.url, prompts, out, "1/2")
+        as_text = await start_worker(scaled_service, server.url, prompts, out, "2/2", as_json=False)
         await until(lambda: scaled_service.stats.creates >= 4)
         await asyncio.to_thread(server.stop)
         (json_code, stdout, json_log), (text_code, text_out, stderr) = await asyncio.gather(
@@ -311,8 +262,7 @@ async def test_cli_batch_shards_exit_1_with_one_line_naming_redis(
 
         await asyncio.to_thread(server.start)
         reruns = [
-            await batch_process(scaled_service, server.url, prompts, out, "--shard", k, "--json")
-            for k in ("1/2", "2/2")
+            await start_worker(scaled_service, server.url, prompts, out, k) for k in ("1/2", "2/2")
         ]
         results = [await outcome(rerun) for rerun in reruns]
     assert [code for code, _, _ in results] == [0, 0], results
@@ -331,8 +281,8 @@ async def test_cli_never_shows_the_redis_password(
     in what the process printed."""
     port = RedisServer().port  # never started: nothing listens there
     url = f"redis://:hunter2secret@127.0.0.1:{port}/0"
-    process = await batch_process(
-        scaled_service, url, write_prompts(tmp_path, 2), tmp_path / "out", "--json"
+    process = await start_worker(
+        scaled_service, url, write_prompts(tmp_path, 2), tmp_path / "out", "1/1"
     )
     code, stdout, stderr = await outcome(process)
     assert code == 1, stderr

@@ -12,13 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import random
 import secrets
 import signal
 import sqlite3
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,40 +27,16 @@ import redis.asyncio as aioredis
 
 import sora_async as sa
 from sora_async.testing import FakeApixo, RedisServer, fixed, lognormal
+from tests.workers import SCALE, scaled_fake, start_worker, until, write_prompts
 
 pytestmark = [pytest.mark.looptime(False), pytest.mark.timeout(150)]
-
-SCALE = 30.0  # 60 requests per 2 s, generations of about 6 s
 
 
 @pytest.fixture
 async def service() -> AsyncIterator[FakeApixo]:
     """The fake service at the real limits, every timing divided by SCALE."""
-    async with FakeApixo(
-        period=60.0 / SCALE,
-        generation_time=lognormal(180.0 / SCALE, 0.3),
-        pending_time=0.05,
-        balance=1e9,
-        seed=11,
-    ) as fake:
+    async with scaled_fake(seed=11) as fake:
         yield fake
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Wait until ``condition`` holds: it reads what other processes wrote, so look often."""
-    while not condition():  # noqa: ASYNC110 - no event crosses a process boundary
-        await asyncio.sleep(0.05)
-
-
-def write_prompts(folder: Path, count: int) -> Path:
-    """Write ``count`` prompts with ids to a JSONL file."""
-    path = folder / "prompts.jsonl"
-    lines = [
-        json.dumps({"id": f"item-{i:03d}", "prompt": f"prompt number {i}", "duration": 10})
-        for i in range(count)
-    ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def write_mixed_prompts(folder: Path, count: int) -> Path:
@@ -77,44 +52,6 @@ def write_mixed_prompts(folder: Path, count: int) -> Path:
     path = folder / "mixed.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
-
-
-async def start_worker(
-    fake: FakeApixo,
-    redis_url: str,
-    prompts: Path,
-    out: Path,
-    shard: str,
-    *extra: str,
-    scale: float = SCALE,
-    env: dict[str, str] | None = None,
-) -> asyncio.subprocess.Process:
-    """Start one ``sora-async batch`` worker process on its shard, with ``extra`` options
-    and ``env`` added to this process's environment."""
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sora_async",
-        "batch",
-        str(prompts),
-        "-o",
-        str(out),
-        "--shard",
-        shard,
-        "--time-scale",
-        str(scale),
-        "--redis-url",
-        redis_url,
-        "--api-key",
-        fake.api_key,
-        "--base-url",
-        fake.url,
-        "--json",
-        *extra,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=None if env is None else os.environ | env,
-    )
 
 
 async def finish(process: asyncio.subprocess.Process) -> tuple[int, str]:

@@ -1,0 +1,82 @@
+"""Batch workers as real processes: ``sora-async batch --redis-url`` against a fake
+service in the test's own process, whose counters judge."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from sora_async.testing import FakeApixo, lognormal
+
+SCALE = 30.0  # 60 requests per 2 s, generations of about 6 s
+
+
+def scaled_fake(seed: int) -> FakeApixo:
+    """The fake service at the real limits, every timing divided by SCALE."""
+    return FakeApixo(
+        period=60.0 / SCALE,
+        generation_time=lognormal(180.0 / SCALE, 0.3),
+        pending_time=0.05,
+        balance=1e9,
+        seed=seed,
+    )
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait until ``condition`` holds: it reads what other processes wrote, so look often."""
+    while not condition():  # noqa: ASYNC110 - no event crosses a process boundary
+        await asyncio.sleep(0.02)
+
+
+def write_prompts(folder: Path, count: int) -> Path:
+    """Write ``count`` prompts with ids to a JSONL file."""
+    path = folder / "prompts.jsonl"
+    lines = [
+        json.dumps({"id": f"item-{i:03d}", "prompt": f"prompt number {i}", "duration": 10})
+        for i in range(count)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+async def start_worker(
+    fake: FakeApixo,
+    redis_url: str,
+    prompts: Path,
+    out: Path,
+    shard: str,
+    *extra: str,
+    scale: float = SCALE,
+    env: dict[str, str] | None = None,
+    as_json: bool = True,
+) -> asyncio.subprocess.Process:
+    """Start one ``sora-async batch`` worker process on its shard, with ``extra`` options
+    and ``env`` added to this process's environment."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sora_async",
+        "batch",
+        str(prompts),
+        "-o",
+        str(out),
+        "--shard",
+        shard,
+        "--time-scale",
+        str(scale),
+        "--redis-url",
+        redis_url,
+        "--api-key",
+        fake.api_key,
+        "--base-url",
+        fake.url,
+        *(["--json"] if as_json else []),
+        *extra,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=None if env is None else os.environ | env,
+    )
