@@ -7,10 +7,11 @@ in this parent process, whose counters are the judge. Three parts, each repeated
 - cold start, at the real limits (``--time-scale 1``: a 61-s window, a 15-s lease; the
   fake's window 60 s): the four start at once on a fresh ``redis-server``. Timed from
   their start: the first create the fake receives, and the 10th (every slot taken);
-  split at the moment the first worker reaches Redis (its start-up before, the round
-  after). For reference, the bare start-up of the command line (``python -m sora_async
-  --help``, to its exit), alone and four at once. The workers are then stopped
-  (SIGTERM, SIGKILL after 5 s).
+  split at the first script a worker runs in Redis (the moment the round begins, which
+  the epoch it writes names, on Redis's clock): start-up before, the round after. For
+  reference, the bare start-up of the command line (``python -m sora_async --help``, to
+  its exit), alone and four at once. The workers are then stopped (SIGTERM, SIGKILL
+  after 5 s).
 - restart empty, limits ten times faster (``--time-scale 10``: a 6.1-s window; the fake's
   window 6 s, generations log-normal with a mean of 6 s): the four make 32 videos; once
   14 creates have reached the fake, Redis is restarted without its data (down 0.5 s).
@@ -51,6 +52,7 @@ from typing import Any, TextIO
 import anyio
 import redis.asyncio as aioredis
 
+import sora_async as sa
 from sora_async.testing import FakeApixo, GenerationTime, RedisServer, lognormal, uniform
 
 RESULTS = Path(__file__).parent / "results"
@@ -175,19 +177,17 @@ class Arrivals:
         return next((t for t in self.times if t > since), None)
 
 
-async def first_contact(url: str, fake: FakeApixo, found: list[float]) -> None:
-    """Append to ``found`` the fake's time when a connection other than this one reaches
-    Redis: the first worker is up (its interpreter, imports and first script)."""
-    connection = aioredis.from_url(url)
-    counted = "total_connections_received"
+async def born(url: str, api_key: str) -> float:
+    """Return when (Redis's clock, unix seconds) the first script found the key empty:
+    the epoch it wrote names that moment, and the round runs from it."""
+    epoch_key = sa.RedisGovernor(url, api_key=api_key).prefix + ":epoch"
+    connection = aioredis.from_url(url, decode_responses=True)
     try:
-        stats = await connection.info("stats")  # connects: this connection counts once
-        baseline = stats[counted]
-        while (await connection.info("stats"))[counted] == baseline:  # noqa: ASYNC110
-            await asyncio.sleep(0.01)  # the workers are other processes: no event to wait on
-        found.append(fake.now())
+        epoch = await connection.get(epoch_key)
     finally:
         await connection.aclose()
+    assert epoch is not None, "no worker reached Redis"
+    return float(str(epoch).partition("/")[0]) / 1000
 
 
 # --- the parts -----------------------------------------------------------------------
@@ -230,20 +230,17 @@ async def cold_start(folder: Path, seed: int) -> dict[str, Any]:
         period=60.0, generation_time=lognormal(180.0, 0.4), balance=1e9, seed=seed
     ) as fake:
         with RedisServer() as server:
-            contact: list[float] = []
-            async with anyio.create_task_group() as group:
-                group.start_soon(first_contact, server.url, fake, contact)
-                await asyncio.sleep(0.1)  # its own connection is counted first
-                started = fake.now()
-                workers = await start_workers(fake, server.url, prompts, 1.0)
-                await until(lambda: fake.stats.creates >= 10, timeout=120.0)
+            started, wall = fake.now(), time.time()  # the same moment on both clocks
+            workers = await start_workers(fake, server.url, prompts, 1.0)
+            await until(lambda: fake.stats.creates >= 10, timeout=120.0)
+            contact = await born(server.url, fake.api_key) - wall  # since the start
             ended = [await worker.stop() for worker in workers]
         creates = sorted(task.created_at - started for task in fake.tasks.values())
         return {
             "first_create_s": creates[0],
             "tenth_create_s": creates[9],
-            "first_redis_contact_s": contact[0] - started,
-            "first_create_after_contact_s": creates[0] - contact[0],
+            "first_script_s": contact,
+            "first_create_after_first_script_s": creates[0] - contact,
             "startup_alone_s": alone,
             f"startup_{WORKERS}_at_once_s": together,
             "requests_before_first_create": fake.stats.requests_by_kind["status"]
@@ -271,10 +268,11 @@ async def restart_empty(folder: Path, part: Restart, seed: int) -> dict[str, Any
                 await until(lambda: fake.stats.creates >= RESTART_AFTER_CREATES, timeout=300.0)
                 down = fake.now()
                 await asyncio.to_thread(server.restart, down_for=DOWN_FOR, keep_data=False)
-                back = fake.now()
+                back, wall = fake.now(), time.time()
                 await until(lambda: arrivals.first_after(back) is not None, timeout=180.0)
                 resumed = arrivals.first_after(back)
                 assert resumed is not None
+                reborn = await born(server.url, fake.api_key) - wall
                 if part.stop_after is not None:
                     await asyncio.sleep(part.stop_after - (fake.now() - resumed))
                     ended = [await worker.stop() for worker in workers]
@@ -286,6 +284,8 @@ async def restart_empty(folder: Path, part: Restart, seed: int) -> dict[str, Any
         gaps = [b - a for a, b in itertools.pairwise(before)]
         return {
             "to_next_request_s": resumed - back,
+            # When, after Redis was back, a worker's script found it empty (the round began).
+            "round_began_s": reborn,
             "restart_at_s": down - started,
             "down_s": back - down,
             # For scale: how far apart requests came before the restart.
@@ -312,12 +312,18 @@ def rows(part: str, runs: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]
         "cold": [
             ("first create after the workers' start, s", "first_create_s"),
             ("10th create (every slot taken), s", "tenth_create_s"),
-            ("first worker reaches Redis (start-up), s", "first_redis_contact_s"),
-            ("first create after that (the round), s", "first_create_after_contact_s"),
+            ("first script in Redis (the workers' start-up), s", "first_script_s"),
+            ("first create after it (the round), s", "first_create_after_first_script_s"),
             ("reference: `python -m sora_async --help` alone, s", "startup_alone_s"),
             (f"reference: {WORKERS} of them at once, s", f"startup_{WORKERS}_at_once_s"),
         ],
-    }.get(part, [("next request after Redis is back, s", "to_next_request_s")])
+    }.get(
+        part,
+        [
+            ("next request after Redis is back, s", "to_next_request_s"),
+            ("of which: a worker finds it empty, s", "round_began_s"),
+        ],
+    )
     table = []
     for label, field in seconds:
         median, most = median_max(runs, field)
