@@ -105,15 +105,17 @@ class Worker:
 
     async def stop(self) -> str:
         """SIGTERM, then SIGKILL after STOP_GRACE s; return how it ended."""
+        ended = f"exit {self.process.returncode}"
         if self.process.returncode is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(self.process.wait(), STOP_GRACE)
+                ended = f"exit {await asyncio.wait_for(self.process.wait(), STOP_GRACE)}"
             except asyncio.TimeoutError:
                 self.process.kill()
                 await self.process.wait()
-                return "killed"
-        return f"exit {self.process.returncode}"
+                ended = "killed"
+        self.sink.close()
+        return ended
 
     def text(self) -> str:
         self.sink.close()
