@@ -20,6 +20,9 @@ and the time a request spends in ``governor.request()``, by kind: for a create i
 is the permit's added latency; a poll also waits for its pacing step.
 
     python benchmarks/shared_key.py [--warmup 12] [--seconds 36] [--quick] [--row NAME ...]
+
+``--scenario cold`` runs ``benchmarks/shared_key_cold.py`` instead (its options follow):
+a fresh or emptied Redis under four real ``sora-async batch`` worker processes.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import shared_key_cold
 from utilization import slot_utilisation
 
 import sora_async as sa
@@ -328,7 +332,20 @@ async def measure(row: Row, warmup: float, seconds: float, seed: int) -> dict[st
 
 
 def main() -> None:
+    scenarios = ["utilisation", "cold"]
+    scenario = argparse.ArgumentParser(add_help=False)
+    scenario.add_argument("--scenario", choices=scenarios, default="utilisation")
+    chosen, rest = scenario.parse_known_args()
+    if chosen.scenario == "cold":
+        shared_key_cold.main(rest)
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--scenario",
+        choices=scenarios,
+        default="utilisation",
+        help="cold: a fresh or emptied Redis (benchmarks/shared_key_cold.py)",
+    )
     parser.add_argument("--warmup", type=float, default=12.0, help="seconds before the window")
     parser.add_argument("--seconds", type=float, default=36.0, help="the steady window")
     parser.add_argument("--seed", type=int, default=1)
