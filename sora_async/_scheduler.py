@@ -205,6 +205,15 @@ class PollScheduler:
     def track(self, task_id: str, model: str, *, holds_slot: bool, adopted: bool = False) -> None:
         """Start tracking a task: just created, or ``adopted`` from elsewhere (polled at once,
         since its age is unknown)."""
+        handed = self._active.get(task_id)
+        if handed is not None and handed.handed_over and holds_slot:
+            # Handed back (the process that took it over stopped): ours again, with the
+            # slot just taken for it, and polled at once.
+            handed.handed_over = False
+            handed.holds_slot = True
+            handed.urgent = "adopted"
+            self._changed.set()
+            return
         if self.is_tracked(task_id):
             if holds_slot:
                 self._governor.release_slot(task_id)  # already accounted for
