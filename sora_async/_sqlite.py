@@ -65,11 +65,20 @@ class SQLiteFile:
         """Run one statement (or ``many``) in one transaction; return the rows it read."""
 
         def work() -> list[Any]:
-            with self._db:  # one transaction
+            # Explicitly: the connection is in autocommit mode (isolation_level=None),
+            # where `with connection:` begins nothing and each row would commit alone.
+            self._db.execute("BEGIN")
+            try:
                 if many:
                     self._db.executemany(sql, params)
-                    return []
-                return self._db.execute(sql, params).fetchall()
+                    rows: list[Any] = []
+                else:
+                    rows = self._db.execute(sql, params).fetchall()
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            return rows
 
         try:
             return await asyncio.get_running_loop().run_in_executor(self._thread, work)
