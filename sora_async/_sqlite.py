@@ -111,6 +111,7 @@ class SQLiteFile:
 
 
 def _damaged(path: Path, field: str, found: str) -> InputError:
+    """Return the error that refuses a damaged file, with what SQLite ``found``."""
     return InputError(
         field,
         f"{path} is damaged (SQLite: {found}): restore it from a backup, "
