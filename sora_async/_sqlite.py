@@ -112,9 +112,12 @@ class SQLiteFile:
 
 def _damaged(path: Path, field: str, found: str) -> InputError:
     """Return the error that refuses a damaged file, with what SQLite ``found``."""
+    damage = (
+        "is not a SQLite database, or is damaged" if "not a database" in found else "is damaged"
+    )
     return InputError(
         field,
-        f"{path} is damaged (SQLite: {found}): restore it from a backup, "
+        f"cannot open {path}: it {damage} (SQLite: {found}): restore it from a backup, "
         "or move it aside with its -wal and -shm files to start afresh",
     )
 

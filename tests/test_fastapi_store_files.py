@@ -135,4 +135,4 @@ async def test_a_store_truncated_to_half_stops_the_start_in_one_line(tmp_path: P
     assert stats["creates"] == len(KEYS)
     assert not any("Traceback" in line for line in refused.lines)
     (line, _) = refused.errors
-    assert line.startswith(f"ERROR:    error: store: {store} is damaged"), line
+    assert line.startswith(f"ERROR:    error: store: cannot open {store}: it is damaged"), line

@@ -167,6 +167,6 @@ async def test_a_damaged_store_is_refused_in_one_line(tmp_path: Path, damage: st
         await keys_in(store.path)
     assert not isinstance(caught.value, sa.StoreLossError)
     message = str(caught.value)
-    assert message.startswith(f"store: {store.path} is damaged"), message
+    assert message.startswith(f"store: cannot open {store.path}: it "), message
     assert "restore it from a backup" in message
     assert "\n" not in message
