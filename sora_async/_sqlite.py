@@ -32,6 +32,11 @@ class SQLiteFile:
         self.path = path
         self.field = field
         self._thread = thread
+        #: run in the file's thread after every ``checkpoint_every`` writing transactions
+        self.checkpoint: Callable[[sqlite3.Connection], None] | None = None
+        self.checkpoint_every = 0
+        self._writes = 0
+        self._changes = connection.total_changes
 
     @classmethod
     async def open(
@@ -88,8 +93,11 @@ class SQLiteFile:
             with self._db:  # one transaction
                 if many:
                     self._db.executemany(sql, params)
-                    return []
-                return self._db.execute(sql, params).fetchall()
+                    rows = []
+                else:
+                    rows = self._db.execute(sql, params).fetchall()
+            self._after_write()
+            return rows
 
         try:
             return await asyncio.get_running_loop().run_in_executor(self._thread, work)
@@ -102,6 +110,18 @@ class SQLiteFile:
             return await asyncio.get_running_loop().run_in_executor(self._thread, work, self._db)
         except (sqlite3.Error, OSError) as exc:
             raise InputError(self.field, f"cannot write {self.path}: {exc}") from exc
+
+    def _after_write(self) -> None:
+        """Count a transaction that changed rows; checkpoint when it is time (every
+        writer of the file counts, whichever table it writes)."""
+        if self.checkpoint is None or self._db.total_changes == self._changes:
+            return
+        self._changes = self._db.total_changes
+        self._writes += 1
+        if self._writes >= self.checkpoint_every:
+            self._writes = 0
+            self.checkpoint(self._db)
+            self._changes = self._db.total_changes
 
     def close(self) -> None:
         """Close the database, after any write in flight (blocks for milliseconds, so it

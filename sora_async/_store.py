@@ -234,7 +234,6 @@ class SQLiteStore:
         self.path = Path(path)
         self.accept_loss = accept_loss
         self._file: SQLiteFile | None = None
-        self._writes = 0  # since the last checkpoint
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r})"
@@ -249,14 +248,9 @@ class SQLiteStore:
             field="store",
             prepare=lambda db: guard(db, self.path, had_wal=had_wal, accept_loss=self.accept_loss),
         )
-        self._writes = 0
-
-    async def _wrote(self) -> None:
-        """Count a write; checkpoint (see ``_store_guard``) every CHECKPOINT_EVERY."""
-        self._writes += 1
-        if self._writes >= CHECKPOINT_EVERY:
-            self._writes = 0
-            await self._db().call(checkpoint)
+        # The store checkpoints by itself (see _store_guard), after any writer's writes.
+        self._file.checkpoint = checkpoint
+        self._file.checkpoint_every = CHECKPOINT_EVERY
 
     async def close(self) -> None:
         """Close the file, after any write in flight."""
@@ -286,7 +280,6 @@ class SQLiteStore:
             ),
         )
         if rows:
-            await self._wrote()
             return record
         found = await self._db().run(f"SELECT {_COLUMNS} FROM tasks WHERE key = ?", (record.key,))
         return _record_of(found[0])
@@ -305,7 +298,6 @@ class SQLiteStore:
                 record.key,
             ),
         )
-        await self._wrote()
 
     async def unfinished(self) -> list[TaskRecord]:
         """Return the records whose task may still hold a slot, oldest first."""

@@ -40,7 +40,7 @@ __all__ = ["CHECKPOINT_EVERY", "checkpoint", "guard", "id_path", "wal_present"]
 
 logger = logging.getLogger("sora_async")
 
-CHECKPOINT_EVERY = 256  # writes between two checkpoints: a WAL of a few MB at most
+CHECKPOINT_EVERY = 256  # writes between two checkpoints: a -wal of some 5 MB at most
 
 _META = (
     "CREATE TABLE IF NOT EXISTS store_meta (one INTEGER PRIMARY KEY CHECK (one = 1), "

@@ -170,3 +170,21 @@ async def test_a_damaged_store_is_refused_in_one_line(tmp_path: Path, damage: st
     assert message.startswith(f"store: cannot open {store.path}: it "), message
     assert "restore it from a backup" in message
     assert "\n" not in message
+
+
+async def test_the_wal_stays_small_whoever_writes(tmp_path: Path) -> None:
+    """SQLite's own checkpoints are off: the store's own keep the -wal bounded, after
+    writes to its tasks and to any other table of the file alike."""
+    store = sa.SQLiteStore(tmp_path / "tasks.db")
+    await store.open()
+    wal = store.path.with_name("tasks.db-wal")
+    await write(store, 1000)
+    after_tasks = wal.stat().st_size
+    await store._db().run("CREATE TABLE other (n INTEGER)")
+    for n in range(2000):
+        await store._db().run("INSERT INTO other VALUES (?)", (n,))
+    after_other = wal.stat().st_size
+    await store.close()
+    print(f"-wal {after_tasks} bytes after 2,000 task writes, {after_other} after 2,000 more")
+    assert after_tasks < 8 * 2**20  # some 40 MB without the checkpoints
+    assert after_other <= after_tasks
