@@ -33,7 +33,9 @@ service), ``APIXO_CALLBACK_URL`` (optional: without it the client polls),
 ``APIXO_CALLBACK_SECRET``, ``SORA_ASYNC_REDIS_URL`` and ``APIXO_WORKERS`` (see below),
 ``SORA_ASYNC_STORE`` (a SQLite file recording every task: a restarted app adopts the
 tasks still running and keeps idempotency keys; with ``SORA_ASYNC_REDIS_URL`` the
-records live in Redis instead, shared by every worker),
+records live in Redis instead, shared by every worker; a store that is damaged, or
+that lost records (its ``-wal`` deleted after a kill, a new file at its path) stops the
+start with one line: ``SORA_ASYNC_STORE_ACCEPT_LOSS=1`` starts on it knowingly),
 ``APIXO_LIMITS`` (the key's limits as ``requests/period/concurrent_tasks``, default
 ``60/60/10``: set it if your plan differs, or to test against a time-compressed fake),
 ``SORA_ASYNC_SHARED_BUDGET=1`` (every model spends one budget, the default model's:
@@ -124,6 +126,7 @@ answers 200 and ignores it, and the waiter's polling safety net finds the end la
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -144,6 +147,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import sora_async as sa
 import sora_async.webhook
@@ -211,7 +215,10 @@ def client_from_env() -> sa.SoraClient:
     redis_url = os.environ.get("SORA_ASYNC_REDIS_URL") or None
     store_path = os.environ.get("SORA_ASYNC_STORE") or None
     governor: sa.Governor | None = None
-    store: sa.TaskStore | None = sa.SQLiteStore(store_path) if store_path else None
+    accept_loss = _flag("SORA_ASYNC_STORE_ACCEPT_LOSS")
+    store: sa.TaskStore | None = (
+        sa.SQLiteStore(store_path, accept_loss=accept_loss) if store_path else None
+    )
     if store is None and redis_url is None:
         logger.warning(
             "SORA_ASYNC_STORE is unset: a restart forgets the tasks in flight (their slots "
@@ -502,32 +509,37 @@ def create_app(
     client = (client_factory or client_from_env)()
     shutdown = Shutdown()
     created: set[str] = set()  # task ids made here, to name those still running at exit
+    failed_start: list[str] = []  # the one line a failed start-up logs
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redact = RedactSecrets([client.callback_secret or "", *settings.api_keys])
         remove_log_guards = install_log_guards(redact, SummariseRepeats(settings.log_repeat))
-        try:
-            async with client:
-                shutdown.watch_signals()
-                try:
-                    yield
-                finally:
-                    shutdown.restore_signals()
-                    shutdown.begin()
-                    running = sorted(task_id for task_id in created if _running(client, task_id))
-                    if running:
-                        # They go on at the service, and are billed: say which they are.
-                        logger.warning(
-                            "%d tasks still running at exit%s: %s",
-                            len(running),
-                            " (recorded: the next process adopts them)" if client.store else "",
-                            running,
-                        )
-        finally:
-            remove_log_guards()
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(remove_log_guards)
+            try:
+                await stack.enter_async_context(client)
+            except sa.SoraError as exc:  # a damaged store, Redis unreachable, ...
+                failed_start.append(_start_error(exc))
+                raise
+            shutdown.watch_signals()
+            try:
+                yield
+            finally:
+                shutdown.restore_signals()
+                shutdown.begin()
+                running = sorted(task_id for task_id in created if _running(client, task_id))
+                if running:
+                    # They go on at the service, and are billed: say which they are.
+                    logger.warning(
+                        "%d tasks still running at exit%s: %s",
+                        len(running),
+                        " (recorded: the next process adopts them)" if client.store else "",
+                        running,
+                    )
 
     app = FastAPI(title="Sora 2 Pro videos", lifespan=lifespan)
+    app.add_middleware(_StartupInOneLine, lines=failed_start)
     app.state.client = client
     app.state.shutdown = shutdown
     if client.callback_url is not None:
@@ -618,6 +630,34 @@ def create_app(
         return {"task_id": video.task_id, "url": video.url, "urls": list(video.urls)}
 
     return app
+
+
+def _start_error(exc: sa.SoraError) -> str:
+    """Return the one line that says why the app cannot start."""
+    if isinstance(exc, sa.StoreLossError):
+        return f"error: store: {exc.describe('set SORA_ASYNC_STORE_ACCEPT_LOSS=1')}"
+    return f"error: {exc}"
+
+
+class _StartupInOneLine:
+    """ASGI middleware: a start-up that failed with a known error (``lines``) logs that
+    one line instead of the traceback Starlette hands the server."""
+
+    def __init__(self, app: ASGIApp, lines: list[str]) -> None:
+        self.app = app
+        self.lines = lines
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_one_line(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed" and self.lines:
+                message = {**message, "message": self.lines[-1]}
+            await send(message)
+
+        await self.app(scope, receive, send_one_line)
 
 
 def _running(client: sa.SoraClient, task_id: str) -> bool:

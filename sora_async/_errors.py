@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 if sys.version_info < (3, 11):  # the backport anyio itself raises on 3.10
@@ -28,6 +29,7 @@ __all__ = [
     "RedisUnavailableError",
     "ServerError",
     "SoraError",
+    "StoreLossError",
     "SubmitUncertainError",
     "TaskAbandonedError",
     "TaskFailedError",
@@ -63,6 +65,29 @@ class IdempotencyConflictError(InputError):
     def __init__(self, key: str) -> None:
         super().__init__("idempotency_key", f"{key!r} was already used with a different request")
         self.key = key
+
+
+class StoreLossError(InputError):
+    """A task store lost records it held (its ``-wal`` file is gone, or another file
+    stands at its path): its tasks and idempotency keys would be created, and paid
+    for, again. ``.path`` is the store's file; ``.what`` says what happened.
+
+    Put the missing file back, or open the store with ``accept_loss=True`` to go on
+    without those records knowingly.
+    """
+
+    def __init__(self, path: Path, what: str) -> None:
+        self.path = path
+        self.what = what
+        super().__init__("store", self.describe("open the store with accept_loss=True"))
+
+    def describe(self, accept: str) -> str:
+        """Return the error's rule, saying ``accept`` as the way to accept the loss."""
+        return (
+            f"{self.path} {self.what}; the tasks and idempotency keys it held would be "
+            f"created and paid for again. Put the missing file back, or {accept} to go "
+            "on without them knowingly"
+        )
 
 
 class ClientClosedError(SoraError, RuntimeError):

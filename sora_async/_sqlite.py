@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ._errors import InputError
+
+T = TypeVar("T")
 
 __all__ = ["SQLiteFile"]
 
@@ -29,25 +32,47 @@ class SQLiteFile:
         self.path = path
         self.field = field
         self._thread = thread
+        #: run in the file's thread after every ``checkpoint_every`` writing transactions
+        self.checkpoint: Callable[[sqlite3.Connection], None] | None = None
+        self.checkpoint_every = 0
+        self._writes = 0
+        self._changes = connection.total_changes
 
     @classmethod
-    async def open(cls, path: Path, schema: tuple[str, ...], *, field: str) -> SQLiteFile:
+    async def open(
+        cls,
+        path: Path,
+        schema: tuple[str, ...],
+        *,
+        field: str,
+        prepare: Callable[[sqlite3.Connection], None] | None = None,
+    ) -> SQLiteFile:
         """Open (or create) the database at ``path``, its folder and ``schema``.
 
-        Raises InputError naming ``field``, the path and the reason when it cannot be
-        opened.
+        A damaged file is refused (``PRAGMA quick_check``). ``prepare`` runs next, in
+        the file's thread, before ``schema`` (it may raise InputError to refuse the
+        file). Raises InputError naming ``field``, the path and the reason when the file
+        cannot be opened.
         """
         thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sora-async-{field}")
 
         def connect() -> sqlite3.Connection:
             path.parent.mkdir(parents=True, exist_ok=True)
             connection = sqlite3.connect(path, isolation_level=None)
-            connection.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode survives a killed process; only power loss may undo
-            # the last commits.
-            connection.execute("PRAGMA synchronous=NORMAL")
-            for statement in schema:
-                connection.execute(statement)
+            try:
+                _damaged_if_unreadable(connection, path, field)
+                connection.execute("PRAGMA journal_mode=WAL")
+                # NORMAL in WAL mode survives a killed process; only power loss may undo
+                # the last commits.
+                connection.execute("PRAGMA synchronous=NORMAL")
+                _check_whole(connection, path, field)
+                if prepare is not None:
+                    prepare(connection)
+                for statement in schema:
+                    connection.execute(statement)
+            except BaseException:
+                connection.close()
+                raise
             return connection
 
         try:
@@ -78,6 +103,7 @@ class SQLiteFile:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+            self._after_write()  # outside the transaction: a checkpoint may run
             return rows
 
         try:
@@ -85,8 +111,61 @@ class SQLiteFile:
         except (sqlite3.Error, OSError) as exc:  # a full disk, a file removed under us
             raise InputError(self.field, f"cannot write {self.path}: {exc}") from exc
 
+    async def call(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work`` with the connection in the file's thread; return what it returns."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._thread, work, self._db)
+        except (sqlite3.Error, OSError) as exc:
+            raise InputError(self.field, f"cannot write {self.path}: {exc}") from exc
+
+    def _after_write(self) -> None:
+        """Count a transaction that changed rows; checkpoint when it is time (every
+        writer of the file counts, whichever table it writes)."""
+        if self.checkpoint is None or self._db.total_changes == self._changes:
+            return
+        self._changes = self._db.total_changes
+        self._writes += 1
+        if self._writes >= self.checkpoint_every:
+            self._writes = 0
+            self.checkpoint(self._db)
+            self._changes = self._db.total_changes
+
     def close(self) -> None:
         """Close the database, after any write in flight (blocks for milliseconds, so it
         also runs while its user is being cancelled)."""
         self._thread.submit(self._db.close)
         self._thread.shutdown(wait=True)
+
+
+def _damaged(path: Path, field: str, found: str) -> InputError:
+    """Return the error that refuses a damaged file, with what SQLite ``found``."""
+    damage = (
+        "is not a SQLite database, or is damaged" if "not a database" in found else "is damaged"
+    )
+    return InputError(
+        field,
+        f"cannot open {path}: it {damage} (SQLite: {found}): restore it from a backup, "
+        "or move it aside with its -wal and -shm files to start afresh",
+    )
+
+
+def _damaged_if_unreadable(connection: sqlite3.Connection, path: Path, field: str) -> None:
+    """Raise InputError if SQLite cannot even read the file's schema (not a database,
+    or its first pages are damaged)."""
+    try:
+        connection.execute("SELECT count(*) FROM sqlite_master").fetchall()
+    except sqlite3.OperationalError:  # cannot open, locked, I/O: the caller says so
+        raise
+    except sqlite3.DatabaseError as exc:
+        raise _damaged(path, field, str(exc)) from exc
+
+
+def _check_whole(connection: sqlite3.Connection, path: Path, field: str) -> None:
+    """Raise InputError unless SQLite's quick integrity check finds the file whole
+    (it reads every page once: a second or so for a file of hundreds of MB)."""
+    try:
+        found = [row[0] for row in connection.execute("PRAGMA quick_check(3)")]
+    except sqlite3.DatabaseError as exc:
+        found = [str(exc)]
+    if found != ["ok"]:
+        raise _damaged(path, field, "; ".join(map(str, found)))

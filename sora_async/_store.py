@@ -24,6 +24,7 @@ import msgspec
 
 from ._errors import InputError
 from ._sqlite import SQLiteFile
+from ._store_guard import CHECKPOINT_EVERY, checkpoint, guard, wal_present
 
 __all__ = [
     "MemoryStore",
@@ -218,21 +219,38 @@ class SQLiteStore:
 
     One process at a time should write a file; processes sharing a key on several
     hosts share the slots through :class:`RedisGovernor`, each with its own file.
+
+    A store is four files: ``path``, ``path-wal`` and ``path-shm`` (SQLite's) and
+    ``path-id`` (its id). Opening refuses, with InputError naming ``store``, a damaged
+    file, and with :class:`StoreLossError` a store that lost records: its -wal
+    deleted after a kill, or a new or other file at a path whose ``-id`` names
+    another store. ``accept_loss=True`` opens such a store anyway, knowingly.
     """
 
     durable = True
     shared = False
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, accept_loss: bool = False) -> None:
         self.path = Path(path)
+        self.accept_loss = accept_loss
         self._file: SQLiteFile | None = None
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r})"
 
     async def open(self) -> None:
-        """Open (or create) the file; raises InputError naming ``store`` if it cannot."""
-        self._file = await SQLiteFile.open(self.path, _SCHEMA, field="store")
+        """Open (or create) the file; raises InputError naming ``store`` if it cannot,
+        or if it is damaged, and StoreLossError if it lost records."""
+        had_wal = wal_present(self.path)
+        self._file = await SQLiteFile.open(
+            self.path,
+            _SCHEMA,
+            field="store",
+            prepare=lambda db: guard(db, self.path, had_wal=had_wal, accept_loss=self.accept_loss),
+        )
+        # The store checkpoints by itself (see _store_guard), after any writer's writes.
+        self._file.checkpoint = checkpoint
+        self._file.checkpoint_every = CHECKPOINT_EVERY
 
     async def close(self) -> None:
         """Close the file, after any write in flight."""
