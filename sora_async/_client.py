@@ -65,10 +65,12 @@ from ._models import (
 from ._pool import TaskPool
 from ._recorder import Recorder
 from ._scheduler import PollPolicy, PollScheduler
+from ._sends import SendMemory
 from ._snapshot import Snapshot, model_snapshot, snapshot_of
 from ._store import (
     MemoryStore,
     RecordState,
+    SendLog,
     TaskRecord,
     TaskStore,
     check_idempotency_key,
@@ -212,6 +214,7 @@ class SoraClient:
         self._host: asyncio.Task[None] | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._creates = TaskPool()  # one task per create, owned by the task group
+        self._sends: SendMemory | None = None  # the window's sends, kept in the store
 
     @property
     def governor(self) -> Governor:
@@ -267,6 +270,16 @@ class SoraClient:
             raise ClientClosedError("a SoraClient can be entered once; create a new one")
         if self.store is not None:
             await self.store.open()
+            if self.store.durable and isinstance(self.store, SendLog):
+                # The sends of the last window, by this store's previous client: each
+                # governor counts them before its first request (0 x 429 at a restart).
+                self._sends = SendMemory(self.store)
+                try:
+                    await self._sends.load()
+                except BaseException:
+                    await self.store.close()
+                    raise
+                self._lanes.on_governor = self._sends.watch
         await self._transport.open()
         self._downloader = Downloader(
             self._transport.session,
@@ -314,6 +327,8 @@ class SoraClient:
                 await self._host
         await self._lanes.aclose()
         await self._transport.close()
+        if self._sends is not None:
+            await self._sends.flush()
         if self.store is not None:
             # Tasks still running stay recorded: the next client on the store adopts them.
             await self.store.close()
