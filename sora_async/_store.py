@@ -52,6 +52,9 @@ class RecordState(str, enum.Enum):
     FAILED = "failed"  # ended without results (failed, given up, or unknown to the service)
     REFUSED = "refused"  # the service refused the create: no task, nothing paid
     UNCERTAIN = "uncertain"  # a create may have made a task we cannot name
+    # An operator released an uncertain create's key: the next submit with it creates
+    # again, knowingly (it may pay twice). Nothing holds a slot for it any more.
+    RELEASED = "released"
 
     @property
     def unfinished(self) -> bool:
