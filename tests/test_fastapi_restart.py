@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.processes import AppProcess, FakeProcess, app_process, fake_and_app
 
@@ -53,7 +54,8 @@ async def test_kill9_while_creates_wait_for_a_permit_then_restart(tmp_path: Path
             await asyncio.gather(*waiting, return_exceptions=True)
         assert (await fake.stats())["creates"] == WINDOW  # none of the 10 was sent
         async with app_process(app_env, port=app.address[1]) as again, again.http() as http:
-            remembered = (await http.get("/status")).json()["requests_in_window"]
+            status = (await http.get("/status")).json()
+            remembered = status["requests_in_window"]
             started = asyncio.get_running_loop().time()
             answers = await asyncio.gather(*(keyed_post(http, n) for n in range(10)))
             took = asyncio.get_running_loop().time() - started
@@ -63,6 +65,8 @@ async def test_kill9_while_creates_wait_for_a_permit_then_restart(tmp_path: Path
     assert [answer.status_code for answer in answers] == [200] * 10, [a.text for a in answers]
     assert repeated.json() == answers[3].json()
     assert remembered == WINDOW
+    # The 10 tasks running hold slots; the 10 creates never sent hold none.
+    assert (status["slots_in_use"], status["uncertain_keys"]) == (WINDOW, [])
     assert stats["rate_limited"] == 0
     assert stats["creates"] == WINDOW + 10
     assert max(stats["creates_per_prompt"].values()) == 1
@@ -110,13 +114,16 @@ async def test_kill9_with_creates_on_the_wire_then_release(tmp_path: Path) -> No
     assert stats["rate_limited"] == 0
 
 
-async def test_sigterm_while_creates_wait_for_a_permit(tmp_path: Path) -> None:
-    """SIGTERM (no --timeout-graceful-shutdown) with the window spent and 4 keyed POSTs
-    waiting for a permit: each answers 503 with Retry-After at once, the process exits
-    within a second, nothing was sent for them; a restart on the store creates each
-    key once when retried, with 0 x 429."""
+@pytest.mark.parametrize("options", [(), ("--timeout-graceful-shutdown", "10")])
+async def test_sigterm_while_creates_wait_for_a_permit(
+    tmp_path: Path, options: tuple[str, ...]
+) -> None:
+    """SIGTERM (with and without --timeout-graceful-shutdown) with the window spent and
+    4 keyed POSTs waiting for a permit: each answers 503 with Retry-After at once, the
+    process exits within a second, nothing was sent for them; a restart on the store
+    creates each key once when retried, with 0 x 429."""
     env = ENV | {"SORA_ASYNC_STORE": str(tmp_path / "tasks.db")}
-    async with fake_and_app(FAKE_LIMITS + RUNNING, env=env) as (fake, app, app_env):
+    async with fake_and_app(FAKE_LIMITS + RUNNING, *options, env=env) as (fake, app, app_env):
         await fill_window(app, fake)
         async with app.http() as http:
             waiting = [asyncio.ensure_future(keyed_post(http, n)) for n in range(4)]
