@@ -515,7 +515,7 @@ class LocalGovernor:
         self._queue = RequestQueue()
         self._sent: collections.deque[float] = collections.deque()  # within the window
         self._grants = 0  # granted in all (seeds not counted)
-        self._granted = asyncio.Event()  # set at each grant (see granted_since)
+        self._granted = asyncio.Event()  # set at each grant (see wait_grants)
         self._last_poll: float | None = None
         self._not_before = 0.0
         self._rate_factor = 1.0
