@@ -13,7 +13,14 @@ Routes (all but the callback route require one of the app's API keys, sent as
   ``Idempotency-Key`` header (1 to 255 characters) the same key answers the same task
   and never creates twice, across restarts with a store: a caller that gave up
   waiting sends the same request with the same key again and gets its task. The same
-  key with another body is 422, as the IETF draft of the header says.
+  key with another body is 422, as the IETF draft of the header says. A key whose
+  create reached the service but whose answer was lost (a timeout, a reset, or the app
+  killed while the create was on the wire) answers 409 ``{"error": "uncertain",
+  "idempotency_key": ..., "release": "POST /videos/release", "message": ...}``: a task
+  may exist and be billed, so it is not sent again.
+- ``POST /videos/release`` with the ``Idempotency-Key`` header of an uncertain key
+  releases it: the next ``POST /videos`` with that key creates a task, knowingly (it
+  may pay twice). 404 ``not_uncertain`` for a key that is not uncertain.
 - ``GET /videos/{task_id}?timeout=60`` waits up to ``timeout`` seconds and answers
   ``{"task_id", "url", "urls"}``; 504 if the video is not ready by then (ask again: the
   task goes on), 502 with the ``fail_code`` if the generation failed, 404 for an
@@ -22,7 +29,8 @@ Routes (all but the callback route require one of the app's API keys, sent as
   limit, requests in the window and its limit, rate factor, 429s seen, creates waiting
   for a slot, tasks in flight, learned generation times, polls per finished task and
   callback loss, for the default model and under ``models`` for each model used (with
-  Redis: the key's figures, summed over every worker).
+  Redis: the key's figures, summed over every worker), and ``uncertain_keys``: the
+  idempotency keys that answer 409 ``uncertain``.
 - ``POST`` at the path of ``APIXO_CALLBACK_URL`` (when set) receives the provider's
   callbacks, so a finished task is known at once instead of at the next poll. It takes
   no API key: the provider sends none, and the callback secret in its URL
@@ -72,11 +80,15 @@ The app's own settings, checked at start like the client's:
 
 Shutdown: on SIGTERM or SIGINT (the app chains its own handler before uvicorn's),
 every ``GET /videos/{id}`` still waiting answers at once 503 ``{"error":
-"shutting_down", "task_id": ...}`` with ``Retry-After``, a ``POST /videos`` still
-waiting for a task slot answers 503 (no task was made for it), and a create already
-sent runs to its end and answers its task id. The tasks go on at the service; the app
-logs the ids of those still running, then closes its client. With a store they stay
-recorded, and the next process adopts them: it holds their slots and polls them. Run uvicorn with
+"shutting_down", "task_id": ...}`` with ``Retry-After``, a ``POST /videos`` whose
+create was not sent (it waits for a task slot, a request permit or a retry) answers 503
+with ``Retry-After`` (no task was made for it; with a store its key stays ``queued`` and
+creates once when sent again), and a create already sent runs to its end and answers
+its task id. The tasks go on at the service; the app logs the ids of those still
+running, then closes its client. With a store they stay recorded, and the next process
+adopts them: it holds their slots and polls them. The store also keeps the times of
+the requests sent in the last window, so the next process waits for the window its
+predecessor spent (killed or stopped) instead of earning 429s. Run uvicorn with
 ``--timeout-graceful-shutdown`` so that no request can hold the exit up for long.
 
 Logs: the callback secret never reaches a log. uvicorn's access log prints every
@@ -372,7 +384,8 @@ class Shutdown:
         unsent = [post for post in self.posts if not post.sending]
         if self.waiters or unsent:
             logger.warning(
-                "shutting down: %d waiting GETs and %d POSTs waiting for a slot answer 503",
+                "shutting down: %d waiting GETs and %d POSTs not sent (waiting for a slot or a "
+                "request permit) answer 503",
                 len(self.waiters),
                 len(unsent),
             )
@@ -438,6 +451,36 @@ def _error(status: int, headers: dict[str, str] | None = None, **detail: Any) ->
 
 def _shutting_down(**detail: Any) -> JSONResponse:
     return _error(503, {"Retry-After": str(RETRY_AFTER)}, error="shutting_down", **detail)
+
+
+RELEASE_ROUTE = "/videos/release"
+
+
+def _uncertain(exc: sa.SubmitUncertainError, key: str | None) -> JSONResponse:
+    """Answer a create that may have made a task nobody can name: never a 5xx that
+    invites a retry (a retry may pay twice)."""
+    if key is None:
+        message = (
+            "the create reached the service but its answer was lost: a task may exist and "
+            "be billed, and its id is unknown. Sending this POST again may pay twice; send "
+            "an Idempotency-Key to be safe"
+        )
+        return _error(502, error="uncertain", message=message)
+    message = (
+        "the create for this Idempotency-Key reached the service but its answer was lost "
+        "(a timeout, a reset, or the app stopped while it was on the wire): a task may "
+        "exist and be billed, and its id is unknown, so it is not sent again. To create "
+        f"it anyway (it may pay twice): POST {RELEASE_ROUTE} with this Idempotency-Key, "
+        "then send this POST again. GET /status lists these keys under uncertain_keys"
+    )
+    return _error(
+        409,
+        error="uncertain",
+        idempotency_key=key,
+        state="uncertain",
+        release=f"POST {RELEASE_ROUTE}",
+        message=message,
+    )
 
 
 def _service_error(exc: sa.SoraError) -> JSONResponse:
@@ -589,6 +632,8 @@ def create_app(
                 )
         except _Refused:
             pass
+        except sa.SubmitUncertainError as exc:
+            return _uncertain(exc, idempotency_key)
         except sa.InputError as exc:  # the key: malformed, or used with another body
             raise _invalid("header", exc, field="Idempotency-Key") from exc
         finally:
@@ -600,10 +645,34 @@ def create_app(
             created.intersection_update([t for t in created if _running(client, t)])
         return {"task_id": task_id}
 
+    @app.post(RELEASE_ROUTE, dependencies=guarded, response_model=None)
+    async def release_key(
+        idempotency_key: Annotated[str, Header(alias="Idempotency-Key")],
+    ) -> dict[str, str] | JSONResponse:
+        """Release an uncertain key: the next ``POST /videos`` with it creates a task,
+        although its earlier create may have made one (it may pay twice)."""
+        try:
+            released = await client.release_key(idempotency_key)
+        except sa.InputError as exc:
+            raise _invalid("header", exc, field="Idempotency-Key") from exc
+        if not released:
+            return _error(404, error="not_uncertain", idempotency_key=idempotency_key)
+        return {
+            "released": idempotency_key,
+            "message": "the next POST /videos with this key creates a task (it may pay twice)",
+        }
+
     @app.get("/status", dependencies=guarded)
     async def status() -> Response:
-        """Return the client's snapshot: its governors' and schedulers' figures now."""
-        return Response(msgspec.json.encode(client.snapshot()), media_type="application/json")
+        """Return the client's snapshot (its governors' and schedulers' figures now) and
+        the idempotency keys whose create is uncertain (``uncertain_keys``)."""
+        figures = msgspec.to_builtins(client.snapshot())
+        try:
+            figures["uncertain_keys"] = await client.uncertain_keys()
+        except sa.SoraError as exc:  # the store cannot be read (or the client is closed)
+            logger.warning("status: cannot list the uncertain keys: %s", exc)
+            figures["uncertain_keys"] = None
+        return Response(msgspec.json.encode(figures), media_type="application/json")
 
     @app.get("/videos/{task_id}", dependencies=guarded, response_model=None)
     async def get_video(

@@ -65,10 +65,12 @@ from ._models import (
 from ._pool import TaskPool
 from ._recorder import Recorder
 from ._scheduler import PollPolicy, PollScheduler
+from ._sends import SendMemory
 from ._snapshot import Snapshot, model_snapshot, snapshot_of
 from ._store import (
     MemoryStore,
     RecordState,
+    SendLog,
     TaskRecord,
     TaskStore,
     check_idempotency_key,
@@ -212,6 +214,7 @@ class SoraClient:
         self._host: asyncio.Task[None] | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._creates = TaskPool()  # one task per create, owned by the task group
+        self._sends: SendMemory | None = None  # the window's sends, kept in the store
 
     @property
     def governor(self) -> Governor:
@@ -267,6 +270,16 @@ class SoraClient:
             raise ClientClosedError("a SoraClient can be entered once; create a new one")
         if self.store is not None:
             await self.store.open()
+            if self.store.durable and isinstance(self.store, SendLog):
+                # The sends of the last window, by this store's previous client: each
+                # governor counts them before its first request (0 x 429 at a restart).
+                self._sends = SendMemory(self.store)
+                try:
+                    await self._sends.load()
+                except BaseException:
+                    await self.store.close()
+                    raise
+                self._lanes.on_governor = self._sends.watch
         await self._transport.open()
         self._downloader = Downloader(
             self._transport.session,
@@ -314,6 +327,8 @@ class SoraClient:
                 await self._host
         await self._lanes.aclose()
         await self._transport.close()
+        if self._sends is not None:
+            await self._sends.flush()
         if self.store is not None:
             # Tasks still running stay recorded: the next client on the store adopts them.
             await self.store.close()
@@ -452,10 +467,57 @@ class SoraClient:
             if record.state in (RecordState.SUBMITTING, RecordState.UNCERTAIN):
                 raise SubmitUncertainError(
                     f"the create for idempotency key {key!r} may have made a task whose id "
-                    "was never learned; it is not sent again (never pay twice)"
+                    "was never learned; it is not sent again (never pay twice) unless the "
+                    "key is released (release_key)"
                 )
-            # Queued or refused: no task exists for this key, so creating is safe.
+            # Queued or refused: no task exists for this key, so creating is safe;
+            # released: an operator chose to create again, knowing it may pay twice.
             return await self._slot_then_create(prepared, hooks, (records, record))
+
+    async def uncertain_keys(self) -> list[str]:
+        """Return the idempotency keys whose create may have made a task whose id was
+        never learned (a timeout or reset after the send, or a process that stopped
+        while it was on the wire), sorted. A submit with one raises
+        SubmitUncertainError until :meth:`release_key` releases it."""
+        self._check_open()
+        records = self._key_records
+        if records is None:
+            return []
+        return sorted(
+            record.key
+            for record in await records.unfinished()
+            if record.state is RecordState.UNCERTAIN and not record.key.startswith(_AUTO_KEY)
+        )
+
+    async def release_key(self, idempotency_key: str) -> bool:
+        """Let the next submit with ``idempotency_key`` create again, although its
+        uncertain create may have made a task (billed, its id unknown): that submit
+        may pay twice. Return False when the key names no uncertain create (unknown,
+        made, refused, or a create still in flight here). The slot held for the
+        uncertain create stays held for the rest of ``uncertain_hold``: its task may
+        still run on the service.
+        """
+        self._check_open()
+        key = check_idempotency_key(idempotency_key)
+        records = self._key_records
+        if records is None:
+            return False
+        async with self._key_lock(key):
+            if key in self._creating:
+                return False
+            for record in await records.unfinished():
+                if record.key == key and record.state is RecordState.UNCERTAIN:
+                    was = record.error or "uncertain"
+                    record.state = RecordState.RELEASED
+                    record.error = f"released: the next submit creates again ({was})"
+                    await records.save(record)
+                    logger.warning(
+                        "idempotency key %r released: its next submit creates a task, "
+                        "though its earlier create may have made one",
+                        key,
+                    )
+                    return True
+        return False
 
     @contextlib.asynccontextmanager
     async def _key_lock(self, key: str) -> AsyncIterator[None]:

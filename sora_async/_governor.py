@@ -13,7 +13,7 @@ import heapq
 import itertools
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import anyio
@@ -26,6 +26,7 @@ __all__ = [
     "CreatePause",
     "Governor",
     "LocalGovernor",
+    "RemembersGrants",
     "RequestKind",
     "RequestQueue",
     "TaskNews",
@@ -176,6 +177,31 @@ class Governor(Protocol):
 
     async def aclose(self) -> None:
         """Cancel pending timers; waiters are not woken."""
+
+
+@runtime_checkable
+class RemembersGrants(Protocol):
+    """A governor whose window of sends can outlive its process: it tells the times
+    of its grants, and counts those of an earlier process on the key as its own.
+
+    Times are the running loop's (``loop.time()``): whoever keeps them across processes
+    converts them to and from wall-clock time.
+    """
+
+    @property
+    def memory(self) -> float:
+        """Return how many seconds of past grants the window needs to know."""
+
+    def grants_since(self, count: int) -> tuple[int, list[float]]:
+        """Return how many requests were granted in all, and the loop times of the
+        grants after the first ``count`` that the window still counts, oldest first."""
+
+    async def wait_grants(self, count: int) -> None:
+        """Wait until more than ``count`` requests were granted in all."""
+
+    def seed_grants(self, times: Iterable[float]) -> None:
+        """Count requests sent at loop times ``times`` (by an earlier process on the key)
+        in the window, as if this governor had granted them."""
 
 
 class _Ticket:
@@ -488,6 +514,8 @@ class LocalGovernor:
         # Request side.
         self._queue = RequestQueue()
         self._sent: collections.deque[float] = collections.deque()  # within the window
+        self._grants = 0  # granted in all (seeds not counted)
+        self._granted = asyncio.Event()  # set at each grant (see wait_grants)
         self._last_poll: float | None = None
         self._not_before = 0.0
         self._rate_factor = 1.0
@@ -538,7 +566,41 @@ class LocalGovernor:
             if paced:
                 self._last_poll = now
             self._sent.append(now)
+            self._grants += 1
+            self._granted.set()
         return delay
+
+    @property
+    def memory(self) -> float:
+        """Return how many seconds of past grants the window needs to know: the period
+        plus the largest jitter margin."""
+        return self._longest_window
+
+    def grants_since(self, count: int) -> tuple[int, list[float]]:
+        """Return how many requests were granted in all, and the loop times of the
+        grants after the first ``count`` still in the window's log, oldest first.
+
+        A client with a store keeps them there, so that a restart on the store waits
+        for the window its predecessor spent (see :meth:`seed_grants`).
+        """
+        self._forget_sends(asyncio.get_running_loop().time())
+        newer = min(self._grants - count, len(self._sent))
+        return self._grants, list(itertools.islice(self._sent, len(self._sent) - newer, None))
+
+    async def wait_grants(self, count: int) -> None:
+        """Wait until more than ``count`` requests were granted in all."""
+        while self._grants <= count:
+            self._granted.clear()
+            await self._granted.wait()
+
+    def seed_grants(self, times: Iterable[float]) -> None:
+        """Count requests sent at loop times ``times`` (by an earlier process on the key,
+        read back from a store) in the window, as if granted here. A time still to come
+        (a clock set back) counts as now; times out of the window are dropped."""
+        now = asyncio.get_running_loop().time()
+        seeded = [min(sent, now) for sent in times if sent + self._longest_window > now]
+        if seeded:
+            self._sent = collections.deque(sorted([*self._sent, *seeded]))
 
     @property
     def jitter_margin(self) -> float:
@@ -554,8 +616,7 @@ class LocalGovernor:
 
     def _delay(self, now: float, *, paced: bool) -> float:
         """Return how long the head of the queue must still wait (<= 0: go now)."""
-        while self._sent and self._sent[0] + self._longest_window <= now:
-            self._sent.popleft()
+        self._forget_sends(now)
         margin = self._fixed_margin if self._margin is None else self._margin.at(now)
         window = self.limits.period + margin
         wait = self._not_before - now
@@ -570,6 +631,11 @@ class LocalGovernor:
             wait = max(wait, self._last_poll + step - now)
         # A wake-up computed from floats may land a hair early: never re-arm closer.
         return max(wait, _MIN_WAIT) if wait > 0 else wait
+
+    def _forget_sends(self, now: float) -> None:
+        """Drop the sends older than the widest window from the log."""
+        while self._sent and self._sent[0] + self._longest_window <= now:
+            self._sent.popleft()
 
     def rate_limited(self, kind: RequestKind, retry_after: float | None) -> None:
         """Pause every request and shrink rate (and slots, for a create) after a 429.

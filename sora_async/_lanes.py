@@ -68,6 +68,9 @@ class Lanes:
         self._recorder: Recorder | None = None
         #: Told of each task a governor hands over from a dead process (task id, model).
         self.on_adopted: Callable[[str, str], None] | None = None
+        #: Told of each governor as it starts, before its first request (the model of
+        #: the first lane it serves, the governor, the task group it runs in).
+        self.on_governor: Callable[[str, Governor, anyio.abc.TaskGroup], None] | None = None
         self.default = self.get(default_model)
 
     def governor_for(self, model: str) -> Governor:
@@ -125,6 +128,8 @@ class Lanes:
         group.start_soon(lane.scheduler.run)
         if not any(governor is lane.governor for governor in self._started):
             self._started.append(lane.governor)
+            if self.on_governor is not None:
+                self.on_governor(lane.model, lane.governor, group)
             group.start_soon(lane.governor.run, _News(self))
 
     def record(self, recorder: Recorder | None) -> None:

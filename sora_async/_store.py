@@ -16,6 +16,7 @@ import itertools
 import json
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -30,6 +31,7 @@ __all__ = [
     "MemoryStore",
     "RecordState",
     "SQLiteStore",
+    "SendLog",
     "TaskRecord",
     "TaskStore",
     "check_idempotency_key",
@@ -51,6 +53,9 @@ class RecordState(str, enum.Enum):
     FAILED = "failed"  # ended without results (failed, given up, or unknown to the service)
     REFUSED = "refused"  # the service refused the create: no task, nothing paid
     UNCERTAIN = "uncertain"  # a create may have made a task we cannot name
+    # An operator released an uncertain create's key: the next submit with it creates
+    # again, knowingly (it may pay twice). Nothing holds a slot for it any more.
+    RELEASED = "released"
 
     @property
     def unfinished(self) -> bool:
@@ -121,6 +126,22 @@ class TaskStore(Protocol):
         """Return the record of task ``task_id``, if any."""
 
 
+@runtime_checkable
+class SendLog(Protocol):
+    """A store that also keeps the request sends of the last window (wall-clock
+    times, by budget), so that a client restarted on it waits for the window its
+    predecessor spent instead of earning 429s."""
+
+    async def record_sends(
+        self, budget: str, times: Sequence[float], *, forget_before: float
+    ) -> None:
+        """Add ``times`` (``time.time()`` seconds) to ``budget``'s sends, and forget
+        its sends before ``forget_before``."""
+
+    async def recent_sends(self) -> dict[str, list[float]]:
+        """Return the recorded sends of each budget, oldest first."""
+
+
 class MemoryStore:
     """Records in this process's memory: idempotency keys for its life, no durability.
 
@@ -185,6 +206,9 @@ _SCHEMA = (
     """,
     "CREATE INDEX IF NOT EXISTS tasks_by_task_id ON tasks (task_id)",
     "CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (state)",
+    # The requests sent in the last window, by budget (see SendLog): a few dozen rows.
+    "CREATE TABLE IF NOT EXISTS sends (budget TEXT NOT NULL, at REAL NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS sends_by_budget ON sends (budget, at)",
 )
 _COLUMNS = (
     "key, fingerprint, model, request, state, task_id, result_urls, error, created_at, updated_at"
@@ -225,6 +249,10 @@ class SQLiteStore:
     file, and with :class:`StoreLossError` a store that lost records: its -wal
     deleted after a kill, or a new or other file at a path whose ``-id`` names
     another store. ``accept_loss=True`` opens such a store anyway, knowingly.
+
+    The file also keeps the times of the requests sent in the last window (see
+    :class:`SendLog`): a client restarted on it waits for the window its predecessor
+    spent.
     """
 
     durable = True
@@ -313,3 +341,23 @@ class SQLiteStore:
             f"SELECT {_COLUMNS} FROM tasks WHERE task_id = ? LIMIT 1", (task_id,)
         )
         return _record_of(rows[0]) if rows else None
+
+    async def record_sends(
+        self, budget: str, times: Sequence[float], *, forget_before: float
+    ) -> None:
+        """Add ``times`` to ``budget``'s sends and forget those before ``forget_before``."""
+        db = self._db()
+        await db.run(
+            "INSERT INTO sends (budget, at) VALUES (?, ?)",
+            [(budget, at) for at in times],
+            many=True,
+        )
+        await db.run("DELETE FROM sends WHERE budget = ? AND at < ?", (budget, forget_before))
+
+    async def recent_sends(self) -> dict[str, list[float]]:
+        """Return the recorded sends of each budget, oldest first."""
+        sends: dict[str, list[float]] = {}
+        for budget, at in await self._db().run("SELECT budget, at FROM sends ORDER BY at"):
+            if isinstance(budget, str) and isinstance(at, (int, float)):
+                sends.setdefault(budget, []).append(float(at))
+        return sends

@@ -11,9 +11,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._fake import FakeApixo
+from ._faults import Fault, FaultPlan
 from ._timing import GenerationTime, fixed, heavy_tailed, lognormal, uniform
 
-__all__ = ["main", "parse_generation", "serve"]
+__all__ = ["main", "parse_fault", "parse_generation", "serve"]
 
 _DISTRIBUTIONS: dict[str, Callable[..., GenerationTime]] = {
     "lognormal": lognormal,
@@ -41,26 +42,57 @@ def parse_generation(spec: str) -> GenerationTime:
     return distribution
 
 
-async def _run(host: str, port: int, knobs: dict[str, Any]) -> None:
+def parse_fault(spec: str) -> dict[str, Any]:
+    """Parse ``KIND:ON[:TIMES[:DELAY]]`` (e.g. ``slow:create:2:5``) into the keyword
+    arguments of :meth:`FakeApixo.inject`.
+
+    Raises:
+        ValueError: a bad kind, target, count or delay.
+    """
+    kind, _, rest = spec.partition(":")
+    on, _, rest = rest.partition(":")
+    times, _, delay = rest.partition(":")
+    try:
+        fault = Fault(kind.strip())
+        count, seconds = int(times or 1), float(delay or 0)
+        target: Any = on or "any"  # the plan checks the target, the count and the delay
+        FaultPlan().add(fault, on=target, times=count, status=503, delay=seconds, retry_after=None)
+    except ValueError as exc:
+        raise ValueError(f"bad fault {spec!r}: {exc}") from exc
+    return {"kind": fault, "on": target, "times": count, "delay": seconds}
+
+
+async def _run(
+    host: str, port: int, knobs: dict[str, Any], faults: Sequence[dict[str, Any]] = ()
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGTERM, stop.set)
     async with FakeApixo(host=host, port=port, **knobs) as fake:
+        for fault in faults:
+            fake.inject(**fault)
         print(f"APIXO_BASE_URL={fake.url}", flush=True)
         print(f"APIXO_API_KEY={fake.api_key}", flush=True)
         print(f"counters: GET {fake.origin}/fake/stats", flush=True)
         await stop.wait()
 
 
-def serve(host: str = "127.0.0.1", port: int = 8765, **knobs: Any) -> None:
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    *,
+    faults: Sequence[dict[str, Any]] = (),
+    **knobs: Any,
+) -> None:
     """Serve a :class:`FakeApixo` until Ctrl-C or SIGTERM (blocking).
 
     Prints ``APIXO_BASE_URL=...`` and ``APIXO_API_KEY=...`` once listening.
-    ``knobs`` are :class:`FakeApixo` keyword arguments.
+    ``knobs`` are :class:`FakeApixo` keyword arguments; ``faults`` are
+    :meth:`FakeApixo.inject` keyword arguments, queued at start in order.
     """
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_run(host, port, knobs))
+        asyncio.run(_run(host, port, knobs, faults))
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m sora_async.testing") -> int:
@@ -96,11 +128,20 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m sora_async.te
         help="keep the tasks made in FILE and take them back at the next start",
     )
     add("--chaos", type=float, default=0.0, help="share of requests given a random fault")
+    add(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="KIND:ON[:TIMES[:DELAY]]",
+        help="queue a fault at start, e.g. slow:create:2:5 (the next 2 creates answer 5 s "
+        "late, their tasks made then); repeatable",
+    )
     args = parser.parse_args(argv)
     if not 0.0 <= args.chaos <= 1.0:
         parser.error("--chaos must be between 0 and 1")
     try:
         generation = parse_generation(args.generation)
+        faults = [parse_fault(spec) for spec in args.fault]
     except ValueError as exc:
         parser.error(str(exc))
     try:
@@ -121,6 +162,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m sora_async.te
             retry_after=args.retry_after,
             state_file=args.state,
             chaos=args.chaos,
+            faults=faults,
         )
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
