@@ -66,6 +66,10 @@ The app's own settings, checked at start like the client's:
 ``SORA_APP_LOG_REPEAT``        seconds between two log lines of one repeated warning
                                or error (10): the first goes through at once, later
                                ones are counted and summarised once per period
+``SORA_APP_MAX_BODY``          the largest request body in bytes, on every route
+                               (262144); a larger one is answered 413 unread
+``SORA_APP_DOCS``              ``1`` serves ``/docs``, ``/redoc`` and ``/openapi.json``
+                               (without a key); default ``0``: they do not exist
 =============================  ======================================================
 
 Shutdown: on SIGTERM or SIGINT (the app chains its own handler before uvicorn's),
@@ -128,7 +132,6 @@ import dataclasses
 import functools
 import logging
 import os
-import secrets
 import signal
 import sys
 import threading
@@ -147,6 +150,7 @@ from pydantic import BaseModel, ConfigDict
 
 import sora_async as sa
 import sora_async.webhook
+from examples.app_guard import TENANT, Guard, Tenants, matching_key
 from examples.app_logs import RedactSecrets, SummariseRepeats, install_log_guards
 
 __all__ = [
@@ -285,11 +289,15 @@ class AppSettings:
 
     ``api_keys``: the keys a caller must send; empty only when ``auth`` is False.
     ``log_repeat``: seconds between two log lines of one repeated warning or error.
+    ``max_body``: the largest request body in bytes (413 above it, unread).
+    ``docs``: serve ``/docs``, ``/redoc`` and ``/openapi.json`` (without a key).
     """
 
     api_keys: tuple[str, ...] = ()
     auth: bool = True
     log_repeat: float = 10.0
+    max_body: int = 256 * 1024
+    docs: bool = False
 
     def __post_init__(self) -> None:
         if self.auth and not self.api_keys:
@@ -307,6 +315,8 @@ class AppSettings:
                 )
         if not self.log_repeat > 0:
             raise ValueError(f"SORA_APP_LOG_REPEAT must be a positive number: {self.log_repeat}")
+        if not self.max_body > 0:
+            raise ValueError(f"SORA_APP_MAX_BODY must be a positive number: {self.max_body}")
 
 
 def app_settings_from_env() -> AppSettings:
@@ -322,7 +332,11 @@ def app_settings_from_env() -> AppSettings:
     return AppSettings(
         api_keys=tuple(key.strip() for key in keys.split(",") if key.strip()),
         auth=auth == "on",
-        **_given(log_repeat=_number("SORA_APP_LOG_REPEAT")),
+        docs=_flag("SORA_APP_DOCS"),
+        **_given(
+            log_repeat=_number("SORA_APP_LOG_REPEAT"),
+            max_body=_number("SORA_APP_MAX_BODY", whole=True),
+        ),
     )
 
 
@@ -457,21 +471,24 @@ Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
 KeyHeader = Annotated[str | None, Depends(_KEY_HEADER)]
 
 
+def _tenant(request: Request) -> str | None:
+    """Return the caller's tenant (the Guard found its key), None without keys."""
+    tenant: str | None = request.scope.get(TENANT)
+    return tenant
+
+
+Tenant = Annotated[str | None, Depends(_tenant)]
+
+
 def _key_checker(keys: Collection[str]) -> Callable[..., Any]:
     """Return a FastAPI dependency that answers 401 unless one of ``keys`` is sent."""
     known = [key.encode() for key in keys]
 
     async def require_key(credentials: Bearer, api_key: KeyHeader) -> None:
+        # The Guard middleware checked it before the body was read; this states the
+        # routes' security in the OpenAPI schema, and checks again.
         offered = [credentials.credentials if credentials else None, api_key]
-        # Every known key is compared, in constant time: the answer's timing tells
-        # nothing of how much of a key was right, nor which key matched.
-        matches = [
-            secrets.compare_digest(given.encode(), key)
-            for given in offered
-            if given is not None
-            for key in known
-        ]
-        if not any(matches):
+        if matching_key(offered, known) is None:
             raise HTTPException(
                 401, {"error": "unauthorized"}, headers={"WWW-Authenticate": "Bearer"}
             )
@@ -527,12 +544,29 @@ def create_app(
         finally:
             remove_log_guards()
 
-    app = FastAPI(title="Sora 2 Pro videos", lifespan=lifespan)
+    docs = settings.docs  # off unless asked for: no schema for strangers
+    app = FastAPI(
+        title="Sora 2 Pro videos",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
     app.state.client = client
     app.state.shutdown = shutdown
+    open_paths = {path for path in (app.docs_url, app.redoc_url, app.openapi_url) if path}
     if client.callback_url is not None:
         app.include_router(sora_async.webhook.fastapi_router(client))
+        open_paths.add(sora_async.webhook.callback_path(client))
+    # Keys before bodies: checked from the headers before anything reads the body.
+    app.add_middleware(
+        Guard,
+        keys=settings.api_keys if settings.auth else (),
+        open_paths=open_paths,
+        max_body=settings.max_body,
+    )
     guarded = [Depends(_key_checker(settings.api_keys))] if settings.auth else []
+    tenants = Tenants(client)
 
     @app.exception_handler(sa.SoraError)
     async def on_sora_error(request: Request, exc: sa.SoraError) -> JSONResponse:
@@ -541,14 +575,20 @@ def create_app(
     @app.post("/videos", dependencies=guarded, response_model=None)
     async def start_video(
         body: VideoIn,
+        tenant: Tenant,
         idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
     ) -> dict[str, str] | JSONResponse:
         """Start a generation and return its task id (waits for a free task slot);
-        a repeated ``Idempotency-Key`` answers the task made for it."""
+        a repeated ``Idempotency-Key`` of the same caller answers the task made for it."""
         try:
             request = sa.TextToVideo(**body.model_dump(exclude_none=True))
         except sa.InputError as exc:
             raise _invalid("body", exc) from exc
+        if tenant is not None:  # its keys, not another caller's
+            try:
+                idempotency_key = tenants.key_for(tenant, idempotency_key)
+            except sa.InputError as exc:
+                raise _invalid("header", exc, field="Idempotency-Key") from exc
         if shutdown.stopping:
             return _shutting_down()
         post = _Post(anyio.CancelScope())
@@ -577,12 +617,17 @@ def create_app(
                 )
         except _Refused:
             pass
-        except sa.InputError as exc:  # the key: malformed, or used with another body
+        except sa.IdempotencyConflictError as exc:  # named as the caller sent it
+            conflict = sa.InputError("idempotency_key", "was already used with another body")
+            raise _invalid("header", conflict, field="Idempotency-Key") from exc
+        except sa.InputError as exc:  # the key: malformed
             raise _invalid("header", exc, field="Idempotency-Key") from exc
         finally:
             shutdown.posts.discard(post)
         if task_id is None:
             return _shutting_down()
+        if tenant is not None:
+            tenants.remember(tenant, task_id)
         created.add(task_id)
         if len(created) > 1000:  # forget the ended ones now and then
             created.intersection_update([t for t in created if _running(client, t)])
@@ -595,10 +640,13 @@ def create_app(
 
     @app.get("/videos/{task_id}", dependencies=guarded, response_model=None)
     async def get_video(
-        task_id: str, timeout: Annotated[float, Query(gt=0, le=3600)] = 60.0
+        task_id: str, tenant: Tenant, timeout: Annotated[float, Query(gt=0, le=3600)] = 60.0
     ) -> dict[str, Any] | JSONResponse:
         """Wait up to ``timeout`` seconds for the video; 504 if it is not ready by then,
-        503 at once when the app shuts down (ask again: the task goes on)."""
+        503 at once when the app shuts down (ask again: the task goes on). Another
+        caller's task is 404, as an unknown one."""
+        if tenant is not None and not await tenants.owns(tenant, task_id):
+            raise HTTPException(404, {"error": "unknown_task", "task_id": task_id})
         if shutdown.stopping:
             return _shutting_down(task_id=task_id)
         scope = anyio.CancelScope()  # cancelled by the shutdown: a 503 at once
