@@ -150,6 +150,7 @@ from pydantic import BaseModel, ConfigDict
 
 import sora_async as sa
 import sora_async.webhook
+from examples.app_accept import back_off_accept
 from examples.app_guard import TENANT, Guard, Tenants, matching_key
 from examples.app_logs import RedactSecrets, SummariseRepeats, install_log_guards
 
@@ -524,6 +525,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redact = RedactSecrets([client.callback_secret or "", *settings.api_keys])
         remove_log_guards = install_log_guards(redact, SummariseRepeats(settings.log_repeat))
+        restore_accept = back_off_accept(asyncio.get_running_loop())  # before uvicorn listens
         try:
             async with client:
                 shutdown.watch_signals()
@@ -542,6 +544,7 @@ def create_app(
                             running,
                         )
         finally:
+            restore_accept()
             remove_log_guards()
 
     docs = settings.docs  # off unless asked for: no schema for strangers

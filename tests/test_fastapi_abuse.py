@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -156,3 +158,33 @@ async def test_the_api_docs_are_off_unless_asked_for() -> None:
     assert callers == [404, 404, 404]
     assert [answer.status_code for answer in served] == [200, 200, 200]
     assert "/videos" in served[2].json()["paths"]
+
+
+FILES = 64  # the app's open-file limit in the test at the file limit
+
+
+def few_files() -> None:
+    """Lower this process's open-file limit to FILES (run in the app's process)."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (FILES, FILES))
+
+
+async def test_idle_connections_past_the_file_limit_do_not_spin_a_core() -> None:
+    """With the app's open-file limit at 64 and 100 idle connections held open (the app
+    can accept no more), the process sleeps between its retries of ``accept()``: well
+    under 0.3 CPU-seconds per second over 4 s (it spun a core: 23 CPU-s in 28 s at
+    ``ulimit -n 1024`` with 1,100 connections). Once they close, it serves again."""
+    async with fake_and_app(FAKE_LIMITS + QUICK, env=ENV, preexec_fn=few_files) as (_, app, _):
+        pid = app.process.pid
+        idle = [await asyncio.open_connection(*app.address) for _ in range(FILES + 36)]
+        await asyncio.sleep(1.0)  # every descriptor taken: accept() fails from here on
+        cpu_before, wall_before = cpu_seconds(pid), time.monotonic()
+        await asyncio.sleep(4.0)
+        share = (cpu_seconds(pid) - cpu_before) / (time.monotonic() - wall_before)
+        for _, writer in idle:
+            writer.close()
+        await asyncio.sleep(1.5)  # the accept loop's next retry finds descriptors again
+        async with app.http() as http:
+            served = await http.get("/status")
+    print(f"{share:.3f} CPU-s per s at the file limit")
+    assert share < 0.3, app.log[-3000:]
+    assert served.status_code == 200, served.text
