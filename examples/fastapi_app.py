@@ -6,7 +6,10 @@
         uvicorn examples.fastapi_app:app --timeout-graceful-shutdown 10
 
 Routes (all but the callback route require one of the app's API keys, sent as
-``Authorization: Bearer <key>`` or ``X-API-Key: <key>``; 401 without a right one):
+``Authorization: Bearer <key>`` or ``X-API-Key: <key>``; 401 without a right one,
+checked before the body is read; every body is at most ``SORA_APP_MAX_BODY`` bytes, 413
+above it: see :mod:`examples.app_guard`). Each API key is a tenant: its idempotency
+keys and tasks are its own, and another tenant's task is 404, as an unknown one:
 
 - ``POST /videos`` with a JSON body ``{"prompt": ..., "duration": 10, "size": "1280*720"}``
   starts a generation and answers ``{"task_id": ...}`` (422 names a bad field). With an
@@ -86,7 +89,8 @@ request's query string, the callback's ``?token=`` included: a filter on uvicorn
 this app's loggers (and their handlers) replaces every ``token=`` value and the secret
 itself with ``***``. A warning or error repeated many times a second (a traceback
 per refused ``accept()`` when the process runs out of file descriptors) is logged
-once, then summarised once per ``SORA_APP_LOG_REPEAT`` seconds with its count.
+once, then summarised once per ``SORA_APP_LOG_REPEAT`` seconds with its count, and
+the accept loop retries once a second, without spinning (:mod:`examples.app_accept`).
 
 Running several workers (``uvicorn --workers N``, gunicorn, several pods): the key's
 limits (60 requests a minute, 10 unfinished tasks) are per API key, not per process.
