@@ -6,7 +6,10 @@
         uvicorn examples.fastapi_app:app --timeout-graceful-shutdown 10
 
 Routes (all but the callback route require one of the app's API keys, sent as
-``Authorization: Bearer <key>`` or ``X-API-Key: <key>``; 401 without a right one):
+``Authorization: Bearer <key>`` or ``X-API-Key: <key>``; 401 without a right one,
+checked before the body is read; every body is at most ``SORA_APP_MAX_BODY`` bytes, 413
+above it: see :mod:`examples.app_guard`). Each API key is a tenant: its idempotency
+keys and tasks are its own, and another tenant's task is 404, as an unknown one:
 
 - ``POST /videos`` with a JSON body ``{"prompt": ..., "duration": 10, "size": "1280*720"}``
   starts a generation and answers ``{"task_id": ...}`` (422 names a bad field). With an
@@ -76,6 +79,10 @@ The app's own settings, checked at start like the client's:
 ``SORA_APP_LOG_REPEAT``        seconds between two log lines of one repeated warning
                                or error (10): the first goes through at once, later
                                ones are counted and summarised once per period
+``SORA_APP_MAX_BODY``          the largest request body in bytes, on every route
+                               (262144); a larger one is answered 413 unread
+``SORA_APP_DOCS``              ``1`` serves ``/docs``, ``/redoc`` and ``/openapi.json``
+                               (without a key); default ``0``: they do not exist
 =============================  ======================================================
 
 Shutdown: on SIGTERM or SIGINT (the app chains its own handler before uvicorn's),
@@ -96,7 +103,8 @@ request's query string, the callback's ``?token=`` included: a filter on uvicorn
 this app's loggers (and their handlers) replaces every ``token=`` value and the secret
 itself with ``***``. A warning or error repeated many times a second (a traceback
 per refused ``accept()`` when the process runs out of file descriptors) is logged
-once, then summarised once per ``SORA_APP_LOG_REPEAT`` seconds with its count.
+once, then summarised once per ``SORA_APP_LOG_REPEAT`` seconds with its count, and
+the accept loop retries once a second, without spinning (:mod:`examples.app_accept`).
 
 Running several workers (``uvicorn --workers N``, gunicorn, several pods): the key's
 limits (60 requests a minute, 10 unfinished tasks) are per API key, not per process.
@@ -143,7 +151,6 @@ import dataclasses
 import functools
 import logging
 import os
-import secrets
 import signal
 import sys
 import threading
@@ -163,6 +170,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import sora_async as sa
 import sora_async.webhook
+from examples.app_accept import back_off_accept
+from examples.app_guard import TENANT, Guard, Tenants, matching_key
 from examples.app_logs import RedactSecrets, SummariseRepeats, install_log_guards
 
 __all__ = [
@@ -304,11 +313,15 @@ class AppSettings:
 
     ``api_keys``: the keys a caller must send; empty only when ``auth`` is False.
     ``log_repeat``: seconds between two log lines of one repeated warning or error.
+    ``max_body``: the largest request body in bytes (413 above it, unread).
+    ``docs``: serve ``/docs``, ``/redoc`` and ``/openapi.json`` (without a key).
     """
 
     api_keys: tuple[str, ...] = ()
     auth: bool = True
     log_repeat: float = 10.0
+    max_body: int = 256 * 1024
+    docs: bool = False
 
     def __post_init__(self) -> None:
         if self.auth and not self.api_keys:
@@ -326,6 +339,8 @@ class AppSettings:
                 )
         if not self.log_repeat > 0:
             raise ValueError(f"SORA_APP_LOG_REPEAT must be a positive number: {self.log_repeat}")
+        if not self.max_body > 0:
+            raise ValueError(f"SORA_APP_MAX_BODY must be a positive number: {self.max_body}")
 
 
 def app_settings_from_env() -> AppSettings:
@@ -341,7 +356,11 @@ def app_settings_from_env() -> AppSettings:
     return AppSettings(
         api_keys=tuple(key.strip() for key in keys.split(",") if key.strip()),
         auth=auth == "on",
-        **_given(log_repeat=_number("SORA_APP_LOG_REPEAT")),
+        docs=_flag("SORA_APP_DOCS"),
+        **_given(
+            log_repeat=_number("SORA_APP_LOG_REPEAT"),
+            max_body=_number("SORA_APP_MAX_BODY", whole=True),
+        ),
     )
 
 
@@ -507,21 +526,24 @@ Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
 KeyHeader = Annotated[str | None, Depends(_KEY_HEADER)]
 
 
+def _tenant(request: Request) -> str | None:
+    """Return the caller's tenant (the Guard found its key), None without keys."""
+    tenant: str | None = request.scope.get(TENANT)
+    return tenant
+
+
+Tenant = Annotated[str | None, Depends(_tenant)]
+
+
 def _key_checker(keys: Collection[str]) -> Callable[..., Any]:
     """Return a FastAPI dependency that answers 401 unless one of ``keys`` is sent."""
     known = [key.encode() for key in keys]
 
     async def require_key(credentials: Bearer, api_key: KeyHeader) -> None:
+        # The Guard middleware checked it before the body was read; this states the
+        # routes' security in the OpenAPI schema, and checks again.
         offered = [credentials.credentials if credentials else None, api_key]
-        # Every known key is compared, in constant time: the answer's timing tells
-        # nothing of how much of a key was right, nor which key matched.
-        matches = [
-            secrets.compare_digest(given.encode(), key)
-            for given in offered
-            if given is not None
-            for key in known
-        ]
-        if not any(matches):
+        if matching_key(offered, known) is None:
             raise HTTPException(
                 401, {"error": "unauthorized"}, headers={"WWW-Authenticate": "Bearer"}
             )
@@ -558,8 +580,10 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redact = RedactSecrets([client.callback_secret or "", *settings.api_keys])
         remove_log_guards = install_log_guards(redact, SummariseRepeats(settings.log_repeat))
+        restore_accept = back_off_accept(asyncio.get_running_loop())  # before uvicorn listens
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(remove_log_guards)
+            stack.callback(restore_accept)
             try:
                 await stack.enter_async_context(client)
             except sa.SoraError as exc:  # a damaged store, Redis unreachable, ...
@@ -581,13 +605,30 @@ def create_app(
                         running,
                     )
 
-    app = FastAPI(title="Sora 2 Pro videos", lifespan=lifespan)
+    docs = settings.docs  # off unless asked for: no schema for strangers
+    app = FastAPI(
+        title="Sora 2 Pro videos",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
     app.add_middleware(_StartupInOneLine, lines=failed_start)
     app.state.client = client
     app.state.shutdown = shutdown
+    open_paths = {path for path in (app.docs_url, app.redoc_url, app.openapi_url) if path}
     if client.callback_url is not None:
         app.include_router(sora_async.webhook.fastapi_router(client))
+        open_paths.add(sora_async.webhook.callback_path(client))
+    # Keys before bodies: checked from the headers before anything reads the body.
+    app.add_middleware(
+        Guard,
+        keys=settings.api_keys if settings.auth else (),
+        open_paths=open_paths,
+        max_body=settings.max_body,
+    )
     guarded = [Depends(_key_checker(settings.api_keys))] if settings.auth else []
+    tenants = Tenants(client)
 
     @app.exception_handler(sa.SoraError)
     async def on_sora_error(request: Request, exc: sa.SoraError) -> JSONResponse:
@@ -596,14 +637,21 @@ def create_app(
     @app.post("/videos", dependencies=guarded, response_model=None)
     async def start_video(
         body: VideoIn,
+        tenant: Tenant,
         idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
     ) -> dict[str, str] | JSONResponse:
         """Start a generation and return its task id (waits for a free task slot);
-        a repeated ``Idempotency-Key`` answers the task made for it."""
+        a repeated ``Idempotency-Key`` of the same caller answers the task made for it."""
         try:
             request = sa.TextToVideo(**body.model_dump(exclude_none=True))
         except sa.InputError as exc:
             raise _invalid("body", exc) from exc
+        given_key = idempotency_key  # as the caller sent it, for the caller's eyes
+        if tenant is not None:  # its keys, not another caller's
+            try:
+                idempotency_key = tenants.key_for(tenant, idempotency_key)
+            except sa.InputError as exc:
+                raise _invalid("header", exc, field="Idempotency-Key") from exc
         if shutdown.stopping:
             return _shutting_down()
         post = _Post(anyio.CancelScope())
@@ -633,13 +681,18 @@ def create_app(
         except _Refused:
             pass
         except sa.SubmitUncertainError as exc:
-            return _uncertain(exc, idempotency_key)
-        except sa.InputError as exc:  # the key: malformed, or used with another body
+            return _uncertain(exc, given_key)
+        except sa.IdempotencyConflictError as exc:  # named as the caller sent it
+            conflict = sa.InputError("idempotency_key", "was already used with another body")
+            raise _invalid("header", conflict, field="Idempotency-Key") from exc
+        except sa.InputError as exc:  # the key: malformed
             raise _invalid("header", exc, field="Idempotency-Key") from exc
         finally:
             shutdown.posts.discard(post)
         if task_id is None:
             return _shutting_down()
+        if tenant is not None:
+            tenants.remember(tenant, task_id)
         created.add(task_id)
         if len(created) > 1000:  # forget the ended ones now and then
             created.intersection_update([t for t in created if _running(client, t)])
@@ -647,12 +700,17 @@ def create_app(
 
     @app.post(RELEASE_ROUTE, dependencies=guarded, response_model=None)
     async def release_key(
+        tenant: Tenant,
         idempotency_key: Annotated[str, Header(alias="Idempotency-Key")],
     ) -> dict[str, str] | JSONResponse:
-        """Release an uncertain key: the next ``POST /videos`` with it creates a task,
-        although its earlier create may have made one (it may pay twice)."""
+        """Release an uncertain key of the caller's: the next ``POST /videos`` with it
+        creates a task, although its earlier create may have made one (it may pay
+        twice). Another caller's key is not found."""
         try:
-            released = await client.release_key(idempotency_key)
+            stored = idempotency_key
+            if tenant is not None:
+                stored = tenants.key_for(tenant, idempotency_key) or idempotency_key
+            released = await client.release_key(stored)
         except sa.InputError as exc:
             raise _invalid("header", exc, field="Idempotency-Key") from exc
         if not released:
@@ -663,12 +721,13 @@ def create_app(
         }
 
     @app.get("/status", dependencies=guarded)
-    async def status() -> Response:
+    async def status(tenant: Tenant) -> Response:
         """Return the client's snapshot (its governors' and schedulers' figures now) and
-        the idempotency keys whose create is uncertain (``uncertain_keys``)."""
+        the caller's idempotency keys whose create is uncertain (``uncertain_keys``)."""
         figures = msgspec.to_builtins(client.snapshot())
         try:
-            figures["uncertain_keys"] = await client.uncertain_keys()
+            keys = await client.uncertain_keys()
+            figures["uncertain_keys"] = keys if tenant is None else tenants.own_keys(tenant, keys)
         except sa.SoraError as exc:  # the store cannot be read (or the client is closed)
             logger.warning("status: cannot list the uncertain keys: %s", exc)
             figures["uncertain_keys"] = None
@@ -676,10 +735,13 @@ def create_app(
 
     @app.get("/videos/{task_id}", dependencies=guarded, response_model=None)
     async def get_video(
-        task_id: str, timeout: Annotated[float, Query(gt=0, le=3600)] = 60.0
+        task_id: str, tenant: Tenant, timeout: Annotated[float, Query(gt=0, le=3600)] = 60.0
     ) -> dict[str, Any] | JSONResponse:
         """Wait up to ``timeout`` seconds for the video; 504 if it is not ready by then,
-        503 at once when the app shuts down (ask again: the task goes on)."""
+        503 at once when the app shuts down (ask again: the task goes on). Another
+        caller's task is 404, as an unknown one."""
+        if tenant is not None and not await tenants.owns(tenant, task_id):
+            raise HTTPException(404, {"error": "unknown_task", "task_id": task_id})
         if shutdown.stopping:
             return _shutting_down(task_id=task_id)
         scope = anyio.CancelScope()  # cancelled by the shutdown: a 503 at once

@@ -40,6 +40,10 @@ logger = logging.getLogger("sora_async")
 # checked once more, 2 s later (at once if another claim came while the answer was on
 # its way). Refuted twice, the task's later claims are doubted (see announce).
 _RECHECK_DELAY = 2.0
+# A claim refuted twice is a forgery (someone holds the callback secret, or replays
+# it): for this many seconds after one, every task's claims are doubted and ends are
+# found by polls alone. Forgers then cost two requests per this period, not per task.
+_DOUBT_PERIOD = 600.0
 # A permit granted within this many seconds came at once: the candidate still stands.
 _PERMIT_AT_ONCE = 1e-3
 # After the governor refused a poll permit with an error, ask again this much later
@@ -192,6 +196,7 @@ class PollScheduler:
         self._fatal: BaseException | None = None
         self.polls = 0
         self.confirmations = 0  # the part of polls that checked a callback's claimed end
+        self._doubt_until = -math.inf  # loop time until which every claim is doubted
         self.settled = 0  # tasks seen to end, by poll or callback
         self.recorder: Recorder | None = None  # set by sora_async.otel.instrument()
 
@@ -250,6 +255,13 @@ class PollScheduler:
             return 1.0
         return (self._seen_by_poll + 1.0) / (self._seen_by_poll + self._seen_by_callback + 10.0)
 
+    @property
+    def doubting(self) -> bool:
+        """Return whether every claim is doubted now: a claim refuted twice (a forged
+        callback) came less than ``_DOUBT_PERIOD`` seconds ago. Meanwhile no claim is
+        confirmed, and every task is polled as if no callback would come."""
+        return asyncio.get_running_loop().time() < self._doubt_until
+
     def given_up(self, task_id: str) -> SoraError | None:
         """Return the error a task was given up with (see PollPolicy), if remembered."""
         return self._given_up.get(task_id)
@@ -279,8 +291,10 @@ class PollScheduler:
         for one task share one confirming status (at most one in flight); a claim the
         status refutes is checked once more (the status may lag), and a task whose
         claim was refuted twice gets no more confirmations: its end is found by polls,
-        spent as if its callback were lost. So any number of claims costs a running
-        task at most two requests beyond its polls, and a settled task none.
+        spent as if its callback were lost. A claim refuted twice also makes every
+        task's claims doubted for ``_DOUBT_PERIOD`` seconds (see :attr:`doubting`). So
+        any number of claims costs a running task at most two requests beyond its
+        polls, all tasks together two per period, and a settled task none.
         ``relayed``: the news came from another process, which already shared it.
         """
         tracked = self._active.get(status.task_id)
@@ -291,7 +305,7 @@ class PollScheduler:
         if trusted:
             self._seen_by_callback += 1
             self._settle(tracked, status, relayed=relayed)
-        elif tracked.doubted or tracked.urgent in ("callback", "recheck"):
+        elif tracked.doubted or self.doubting or tracked.urgent in ("callback", "recheck"):
             pass  # refuted before, or a confirmation already waits: this one costs nothing
         elif tracked.polling:
             tracked.reclaimed = True  # the answer on its way may predate this end
@@ -458,6 +472,7 @@ class PollScheduler:
         # order fails, and all are weighed).
         skip_unseen = False
         shortcut = policy.relative_interval <= 1.0
+        doubting = now < self._doubt_until
         for tracked in self._active.values():
             if tracked.polling or tracked.handed_over:
                 continue
@@ -467,7 +482,8 @@ class PollScheduler:
                 continue
             if tracked.urgent:
                 return tracked, now
-            if shortcut and tracked.last_seen == tracked.started and not tracked.doubted:
+            doubted = doubting or tracked.doubted
+            if shortcut and tracked.last_seen == tracked.started and not doubted:
                 if skip_unseen:
                     continue
                 skip_unseen = True
@@ -481,7 +497,7 @@ class PollScheduler:
                 seen = tracked.seen = (self.times.version, seen_age, *self.times.at(seen_age))
             survived, seen_area = seen[2], seen[3]
             alive, area = self.times.at(age)
-            if tracked.doubted:  # its callbacks are not believed: polled as without them
+            if doubted:  # its callbacks are not believed: polled as without them
                 loss, threshold = 1.0, policy.min_hazard
             else:
                 loss, threshold = task_loss, task_threshold
@@ -549,8 +565,15 @@ class PollScheduler:
             return
         if reason == "recheck":
             # Refuted twice: forged, or far ahead of the status. Polls find its end.
-            logger.info("task %s: a claimed end refuted twice: callbacks doubted", tracked.task_id)
             tracked.doubted = True
+            if not self.doubting:
+                logger.warning(
+                    "task %s: a claimed end refuted twice (a forged callback?): every "
+                    "claim doubted for %g s, ends found by polls",
+                    tracked.task_id,
+                    _DOUBT_PERIOD,
+                )
+            self._doubt_until = asyncio.get_running_loop().time() + _DOUBT_PERIOD
         elif reason == "callback":
             # The status may lag the callback: look once more, a little later (at once
             # if another claim came while this answer was on its way).

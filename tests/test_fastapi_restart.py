@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.processes import AppProcess, FakeProcess, app_process, fake_and_app
+from tests.processes import APP_KEY, AppProcess, FakeProcess, app_process, fake_and_app
 
 # 10 requests in any 8 s and 20 slots: 10 creates fill the window, and 10 more wait
 # for a request permit (never for a slot) for about 9 s.
@@ -22,6 +22,8 @@ WINDOW = 10
 FAKE_LIMITS = ("--requests", str(WINDOW), "--period", "8", "--concurrent-tasks", "20")
 RUNNING = ("--generation", "fixed:60", "--pending-time", "0.1", "--balance", "1e6")
 ENV = {"APIXO_LIMITS": f"{WINDOW}/8/20"}
+
+OTHER_KEY = "other-tenant-" + "c" * 24  # a second app key: another tenant
 
 
 async def fill_window(app: AppProcess, fake: FakeProcess) -> None:
@@ -77,9 +79,14 @@ async def test_kill9_with_creates_on_the_wire_then_release(tmp_path: Path) -> No
     makes their tasks then). After a restart on the store, each key answers 409
     ``uncertain`` naming the key and the way out, and costs no create; ``/status``
     lists both keys. ``POST /videos/release`` with one key lets the next POST with it
-    create again (a second task, knowingly); the other still answers 409."""
+    create again (a second task, knowingly); the other still answers 409. Another
+    tenant (app key) sees none of these keys and cannot release them."""
     slow = ("--fault", "slow:create:2:3", "--requests", "600", "--period", "6")
-    env = {"APIXO_LIMITS": "600/6/10", "SORA_ASYNC_STORE": str(tmp_path / "tasks.db")}
+    env = {
+        "APIXO_LIMITS": "600/6/10",
+        "SORA_ASYNC_STORE": str(tmp_path / "tasks.db"),
+        "SORA_APP_API_KEYS": f"{APP_KEY},{OTHER_KEY}",
+    }
     async with fake_and_app(slow + RUNNING, env=env) as (fake, app, app_env):
         async with app.http() as http:
             sent = [asyncio.ensure_future(keyed_post(http, n)) for n in range(2)]
@@ -91,7 +98,15 @@ async def test_kill9_with_creates_on_the_wire_then_release(tmp_path: Path) -> No
             await asyncio.gather(*sent, return_exceptions=True)
         await asyncio.sleep(3.5)  # the service makes both tasks: paid for, never named
         assert (await fake.stats())["creates"] == 2
-        async with app_process(app_env, port=app.address[1]) as again, again.http() as http:
+        async with (
+            app_process(app_env, port=app.address[1]) as again,
+            again.http() as http,
+            again.http(key=OTHER_KEY) as other,
+        ):
+            others_listed = (await other.get("/status")).json()["uncertain_keys"]
+            others_release = await other.post(
+                "/videos/release", headers={"Idempotency-Key": "keyed-0"}
+            )
             refused = await keyed_post(http, 0)
             listed = (await http.get("/status")).json()["uncertain_keys"]
             anyone = await http.post("/videos/release", headers={"Idempotency-Key": "nobody"})
@@ -105,6 +120,8 @@ async def test_kill9_with_creates_on_the_wire_then_release(tmp_path: Path) -> No
     assert (detail["error"], detail["idempotency_key"]) == ("uncertain", "keyed-0")
     assert "POST /videos/release" in detail["message"]
     assert sorted(listed) == ["keyed-0", "keyed-1"]
+    assert others_listed == []
+    assert others_release.status_code == 404, others_release.text
     assert anyone.status_code == 404, anyone.text
     assert released.status_code == 200, released.text
     assert created.status_code == 200, created.text

@@ -486,3 +486,44 @@ async def test_a_flood_of_forged_callbacks_costs_a_running_task_two_requests() -
     assert all(spent[task_id] <= 2 + scheduled for task_id in running), (spent, scheduled)
     assert sum(spent.values()) <= 10 + scheduled
     assert [video.url for video in videos] == [true_url(fake, task_id) for task_id in running]
+
+
+async def test_a_claim_refuted_twice_makes_every_claim_doubted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Forged 'success' claims with the right token on every running task (a forger
+    who knows the secret and the task ids): the first 10 tasks' claims cost their 2
+    requests each (a confirmation, a recheck), and once refuted twice every claim is
+    doubted for a while, so the next 10 tasks' claims cost nothing (they cost 2 per
+    task: a run whose tasks are each confirmed once paid twice its requests). Every
+    task still ends with its true video, found by polls; a warning says why."""
+    policy = sa.PollPolicy(prior_mean=1800.0)  # no scheduled poll during the flood
+    fake = FakeApixo(generation_time=fixed(3600.0), balance=1e6)
+    async with fake, callback_client(fake, poll_policy=policy) as client:
+        scheduler = client.scheduler
+        secret = client.callback_secret
+        spent = []
+        videos = []
+        for wave in range(2):
+            wave_prompts = [sa.TextToVideo(prompt=f"wave {wave}: {n}") for n in range(10)]
+            ids = [await client.submit(request) for request in wave_prompts]
+            before = scheduler.confirmations
+            for _ in range(30):  # 5 a second for each task, for 30 s
+                for task_id in ids:
+                    for _ in range(5):
+                        claim = envelope(task_id)
+                        assert sora_async.webhook.handle_callback(client, claim, secret) == 200
+                await asyncio.sleep(1.0)
+            spent.append(scheduler.confirmations - before)
+            assert all(scheduler.result(task_id) is None for task_id in ids)
+            for task_id in ids:
+                fake.finish(task_id)
+            ended = await asyncio.gather(*(client.wait(task_id, timeout=3600) for task_id in ids))
+            videos += [video.url == true_url(fake, video.task_id) for video in ended]
+        doubting = scheduler.doubting
+    print(f"confirmations of forged claims per wave of 10 tasks: {spent}")
+    assert spent[0] <= 20
+    assert spent[1] == 0
+    assert doubting
+    assert videos == [True] * 20
+    assert any("every claim doubted" in record.getMessage() for record in caplog.records)
