@@ -133,7 +133,7 @@ def scaled_client_options(
     the key (the client makes each other model's from it, on the same Redis). Every
     model of the catalogue gets its limits with the period scaled too (a model outside
     it keeps the real 60-s window: slower, never over). The jitter margin is not cut
-    below 0.1 s, the lease below 3 s and ``redis_timeout`` below 4 s: network delays
+    below 0.1 s, the lease below 3 s and ``redis_timeout`` below 10 s: network delays
     and restarts do not scale.
     """
     model_limits = {
@@ -162,7 +162,7 @@ def scaled_client_options(
             lease=max(15.0 / scale, 3.0),
             uncertain_hold=600.0 / scale,
             # A restart of Redis takes a second or so whatever the scale.
-            redis_timeout=max(120.0 / scale, 4.0),
+            redis_timeout=max(120.0 / scale, 10.0),
             **timings,
         )
     else:

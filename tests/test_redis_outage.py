@@ -201,7 +201,7 @@ async def test_the_clients_exit_raises_no_group_after_its_poller_met_an_outage(
 @pytest.fixture
 async def scaled_service() -> AsyncIterator[FakeApixo]:
     """The fake service at the real limits, every timing divided by SCALE
-    (redis_timeout is then 4 s: the CLI keeps it at 4 s or more)."""
+    (redis_timeout is then 10 s: the CLI keeps it at 10 s or more)."""
     async with scaled_fake(seed=21) as fake:
         yield fake
 
