@@ -44,6 +44,10 @@ _RECHECK_DELAY = 2.0
 # it): for this many seconds after one, every task's claims are doubted and ends are
 # found by polls alone. Forgers then cost two requests per this period, not per task.
 _DOUBT_PERIOD = 600.0
+# A task another process took over is polled here this many seconds after it was last
+# seen, a slow safety net: the news of its end may be lost (a dropped subscription),
+# and a paid result must not wait for max_task_age.
+_HANDED_OVER_CHECK = 120.0
 # A permit granted within this many seconds came at once: the candidate still stands.
 _PERMIT_AT_ONCE = 1e-3
 # After the governor refused a poll permit with an error, ask again this much later
@@ -233,11 +237,13 @@ class PollScheduler:
 
     def hand_over(self, task_id: str) -> None:
         """Stop polling a task that another process took over with its slot: its waiters
-        here still wake on the news of its end that the other process shares."""
+        here still wake on the news of its end that the other process shares (and on a
+        poll every ``_HANDED_OVER_CHECK`` seconds, should that news be lost)."""
         tracked = self._active.get(task_id)
         if tracked is not None:
             tracked.handed_over = True
             tracked.holds_slot = False
+            tracked.last_seen = asyncio.get_running_loop().time()
             self._changed.set()
 
     def result(self, task_id: str) -> TaskStatus | None:
@@ -474,7 +480,13 @@ class PollScheduler:
         shortcut = policy.relative_interval <= 1.0
         doubting = now < self._doubt_until
         for tracked in self._active.values():
-            if tracked.polling or tracked.handed_over:
+            if tracked.polling:
+                continue
+            if tracked.handed_over:
+                due = tracked.last_seen + _HANDED_OVER_CHECK
+                if now >= due:
+                    return tracked, now
+                wake_at = due if wake_at is None else min(wake_at, due)
                 continue
             if tracked.urgent == "recheck" and now < tracked.recheck_at:
                 due = tracked.recheck_at

@@ -241,3 +241,20 @@ async def test_an_end_one_process_sees_wakes_a_waiter_in_another(
     assert video.task_id == task_id
     assert waiter.scheduler.polls == 0
     assert fake.tasks[task_id].polls == creator.scheduler.polls + 1  # the waiter's one look
+
+
+async def test_a_task_handed_over_is_still_found_if_its_news_is_lost(
+    fake: FakeApixo, client: sa.SoraClient
+) -> None:
+    """A task another process took over (our lease had lapsed) is not polled here while
+    its adopter polls it, but if the news of its end never comes (a lost subscription),
+    a poll every two minutes still finds it: its waiter gets the video, not a give-up
+    at max_task_age."""
+    task_id = await client.submit(sa.TextToVideo(prompt="handed over"))
+    client.scheduler_for("sora-2-pro").hand_over(task_id)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    video = await client.wait(task_id, timeout=600)
+    assert video.task_id == task_id
+    assert loop.time() - started <= 125  # it ends at 120 s, seen by the check then
+    assert fake.tasks[task_id].polls == 1  # no poll before the check
