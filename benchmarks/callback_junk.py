@@ -8,10 +8,13 @@ figure. It is measured quiet, then beside junk POSTed at the callback route at
 ``--rate`` requests a second over keep-alive connections from this process:
 
 - ``forged``: success claims with a wrong token (403);
-- ``unknown``: success claims with the valid token for task ids nobody made (200);
-- ``claims``: success claims with the valid token for the callers' own running tasks
-  (each one a claim only the service's status can refute);
-- ``garbage``: not JSON, with the valid token (400).
+- ``unknown``: success claims signed with the callback secret for task ids nobody
+  made (200);
+- ``claims``: success claims signed with the callback secret for the callers' own
+  running tasks (a forger who holds the secret: each create's own token is not
+  theirs, so the claims are dropped at no cost; before per-create tokens each was a
+  claim only the service's status could refute);
+- ``garbage``: not JSON, signed with the secret (400).
 
 The fake's counters say what the service saw (creates, status requests, 429s,
 callbacks delivered); /proc says what the app's process spent (CPU-s).

@@ -19,12 +19,12 @@ from collections.abc import (
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, overload
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
 import anyio.abc
 import msgspec
 
+from ._callback_tokens import callback_url_with_token, new_token, nonce_in
 from ._catalog import (
     RawInput,
     Request,
@@ -256,9 +256,13 @@ class SoraClient:
         self._transport.recorder = recorder
         self._lanes.record(recorder)
 
-    def announce(self, status: TaskStatus, *, trusted: bool) -> bool:
-        """Take a callback's news of a task, whatever its model; return whether it is ours."""
-        return self._lanes.announce(status, trusted=trusted)
+    def announce(self, status: TaskStatus, *, trusted: bool, nonce: str | None = None) -> bool:
+        """Take a callback's news of a task, whatever its model; return whether it is ours.
+
+        ``nonce``: the one in the callback URL's verified token (see
+        :mod:`sora_async.webhook`); a claim with another nonce than its task's create
+        sent is refused at no cost."""
+        return self._lanes.announce(status, trusted=trusted, nonce=nonce)
 
     def __repr__(self) -> str:
         return f"SoraClient(base_url={self.base_url!r}, model={self.model!r}, api_key='***')"
@@ -375,9 +379,8 @@ class SoraClient:
         assert self.callback_url is not None
         if self.callback_secret is None:
             return self.callback_url
-        parts = urlsplit(self.callback_url)
-        query = urlencode([*parse_qsl(parts.query), ("token", self.callback_secret)])
-        return urlunsplit(parts._replace(query=query))
+        # A token of its own per create: a claim of a task's end must carry its token.
+        return callback_url_with_token(self.callback_url, new_token(self.callback_secret))
 
     async def submit(
         self,
@@ -680,7 +683,8 @@ class SoraClient:
                     lane.governor.release_slot()
                     raise
                 lane.governor.bind_slot(task_id, model)
-                lane.scheduler.track(task_id, model, holds_slot=True)
+                nonce = nonce_in(body.callback_url)
+                lane.scheduler.track(task_id, model, holds_slot=True, nonce=nonce)
                 self._models[task_id] = model
                 if recorded is not None:
                     self._record_end_of(*recorded, task_id=task_id)

@@ -96,8 +96,12 @@ class TaskNews(Protocol):
     def adopt(self, task_id: str, model: str) -> None:
         """Track a dead process's task to its end; its slot is already held for it."""
 
-    def announce(self, status: TaskStatus, trusted: bool) -> None:
-        """Take news of a task that another process received (a callback, an adopted end)."""
+    def announce(
+        self, status: TaskStatus, trusted: bool, nonce: str | None = None, seen: bool = False
+    ) -> None:
+        """Take news of a task that another process received (a callback, an adopted end;
+        ``nonce``: the callback token's, checked against the task's own; ``seen``: an end
+        the other process saw itself, by a poll or a claim it took, with no token)."""
 
     def hand_over(self, task_id: str, model: str) -> None:
         """Stop polling a task another process adopted (this one's lease had lapsed): its
@@ -142,8 +146,11 @@ class Governor(Protocol):
     def release_slot_later(self, delay: float) -> None:
         """Give back a slot with no task after ``delay`` seconds (an uncertain create)."""
 
-    def share(self, status: TaskStatus, *, trusted: bool) -> None:
-        """Pass news of a task this process does not track to the process that does."""
+    def share(
+        self, status: TaskStatus, *, trusted: bool, nonce: str | None = None, seen: bool = False
+    ) -> None:
+        """Pass news of a task to the other processes that track it: a callback's claim
+        (``nonce``: its token's) or an end this process ``seen`` itself."""
 
     @property
     def slots_in_use(self) -> int:
@@ -774,7 +781,9 @@ class LocalGovernor:
         reserve = min(self._reserve, limits.requests - 1)
         return LocalGovernor(limits, create_reserve=reserve, **self._settings)
 
-    def share(self, status: TaskStatus, *, trusted: bool) -> None:
+    def share(
+        self, status: TaskStatus, *, trusted: bool, nonce: str | None = None, seen: bool = False
+    ) -> None:
         """No other process to tell."""
 
     async def run(self, news: TaskNews) -> None:

@@ -149,12 +149,22 @@ class Lanes:
                 return lane
         return None
 
-    def announce(self, status: TaskStatus, *, trusted: bool, relayed: bool = False) -> bool:
+    def announce(
+        self,
+        status: TaskStatus,
+        *,
+        trusted: bool,
+        relayed: bool = False,
+        nonce: str | None = None,
+        seen: bool = False,
+    ) -> bool:
         """Hand news of a task's end to the lane tracking it; return whether one did."""
         lane = self.tracking(status.task_id)
         if lane is None:
             return False
-        return lane.scheduler.announce(status, trusted=trusted, relayed=relayed)
+        return lane.scheduler.announce(
+            status, trusted=trusted, relayed=relayed, nonce=nonce, seen=seen
+        )
 
     async def aclose(self) -> None:
         """Close each governor once."""
@@ -176,8 +186,10 @@ class _News:
         if self._lanes.on_adopted is not None:
             self._lanes.on_adopted(task_id, model)
 
-    def announce(self, status: TaskStatus, trusted: bool) -> None:
-        self._lanes.announce(status, trusted=trusted, relayed=True)
+    def announce(
+        self, status: TaskStatus, trusted: bool, nonce: str | None = None, seen: bool = False
+    ) -> None:
+        self._lanes.announce(status, trusted=trusted, relayed=True, nonce=nonce, seen=seen)
 
     def hand_over(self, task_id: str, model: str) -> None:
         self._lanes.get(model).scheduler.hand_over(task_id)

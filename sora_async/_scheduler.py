@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hmac
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -41,8 +42,9 @@ logger = logging.getLogger("sora_async")
 # its way). Refuted twice, the task's later claims are doubted (see announce).
 _RECHECK_DELAY = 2.0
 # A claim refuted twice is a forgery (someone holds the callback secret, or replays
-# it): for this many seconds after one, every task's claims are doubted and ends are
-# found by polls alone. Forgers then cost two requests per this period, not per task.
+# it): for this many seconds after one, the claims of every task without a callback
+# token of its own (adopted ones) are doubted and their ends found by polls alone.
+# Forgers then cost two requests per this period, not per task.
 _DOUBT_PERIOD = 600.0
 # A task another process took over is polled here this many seconds after it was last
 # seen, a slow safety net: the news of its end may be lost (a dropped subscription),
@@ -106,6 +108,7 @@ class _Tracked:
         "holds_slot",
         "last_seen",
         "model",
+        "nonce",
         "polling",
         "recheck_at",
         "reclaimed",
@@ -132,6 +135,9 @@ class _Tracked:
         # A claim of its end was refuted twice: later claims cost nothing, and it is
         # polled as if no callback would come.
         self.doubted = False
+        # The nonce of the callback token its create sent (None: adopted, or made
+        # without one): a claim of its end that carries another is refused for free.
+        self.nonce: str | None = None
         # Another process adopted it and polls it: its end comes as news, never by a poll.
         self.handed_over = False
         self.strikes = 0  # answers in a row that made no sense
@@ -200,7 +206,8 @@ class PollScheduler:
         self._fatal: BaseException | None = None
         self.polls = 0
         self.confirmations = 0  # the part of polls that checked a callback's claimed end
-        self._doubt_until = -math.inf  # loop time until which every claim is doubted
+        self._doubt_until = -math.inf  # loop time until which unbound claims are doubted
+        self.forged_claims = 0  # claims dropped for carrying another token than their task's
         self.settled = 0  # tasks seen to end, by poll or callback
         self.recorder: Recorder | None = None  # set by sora_async.otel.instrument()
 
@@ -211,9 +218,17 @@ class PollScheduler:
         """Return how many tasks are tracked and not yet seen terminal."""
         return len(self._active)
 
-    def track(self, task_id: str, model: str, *, holds_slot: bool, adopted: bool = False) -> None:
+    def track(
+        self,
+        task_id: str,
+        model: str,
+        *,
+        holds_slot: bool,
+        adopted: bool = False,
+        nonce: str | None = None,
+    ) -> None:
         """Start tracking a task: just created, or ``adopted`` from elsewhere (polled at once,
-        since its age is unknown)."""
+        since its age is unknown). ``nonce``: its create's callback token's (see announce)."""
         handed = self._active.get(task_id)
         if handed is not None and handed.handed_over and holds_slot:
             # Handed back (the process that took it over stopped): ours again, with the
@@ -229,6 +244,7 @@ class PollScheduler:
             return
         now = asyncio.get_running_loop().time()
         tracked = _Tracked(task_id, model, now, holds_slot)
+        tracked.nonce = nonce
         if adopted:
             tracked.urgent = "adopted"
         self._active[task_id] = tracked
@@ -263,9 +279,10 @@ class PollScheduler:
 
     @property
     def doubting(self) -> bool:
-        """Return whether every claim is doubted now: a claim refuted twice (a forged
+        """Return whether claims are doubted now: a claim refuted twice (a forged
         callback) came less than ``_DOUBT_PERIOD`` seconds ago. Meanwhile no claim is
-        confirmed, and every task is polled as if no callback would come."""
+        confirmed, and every task is polled as if no callback would come, except tasks
+        whose create sent a callback token of their own (only their token's claims count)."""
         return asyncio.get_running_loop().time() < self._doubt_until
 
     def given_up(self, task_id: str) -> SoraError | None:
@@ -289,8 +306,22 @@ class PollScheduler:
             self._seen_by_poll += 1
         self._settle(tracked, status)
 
-    def announce(self, status: TaskStatus, *, trusted: bool, relayed: bool = False) -> bool:
+    def announce(
+        self,
+        status: TaskStatus,
+        *,
+        trusted: bool,
+        relayed: bool = False,
+        nonce: str | None = None,
+        seen: bool = False,
+    ) -> bool:
         """Take a callback's news of a task; return whether the task is ours.
+
+        ``nonce``: the one in the callback's verified token. A task whose create sent
+        a token takes claims with that token's nonce alone: any other claim of its end
+        (a forgery, even by someone who holds the callback secret) is dropped at no
+        cost, and its own claims are confirmed even while claims are doubted.
+        Tasks without one (adopted, or made by an older release) are judged as below.
 
         A trusted terminal status settles the task at once; an untrusted one only
         makes the task the next one polled, so a forged callback cannot end it. Claims
@@ -301,17 +332,31 @@ class PollScheduler:
         task's claims doubted for ``_DOUBT_PERIOD`` seconds (see :attr:`doubting`). So
         any number of claims costs a running task at most two requests beyond its
         polls, all tasks together two per period, and a settled task none.
-        ``relayed``: the news came from another process, which already shared it.
+        ``relayed``: the news came from another process, which already shared it;
+        ``seen``: that process saw the end itself (by a poll, or a claim it took), so no
+        token comes with it.
         """
         tracked = self._active.get(status.task_id)
         if tracked is None:
             return status.task_id in self._finished or status.task_id in self._given_up
         if not status.terminal:
             return True
+        bound = tracked.nonce is not None
+        if (
+            bound
+            and not seen
+            and (nonce is None or not hmac.compare_digest(nonce, tracked.nonce or ""))
+        ):
+            self.forged_claims += 1
+            return True
         if trusted:
             self._seen_by_callback += 1
             self._settle(tracked, status, relayed=relayed)
-        elif tracked.doubted or self.doubting or tracked.urgent in ("callback", "recheck"):
+        elif (
+            tracked.doubted
+            or (self.doubting and not bound)
+            or tracked.urgent in ("callback", "recheck")
+        ):
             pass  # refuted before, or a confirmation already waits: this one costs nothing
         elif tracked.polling:
             tracked.reclaimed = True  # the answer on its way may predate this end
@@ -494,7 +539,7 @@ class PollScheduler:
                 continue
             if tracked.urgent:
                 return tracked, now
-            doubted = doubting or tracked.doubted
+            doubted = tracked.doubted or (doubting and tracked.nonce is None)
             if shortcut and tracked.last_seen == tracked.started and not doubted:
                 if skip_unseen:
                     continue
@@ -578,10 +623,12 @@ class PollScheduler:
         if reason == "recheck":
             # Refuted twice: forged, or far ahead of the status. Polls find its end.
             tracked.doubted = True
+            if tracked.nonce is not None:
+                return  # its own token's claim: the status lags far behind, nothing forged
             if not self.doubting:
                 logger.warning(
                     "task %s: a claimed end refuted twice (a forged callback?): every "
-                    "claim doubted for %g s, ends found by polls",
+                    "claim without its task's own token doubted for %g s, ends found by polls",
                     tracked.task_id,
                     _DOUBT_PERIOD,
                 )
@@ -624,7 +671,7 @@ class PollScheduler:
             # Processes sharing the key may also track it: one awaits it (a web worker
             # the GET reached), another holds its slot (the creator, or the adopter of a
             # dead process's task). Tell them all; a local governor tells nobody.
-            self._governor.share(status, trusted=True)
+            self._governor.share(status, trusted=True, seen=True)
         self._changed.set()
 
     def _give_up(self, tracked: _Tracked, error: SoraError) -> None:

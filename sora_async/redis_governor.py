@@ -587,12 +587,16 @@ class RedisGovernor:
 
     # --- news between processes -----------------------------------------------------------
 
-    def share(self, status: TaskStatus, *, trusted: bool) -> None:
+    def share(
+        self, status: TaskStatus, *, trusted: bool, nonce: str | None = None, seen: bool = False
+    ) -> None:
         """Publish news of a task to every process; the one tracking it takes it."""
         payload = json.dumps(
             {
                 "kind": "news",
                 "trusted": trusted,
+                "nonce": nonce,
+                "seen": seen,
                 "status": json.loads(_status_encoder.encode(status)),
             }
         )
@@ -791,7 +795,13 @@ class RedisGovernor:
                 self._wake_slot_waiters()
             elif message.get("kind") == "news":
                 status = _status_decoder.decode(json.dumps(message["status"]))
-                news.announce(status, bool(message.get("trusted")))
+                nonce = message.get("nonce")
+                news.announce(
+                    status,
+                    bool(message.get("trusted")),
+                    nonce if isinstance(nonce, str) else None,
+                    message.get("seen") is True,
+                )
         except (ValueError, KeyError, TypeError, msgspec.MsgspecError, RecursionError):
             logger.warning("ignored a malformed message on %s", self._channel)
 

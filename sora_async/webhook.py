@@ -2,9 +2,13 @@
 
 The provider POSTs the status envelope to the client's ``callback_url`` when a task
 ends, answers must come within 30 s, and nothing is signed. So the handler answers at
-once, checks the per-client secret token in constant time, and, unless told to trust
-a verified callback, confirms a terminal one with one status request before any
-waiter sees it. Duplicates, late arrivals and unknown task ids are harmless.
+once, checks the callback URL's token in constant time (each create's URL carries a
+token of its own, an HMAC under the client's secret: see ``_callback_tokens``), and,
+unless told to trust a verified callback, confirms a terminal one with one status
+request before any waiter sees it. A claim of a task's end that carries another
+task's token, or the bare secret, is dropped without a request. Duplicates, late
+arrivals and unknown task ids are harmless. Refusals are logged at most once per 10 s,
+with a count.
 
 Example (aiohttp)::
 
@@ -14,13 +18,14 @@ Example (aiohttp)::
 
 from __future__ import annotations
 
-import hmac
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import msgspec
 
+from ._callback_tokens import verify
 from ._client import SoraClient
 from ._errors import ProtocolError
 from ._models import decode_envelope, decode_status
@@ -37,6 +42,31 @@ __all__ = [
 ]
 
 logger = logging.getLogger("sora_async")
+
+
+class _RefusalLog:
+    """Log refused callbacks at most once per ``every`` seconds, with a count: a flood
+    of junk must not become a flood of log lines (nor spend the CPU to write them)."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every = every
+        self._next = 0.0
+        self._quiet = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._quiet += 1
+            return
+        if self._quiet:
+            message += f" (and {self._quiet} more refused in the last %gs)"
+            args = (*args, self.every)
+        self._quiet = 0
+        self._next = now + self.every
+        logger.warning(message, *args)
+
+
+_refused = _RefusalLog()
 
 #: Callback bodies are a few hundred bytes; anything far larger is refused unread.
 MAX_CALLBACK_BYTES = 64 * 1024
@@ -59,24 +89,25 @@ def handle_callback(client: SoraClient, body: bytes, token: str | None) -> int:
     if len(body) > MAX_CALLBACK_BYTES:
         return 413
     secret = client.callback_secret
-    verified = False
+    nonce: str | None = None
     if secret is not None:
-        if token is None or not hmac.compare_digest(token.encode(), secret.encode()):
-            logger.warning("callback refused: wrong or missing token")
+        nonce = verify(secret, token)
+        if nonce is None:
+            _refused.warning("callback refused: wrong or missing token")
             return 403
-        verified = True
     try:
         envelope = decode_envelope(body)
         if envelope.code != 200:
             raise ValueError(f"envelope code {envelope.code}")
         status = decode_status(envelope.data)
     except (msgspec.MsgspecError, ValueError, ProtocolError) as exc:
-        logger.warning("callback refused: not a status envelope (%s)", exc)
+        _refused.warning("callback refused: not a status envelope (%s)", exc)
         return 400
-    trusted = verified and not client.confirm_callbacks
-    if not client.announce(status, trusted=trusted):
+    trusted = secret is not None and not client.confirm_callbacks
+    bound = nonce or None  # the bare secret (LEGACY) is bound to no task
+    if not client.announce(status, trusted=trusted, nonce=bound):
         # Another process sharing the key (through Redis) may track it.
-        client.governor.share(status, trusted=trusted)
+        client.governor.share(status, trusted=trusted, nonce=bound)
         logger.info("callback for task %s not tracked here: shared", status.task_id)
     return 200
 

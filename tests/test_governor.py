@@ -205,7 +205,9 @@ class NoNews:
     def adopt(self, task_id: str, model: str) -> None:
         """Ignore an adopted task."""
 
-    def announce(self, status: TaskStatus, trusted: bool) -> None:
+    def announce(
+        self, status: TaskStatus, trusted: bool, nonce: str | None = None, seen: bool = False
+    ) -> None:
         """Ignore shared news."""
 
     def hand_over(self, task_id: str, model: str) -> None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import secrets
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import anyio
 import anyio.abc
@@ -241,6 +243,92 @@ async def test_a_callback_received_by_another_client_wakes_the_waiter(
     sock.close()
 
 
+def success_claim(task_id: str, url: str) -> bytes:
+    """A callback's body claiming that ``task_id`` succeeded with the video at ``url``."""
+    result = json.dumps({"resultUrls": [url]})
+    data = {"taskId": task_id, "state": "success", "resultJson": result}
+    return json.dumps({"code": 200, "msg": "success", "data": data}).encode()
+
+
+def own_token(fake: FakeApixo, task_id: str) -> str:
+    """The callback token that ``task_id``'s create sent (in its callback URL)."""
+    task_url = fake.tasks[task_id].callback_url
+    assert task_url is not None
+    return parse_qs(urlsplit(task_url).query)["token"][0]
+
+
+def callback_client(redis_server: RedisServer, fake: FakeApixo, secret: str) -> sa.SoraClient:
+    """A client on Redis whose tasks' callbacks go nowhere (the test delivers them) and
+    who polls at most every 600 s: ends come by the callbacks the test hands it."""
+    governor = governor_for(redis_server.url, fake)
+    slow = sa.PollPolicy(prior_mean=1800.0, min_interval=600.0)
+    url = "http://127.0.0.1:9/apixo/callback"
+    return client_for(fake, governor, callback_url=url, callback_secret=secret, poll_policy=slow)
+
+
+async def test_a_relayed_claim_must_carry_the_tasks_own_token(
+    redis_server: RedisServer,
+) -> None:
+    """A claim that lands on a client not tracking the task is relayed through Redis
+    with its token's nonce; the client that tracks the task drops a claim signed with
+    the bare secret (no request) and confirms one with the task's own token (one)."""
+    secret = secrets.token_urlsafe(16)
+    async with FakeApixo(generation_time=fixed(600.0), callback_loss=1.0) as fake:
+
+        def client() -> sa.SoraClient:
+            return callback_client(redis_server, fake, secret)
+
+        async with client() as tracker, client() as other:
+            task_id = await tracker.submit(sa.TextToVideo(prompt="a kite", duration=10))
+            await asyncio.sleep(1.0)
+            before = fake.stats.requests_by_kind["status"]
+            body = success_claim(task_id, "https://attacker.example/x")
+            assert sora_async.webhook.handle_callback(other, body, secret) == 200
+            await asyncio.sleep(1.0)
+            dropped = fake.stats.requests_by_kind["status"] - before
+            own = own_token(fake, task_id)
+            assert sora_async.webhook.handle_callback(other, body, own) == 200
+            await asyncio.sleep(1.0)
+            confirmed = fake.stats.requests_by_kind["status"] - before
+            forged = tracker.scheduler.forged_claims
+            unsettled = tracker.scheduler.result(task_id) is None
+    assert dropped == 0
+    assert forged == 1
+    assert 1 <= confirmed <= 2  # a confirmation (and its recheck): the claim is refuted
+    assert unsettled
+
+
+async def test_an_end_another_process_saw_reaches_the_tasks_creator(
+    redis_server: RedisServer,
+) -> None:
+    """A web worker awaits another worker's task; the callback (with the task's own
+    token) lands on the waiting worker, which confirms it and settles: the creator takes
+    that end from Redis without a token of its own (it was seen, not claimed), ends the
+    task and frees its slot."""
+    secret = secrets.token_urlsafe(16)
+    async with FakeApixo(generation_time=fixed(2.0), callback_loss=1.0) as fake:
+
+        def client() -> sa.SoraClient:
+            return callback_client(redis_server, fake, secret)
+
+        async with client() as creator, client() as waiter:
+            task_id = await creator.submit(sa.TextToVideo(prompt="a kite", duration=10))
+            waiting = asyncio.ensure_future(waiter.wait(task_id))
+            await asyncio.sleep(3.0)  # ended on the service; nobody polls again for 600 s
+            body = success_claim(task_id, f"{fake.origin}/files/x.mp4")
+            own = own_token(fake, task_id)
+            assert sora_async.webhook.handle_callback(waiter, body, own) == 200
+            video = await asyncio.wait_for(waiting, 5.0)
+            await asyncio.sleep(0.5)
+            creators_end = creator.scheduler.result(task_id)
+            creators_slots = creator.governor.slots_in_use
+            forged = creator.scheduler.forged_claims
+    assert video.urls
+    assert creators_end is not None
+    assert creators_slots == 0
+    assert forged == 0
+
+
 async def test_a_create_finds_room_while_another_process_floods_polls(
     redis_server: RedisServer,
 ) -> None:
@@ -383,7 +471,9 @@ class NoNews:
     def adopt(self, task_id: str, model: str) -> None:
         """Ignore an adopted task."""
 
-    def announce(self, status: sa.TaskStatus, trusted: bool) -> None:
+    def announce(
+        self, status: sa.TaskStatus, trusted: bool, nonce: str | None = None, seen: bool = False
+    ) -> None:
         """Ignore shared news."""
 
     def hand_over(self, task_id: str, model: str) -> None:
