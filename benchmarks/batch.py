@@ -43,7 +43,7 @@ async def virtual_makespan(items: int, folder: Path) -> dict[str, Any]:
     async with FakeApixo(generation_time=lognormal(180.0, 0.4), balance=1e12, seed=7) as fake:
         async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
             started = loop.time()
-            report = await client.run_batch(source, folder / "virtual")
+            report = await sa.run_batch(client, source, folder / "virtual")
             makespan = loop.time() - started
         assert report.ok
         bound = sum(t.complete_at - t.created_at for t in fake.tasks.values()) / 10
@@ -79,7 +79,7 @@ async def real_cost(items: int, folder: Path, *, trace: bool) -> dict[str, Any]:
             if trace:
                 tracemalloc.start()
             cpu, wall = time.process_time(), time.perf_counter()
-            report = await client.run_batch(source, folder / ("traced" if trace else "real"))
+            report = await sa.run_batch(client, source, folder / ("traced" if trace else "real"))
             cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
             peak = tracemalloc.get_traced_memory()[1] if trace else 0
             tracemalloc.stop()

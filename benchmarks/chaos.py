@@ -77,11 +77,11 @@ async def by_run_batch(fake: FakeApixo, items: int, folder: Path) -> collections
         "".join(json.dumps({"id": f"i{i}", "prompt": f"chaos {i}"}) + "\n" for i in range(items))
     )
     async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
-        report = await client.run_batch(source, folder / "out")
+        report = await sa.run_batch(client, source, folder / "out")
         for _ in range(3):
             if not {"queued", "succeeded"} & set(report.counts):
                 break
-            report = await client.run_batch(source, folder / "out")
+            report = await sa.run_batch(client, source, folder / "out")
     return tally(report, fake)
 
 

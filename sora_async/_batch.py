@@ -462,6 +462,3 @@ async def run_batch(
     counts = {k: v for k, v in runner.counts.items() if v}
     seconds = time.monotonic() - started
     return BatchReport(runner.rows, manifest, book_path, seconds, counts, runner.stopping)
-
-
-SoraClient._batch_runner = run_batch  # client.run_batch(...) without an upward import

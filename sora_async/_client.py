@@ -18,7 +18,7 @@ from collections.abc import (
 )
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, overload
+from typing import Any, Literal, overload
 
 import anyio
 import anyio.abc
@@ -78,9 +78,6 @@ from ._store import (
 )
 from ._transport import RetryPolicy, Transport
 
-if TYPE_CHECKING:
-    from ._batch import BatchReport
-
 __all__ = ["Outcome", "SoraClient"]
 
 logger = logging.getLogger("sora_async")
@@ -116,9 +113,6 @@ class SoraClient:
             video = await client.generate(sa.TextToVideo(prompt="a red kite", duration=10))
             print(video.url)
     """
-
-    #: ``sora_async.run_batch``, set by the batch layer when it is imported.
-    _batch_runner: ClassVar[Callable[..., Awaitable[BatchReport]] | None] = None
 
     def __init__(
         self,
@@ -906,20 +900,6 @@ class SoraClient:
         self._check_open()
         assert self._downloader is not None
         return await self._downloader.download(video, dest, name)
-
-    async def run_batch(
-        self,
-        source: str | os.PathLike[str],
-        out: str | os.PathLike[str],
-        **options: Any,
-    ) -> BatchReport:
-        """Run a durable batch from a file into folder ``out``: see :func:`sora_async.run_batch`."""
-        # The batch layer sits above the client and registers itself here when
-        # imported (sora_async imports it), so no import points upward.
-        runner = SoraClient._batch_runner
-        if runner is None:
-            raise ClientClosedError("batches need sora_async._batch: import sora_async")
-        return await runner(self, source, out, **options)
 
     # --- fan-out --------------------------------------------------------------------------
 

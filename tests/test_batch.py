@@ -52,7 +52,7 @@ async def test_1000_prompts_end_as_1000_whole_files(tmp_path: Path) -> None:
     out = tmp_path / "out"
     async with FakeApixo(generation_time=lognormal(180, 0.4), balance=1e9) as fake:
         async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
-            report = await client.run_batch(source, out)
+            report = await sa.run_batch(client, source, out)
         assert report.ok
         rows = manifest(out)
         assert len(rows) == 1000
@@ -94,7 +94,7 @@ async def test_bad_line_is_named_before_any_request(tmp_path: Path, fake: FakeAp
     source.write_text('{"prompt": "fine"}\n\n{"prompt": "bad", "duration": 7}\n')
     async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
         with pytest.raises(sa.BatchLineError) as caught:
-            await client.run_batch(source, tmp_path / "out")
+            await sa.run_batch(client, source, tmp_path / "out")
     assert str(caught.value).startswith(f"{source}:3: duration: must be one of")
     assert fake.stats.requests == 0
 
@@ -124,7 +124,7 @@ async def test_rerun_skips_finished_and_adopts_running(tmp_path: Path) -> None:
     out = tmp_path / "out"
     async with FakeApixo(generation_time=lognormal(120, 0.3), balance=1e6) as fake:
         async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
-            run = asyncio.ensure_future(client.run_batch(source, out))
+            run = asyncio.ensure_future(sa.run_batch(client, source, out))
             await asyncio.sleep(400)
             run.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -133,7 +133,7 @@ async def test_rerun_skips_finished_and_adopts_running(tmp_path: Path) -> None:
         assert "downloaded" in states
         assert states & {"running", "queued"}
         async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
-            report = await client.run_batch(source, out)
+            report = await sa.run_batch(client, source, out)
         for row in report.rows:
             assert Path(row.files[0]).read_bytes() == await fake_file(fake, str(row.task_id))
         stats = fake.stats
@@ -154,12 +154,12 @@ async def test_stop_at_any_moment_never_pays_twice(tmp_path: Path, seed: int) ->
     async with FakeApixo(generation_time=lognormal(90, 0.4), seed=seed, balance=1e6) as fake:
         for _ in range(rng.randint(1, 4)):
             async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
-                run = asyncio.ensure_future(client.run_batch(source, out))
+                run = asyncio.ensure_future(sa.run_batch(client, source, out))
                 await asyncio.sleep(rng.uniform(0, 200))
                 run.cancel()
                 await asyncio.gather(run, return_exceptions=True)
         async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
-            report = await client.run_batch(source, out)
+            report = await sa.run_batch(client, source, out)
         stats = fake.stats
     rows = manifest(out)
     assert max(stats.creates_per_prompt.values()) == 1
@@ -179,15 +179,15 @@ async def test_uncertain_items_are_reported_and_resubmitted_on_request(tmp_path:
     async with FakeApixo(generation_time=fixed(60), balance=1e6) as fake:
         fake.inject("reset_after_create", on="create")
         async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
-            report = await client.run_batch(source, out)
+            report = await sa.run_batch(client, source, out)
         assert not report.ok
         assert [row.state for row in report.rows].count(sa.ItemState.UNCERTAIN) == 1
         async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
-            again = await client.run_batch(source, out)
+            again = await sa.run_batch(client, source, out)
         assert fake.stats.creates == 3  # not created again by default
         assert not again.ok
         async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
-            last = await client.run_batch(source, out, resubmit_uncertain=True)
+            last = await sa.run_batch(client, source, out, resubmit_uncertain=True)
         assert last.ok
         assert fake.stats.creates == 4
 
@@ -200,7 +200,7 @@ async def test_failed_and_refused_items_are_recorded(tmp_path: Path, fake: FakeA
         '{"id": "fails", "prompt": "y [fail:NSFW]"}\n'
     )
     async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
-        report = await client.run_batch(source, tmp_path / "out")
+        report = await sa.run_batch(client, source, tmp_path / "out")
     rows = {row["id"]: row for row in manifest(tmp_path / "out")}
     assert rows["ok"]["state"] == "downloaded"
     assert rows["bad"]["state"] == "failed"
@@ -238,7 +238,7 @@ async def test_network_paths_never_escape_the_folder(
     source.write_text(
         '{"id": "../../../outside", "prompt": "hostile id"}\n{"id": "..", "prompt": "dots"}\n'
     )
-    report = await client.run_batch(source, out)
+    report = await sa.run_batch(client, source, out)
     assert report.ok
     for row in report.rows:
         assert Path(row.files[0]).resolve().parent == out.resolve()
@@ -255,7 +255,7 @@ async def test_unwritable_output_is_an_input_error(
     blocker.write_text("not a folder")
     source = write_prompts(tmp_path / "p.jsonl", 2)
     with pytest.raises(sa.InputError, match="output: cannot write"):
-        await client.run_batch(source, blocker / "out")
+        await sa.run_batch(client, source, blocker / "out")
     assert fake.stats.requests == 0
 
 
@@ -288,7 +288,7 @@ async def test_every_batch_id_gets_its_own_file(ids: list[str]) -> None:
         out = Path(folder) / "out"
         async with FakeApixo(generation_time=fixed(60), balance=1e6) as fake:
             async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
-                report = await client.run_batch(source, out)
+                report = await sa.run_batch(client, source, out)
             assert report.ok
             rows = {row["id"]: row for row in manifest(out)}
             assert sorted(rows) == sorted(ids)
@@ -380,7 +380,7 @@ async def test_a_refused_download_keeps_task_id_and_url_in_the_manifest(tmp_path
         FakeApixo(generation_time=fixed(60)) as fake,
         sa.SoraClient(api_key=fake.api_key, base_url=fake.url, max_download_bytes=100) as client,
     ):
-        report = await client.run_batch(source, tmp_path / "out")
+        report = await sa.run_batch(client, source, tmp_path / "out")
     assert not report.ok
     (row,) = manifest(tmp_path / "out")
     assert row["state"] == "succeeded"
@@ -408,7 +408,7 @@ async def test_stop_ends_the_run_cleanly_and_the_rerun_finishes(tmp_path: Path, 
     async with FakeApixo(generation_time=lognormal(90, 0.4), seed=seed, balance=1e6) as fake:
         async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
             stop = asyncio.Event()
-            run = asyncio.ensure_future(client.run_batch(source, out, stop=stop))
+            run = asyncio.ensure_future(sa.run_batch(client, source, out, stop=stop))
             await asyncio.sleep(rng.uniform(0, 300))
             stop.set()
             loop = asyncio.get_running_loop()
@@ -419,7 +419,7 @@ async def test_stop_ends_the_run_cleanly_and_the_rerun_finishes(tmp_path: Path, 
         states = {row["state"] for row in manifest(out)}
         assert not states & {"uncertain", "submitting"}
         async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
-            again = await client.run_batch(source, out)
+            again = await sa.run_batch(client, source, out)
         stats = fake.stats
     assert again.ok
     assert not again.stopped
@@ -437,7 +437,7 @@ async def test_retry_failed_queues_failed_items_again(tmp_path: Path) -> None:
     async with FakeApixo(generation_time=fixed(60), balance=1e6) as fake:
         for retry_failed in (False, False, True):
             async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
-                report = await client.run_batch(source, out, retry_failed=retry_failed)
+                report = await sa.run_batch(client, source, out, retry_failed=retry_failed)
             assert not report.ok
         assert fake.stats.creates_per_prompt == {"fine": 1, "y [fail:NSFW]": 2}
     rows = {row["id"]: row for row in manifest(out)}
@@ -473,7 +473,7 @@ async def test_a_batch_ended_while_its_create_waits_leaves_the_item_queued(
                 for _ in range(limits.requests):  # the window is spent: the create waits
                     await client.balance()
             stop = asyncio.Event()
-            run = asyncio.ensure_future(client.run_batch(source, out, stop=stop))
+            run = asyncio.ensure_future(sa.run_batch(client, source, out, stop=stop))
             await asyncio.sleep(20.0)
             assert client.governor.slots_in_use == 1  # the first create holds its slot
             assert set(journal_states(out).values()) == {"queued"}
@@ -490,7 +490,7 @@ async def test_a_batch_ended_while_its_create_waits_leaves_the_item_queued(
         assert fake.stats.creates == 0
         assert set(journal_states(out).values()) == {"queued"}
         async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
-            again = await client.run_batch(source, out)
+            again = await sa.run_batch(client, source, out)
         assert again.ok
         assert fake.stats.creates_per_prompt == {f"prompt {i}": 1 for i in range(3)}
         assert fake.stats.rate_limited == (wait == "429")

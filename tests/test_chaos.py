@@ -171,11 +171,11 @@ async def test_soak_run_batch_under_chaos(tmp_path: Path) -> None:
         generation_time=lognormal(180, 0.4), failure_rate=0.05, seed=12, balance=1e9, chaos=0.2
     ) as fake:
         async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
-            report = await client.run_batch(source, out)
+            report = await sa.run_batch(client, source, out)
             for _ in range(3):  # what a user does after a passing fault: run it again
                 if not {"queued", "succeeded"} & set(report.counts):
                     break
-                report = await client.run_batch(source, out)
+                report = await sa.run_batch(client, source, out)
         stats = fake.stats
         tasks = fake.tasks
     assert set(report.counts) <= {"downloaded", "failed", "uncertain"}, report.counts

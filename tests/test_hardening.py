@@ -137,11 +137,11 @@ async def test_batch_marks_a_nonsense_task_failed_with_the_reason(
     out = tmp_path / "out"
     fake.inject("other_task", on="status", times=5)
     async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
-        report = await client.run_batch(source, out)
+        report = await sa.run_batch(client, source, out)
         source.write_text(
             source.read_text() + json.dumps({"id": "fine", "prompt": "a fine one"}) + "\n"
         )
-        again = await client.run_batch(source, out)
+        again = await sa.run_batch(client, source, out)
     assert report.counts == {"failed": 1}
     rows = {row.id: row for row in again.rows}
     assert rows["lost"].state is sa.ItemState.FAILED
