@@ -7,7 +7,6 @@ import contextlib
 import logging
 import os
 import secrets
-import time
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -22,9 +21,8 @@ from typing import Any, Literal, overload
 
 import anyio
 import anyio.abc
-import msgspec
 
-from ._callback_tokens import callback_url_with_token, new_token, nonce_in
+from ._callback_tokens import callback_url_with_token, new_token
 from ._catalog import (
     RawInput,
     Request,
@@ -34,15 +32,12 @@ from ._catalog import (
     model_info,
     model_of,
 )
+from ._creates import Creator
 from ._download import DEFAULT_MAX_DOWNLOAD_BYTES, Downloader
 from ._errors import (
     ClientClosedError,
-    IdempotencyConflictError,
     InputError,
-    NotFoundError,
     ProtocolError,
-    SoraError,
-    SubmitUncertainError,
     TaskAbandonedError,
     TaskFailedError,
     TaskTimeoutError,
@@ -51,6 +46,7 @@ from ._errors import (
 from ._fanout import Outcome, fan_out
 from ._governor import Governor, LocalGovernor
 from ._lanes import Lanes
+from ._ledger import Hooks, Ledger, Recorded
 from ._models import (
     PROVIDERS,
     CreateRequest,
@@ -62,19 +58,13 @@ from ._models import (
     check_choice,
     check_http_url,
 )
-from ._pool import TaskPool
 from ._recorder import Recorder
 from ._scheduler import PollPolicy, PollScheduler
-from ._sends import SendMemory
 from ._snapshot import Snapshot, model_snapshot, snapshot_of
 from ._store import (
-    MemoryStore,
     RecordState,
-    SendLog,
-    TaskRecord,
     TaskStore,
     check_idempotency_key,
-    fingerprint_of,
 )
 from ._transport import RetryPolicy, Transport
 
@@ -84,8 +74,6 @@ logger = logging.getLogger("sora_async")
 
 DEFAULT_BASE_URL = "https://api.apixo.ai/api/v1"
 UncertainPolicy = Literal["raise", "resubmit"]
-# The records of submits without a key get one made up, with this prefix.
-_AUTO_KEY = "sora-async-auto:"
 
 
 class SoraClient:
@@ -157,12 +145,6 @@ class SoraClient:
         if store is not None and not isinstance(store, TaskStore):
             raise InputError("store", "must be a task store, like sa.SQLiteStore(path)")
         self.store = store
-        # Idempotency keys given without a store live as long as the process.
-        self._key_records: TaskStore | None = store
-        self._key_locks: dict[str, _KeyLock] = {}
-        # Creates in flight by idempotency key: a second submit of a key joins them.
-        self._creating: dict[str, asyncio.Future[str]] = {}
-        self._end_writes: set[asyncio.Task[None]] = set()
         self.callback_url = callback_url
         # A per-client secret in the callback URL's query lets the receiver tell the
         # provider's callbacks from forged ones (the provider signs nothing).
@@ -193,6 +175,7 @@ class SoraClient:
             uncertain_hold=uncertain_hold,
         )
         self._lanes.on_adopted = self._adopted_by_governor
+        self._ledger = Ledger(store, self._lanes, uncertain_hold=uncertain_hold)
         self._transport = Transport(
             api_key=key,
             base_url=self.base_url,
@@ -207,8 +190,14 @@ class SoraClient:
         self._downloader: Downloader | None = None
         self._host: asyncio.Task[None] | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
-        self._creates = TaskPool()  # one task per create, owned by the task group
-        self._sends: SendMemory | None = None  # the window's sends, kept in the store
+        self._creator = Creator(
+            self._transport,
+            self._lanes,
+            self._ledger,
+            self._models,
+            on_uncertain=on_uncertain,
+            uncertain_hold=uncertain_hold,
+        )
 
     @property
     def governor(self) -> Governor:
@@ -266,18 +255,7 @@ class SoraClient:
     async def __aenter__(self) -> SoraClient:
         if self._state != "new":
             raise ClientClosedError("a SoraClient can be entered once; create a new one")
-        if self.store is not None:
-            await self.store.open()
-            if self.store.durable and isinstance(self.store, SendLog):
-                # The sends of the last window, by this store's previous client: each
-                # governor counts them before its first request (0 x 429 at a restart).
-                self._sends = SendMemory(self.store)
-                try:
-                    await self._sends.load()
-                except BaseException:
-                    await self.store.close()
-                    raise
-                self._lanes.on_governor = self._sends.watch
+        await self._ledger.open()
         await self._transport.open()
         self._downloader = Downloader(
             self._transport.session,
@@ -293,18 +271,18 @@ class SoraClient:
         )
         await ready.wait()
         self._state = "open"
-        if self.store is not None and self.store.durable:
-            try:
-                await self._adopt_recorded(self.store)
-            except BaseException as exc:
-                await self.__aexit__(type(exc), exc, exc.__traceback__)
-                raise
+        try:
+            await self._ledger.adopt_recorded(self._adopt)
+        except BaseException as exc:
+            await self.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
         return self
 
     async def _host_background(self, ready: asyncio.Event) -> None:
         async with anyio.create_task_group() as group:
             self._task_group = group
-            group.start_soon(self._creates.run)
+            group.start_soon(self._creator.pool.run)
+            self._ledger.start(group)
             self._lanes.start(group)
             ready.set()
 
@@ -315,8 +293,7 @@ class SoraClient:
         tb: TracebackType | None,
     ) -> None:
         self._state = "closed"
-        if self._end_writes:  # ends already learned reach the store before it closes
-            await asyncio.wait(set(self._end_writes), timeout=10.0)
+        await self._ledger.settle()  # ends already learned reach the store before it closes
         if self._host is not None:
             self._host.cancel()
             # Background work that failed (its task group wrapped the error) raises the
@@ -325,11 +302,7 @@ class SoraClient:
                 await self._host
         await self._lanes.aclose()
         await self._transport.close()
-        if self._sends is not None:
-            await self._sends.flush()
-        if self.store is not None:
-            # Tasks still running stay recorded: the next client on the store adopts them.
-            await self.store.close()
+        await self._ledger.close()
 
     def _check_open(self) -> anyio.abc.TaskGroup:
         if self._state != "open" or self._task_group is None or self._host is None:
@@ -412,64 +385,20 @@ class SoraClient:
             check_idempotency_key(idempotency_key)
         hooks = None
         if before_create is not None or after_no_task is not None:
-            hooks = _Hooks(before_create, after_no_task)
-        records = self._records_for(idempotency_key)
+            hooks = Hooks(before_create, after_no_task)
+        governor = self._lanes.get(prepared[0]).governor
+        records = self._ledger.records_for(idempotency_key)
         if records is not None:
-            key = idempotency_key or f"{_AUTO_KEY}{secrets.token_hex(16)}"
-            return await self._submit_recorded(records, key, prepared, hooks)
-        return await self._slot_then_create(prepared, hooks)
-
-    async def _slot_then_create(
-        self,
-        prepared: tuple[str, CreateRequest],
-        hooks: _Hooks | None,
-        recorded: tuple[TaskStore, TaskRecord] | None = None,
-    ) -> str:
-        """Wait for a slot of the request's model, then create."""
-        await self._lanes.get(prepared[0]).governor.acquire_slot()
-        return await self._create_with_slot(prepared, recorded, hooks)
-
-    def _records_for(self, idempotency_key: str | None) -> TaskStore | None:
-        """Return where this submit is recorded: the store, or (for a key given
-        without a store) the process's memory; None when nothing needs recording."""
-        if self._key_records is None and idempotency_key is not None:
-            self._key_records = MemoryStore()
-        return self.store if idempotency_key is None else self._key_records
-
-    async def _submit_recorded(
-        self,
-        records: TaskStore,
-        key: str,
-        prepared: tuple[str, CreateRequest],
-        hooks: _Hooks | None,
-    ) -> str:
-        model, body = prepared
-        fingerprint = fingerprint_of(model, body.input)
-        async with self._key_lock(key):
-            record = await records.claim(
-                TaskRecord(
-                    key=key,
-                    fingerprint=fingerprint,
-                    model=model,
-                    request=msgspec.json.encode(body.input).decode(),
-                )
+            return await self._ledger.submit(
+                records,
+                idempotency_key,
+                prepared,
+                hooks,
+                self._create,
+                governor.acquire_slot,
             )
-            if record.fingerprint != fingerprint:
-                raise IdempotencyConflictError(key)
-            creating = self._creating.get(key)
-            if creating is not None:  # its first caller stopped waiting; the create goes on
-                return await asyncio.shield(creating)
-            if record.task_id is not None:
-                return record.task_id
-            if record.state in (RecordState.SUBMITTING, RecordState.UNCERTAIN):
-                raise SubmitUncertainError(
-                    f"the create for idempotency key {key!r} may have made a task whose id "
-                    "was never learned; it is not sent again (never pay twice) unless the "
-                    "key is released (release_key)"
-                )
-            # Queued or refused: no task exists for this key, so creating is safe;
-            # released: an operator chose to create again, knowing it may pay twice.
-            return await self._slot_then_create(prepared, hooks, (records, record))
+        await governor.acquire_slot()
+        return await self._create(prepared, hooks)
 
     async def uncertain_keys(self) -> list[str]:
         """Return the idempotency keys whose create may have made a task whose id was
@@ -477,14 +406,7 @@ class SoraClient:
         while it was on the wire), sorted. A submit with one raises
         SubmitUncertainError until :meth:`release_key` releases it."""
         self._check_open()
-        records = self._key_records
-        if records is None:
-            return []
-        return sorted(
-            record.key
-            for record in await records.unfinished()
-            if record.state is RecordState.UNCERTAIN and not record.key.startswith(_AUTO_KEY)
-        )
+        return await self._ledger.uncertain_keys()
 
     async def release_key(self, idempotency_key: str) -> bool:
         """Let the next submit with ``idempotency_key`` create again, although its
@@ -495,39 +417,7 @@ class SoraClient:
         still run on the service.
         """
         self._check_open()
-        key = check_idempotency_key(idempotency_key)
-        records = self._key_records
-        if records is None:
-            return False
-        async with self._key_lock(key):
-            if key in self._creating:
-                return False
-            for record in await records.unfinished():
-                if record.key == key and record.state is RecordState.UNCERTAIN:
-                    was = record.error or "uncertain"
-                    record.state = RecordState.RELEASED
-                    record.error = f"released: the next submit creates again ({was})"
-                    await records.save(record)
-                    logger.warning(
-                        "idempotency key %r released: its next submit creates a task, "
-                        "though its earlier create may have made one",
-                        key,
-                    )
-                    return True
-        return False
-
-    @contextlib.asynccontextmanager
-    async def _key_lock(self, key: str) -> AsyncIterator[None]:
-        """Serialise submits of one key (and drop the lock when nobody holds it)."""
-        entry = self._key_locks.setdefault(key, _KeyLock())
-        entry.users += 1
-        try:
-            async with entry.lock:
-                yield
-        finally:
-            entry.users -= 1
-            if entry.users == 0:
-                del self._key_locks[key]
+        return await self._ledger.release_key(check_idempotency_key(idempotency_key))
 
     async def adopt(self, task_id: str, *, model: str | None = None) -> None:
         """Track a task made elsewhere (say, by a run that was killed) until it ends.
@@ -551,181 +441,20 @@ class SoraClient:
         lane.scheduler.track(task_id, model, holds_slot=True, adopted=True)
         return True
 
-    async def _adopt_recorded(self, store: TaskStore) -> None:
-        """Take over the unfinished tasks a previous process recorded in ``store``.
-
-        A task with an id holds a slot and is polled to its end; a create whose fate
-        was never learned holds a slot for what is left of ``uncertain_hold`` (its
-        task may run, unnamed). Where the model's governor adopts the tasks of dead
-        processes itself (Redis), it does, by its leases, and holds their uncertain
-        creates: the store then only names the record of a task adopted here.
-        """
-        for record in await store.unfinished():
-            lane = self._lanes.get(record.model)
-            if lane.governor.adopts_orphans:
-                continue
-            if store.shared:
-                logger.warning(
-                    "task store: %s's records are shared by processes; only a RedisGovernor "
-                    "for that model may adopt them (record %s left alone)",
-                    record.model,
-                    record.key,
-                )
-                continue
-            if record.task_id is not None and record.state is RecordState.RUNNING:
-                if await self._adopt(record.task_id, record.model):
-                    logger.info("adopting task %s from the store", record.task_id)
-                    self._record_end_of(store, record)
-                continue
-            if record.state is RecordState.SUBMITTING:
-                record.state = RecordState.UNCERTAIN
-                record.error = "the process that sent its create stopped before the answer"
-                await store.save(record)
-            left = self.uncertain_hold - (time.time() - record.updated_at)
-            if left > 0:
-                await lane.governor.acquire_slot()
-                lane.governor.release_slot_later(left)
-
     def _adopted_by_governor(self, task_id: str, model: str) -> None:
         """A governor handed us a dead process's task: write its end in its record."""
         self._models[task_id] = model
-        if self.store is not None and self.store.durable and self._task_group is not None:
-            self._task_group.start_soon(self._watch_record_of, self.store, task_id)
+        self._ledger.adopted_by_governor(task_id)
 
-    async def _watch_record_of(self, store: TaskStore, task_id: str) -> None:
-        try:
-            record = await store.find_task(task_id)
-        except SoraError as exc:
-            logger.warning("task store: cannot look up adopted task %s: %s", task_id, exc)
-            return
-        if record is None or not record.state.unfinished:
-            return
-        with contextlib.suppress(KeyError):  # it ended while we looked
-            self._record_end_of(store, record, task_id=task_id)
-
-    async def _create_with_slot(
+    async def _create(
         self,
         prepared: tuple[str, CreateRequest],
-        recorded: tuple[TaskStore, TaskRecord] | None = None,
-        hooks: _Hooks | None = None,
+        hooks: Hooks | None = None,
+        recorded: Recorded | None = None,
     ) -> str:
-        """Create a task with a slot already taken; the slot is accounted for either way.
-
-        The create runs in the client's own task group: a caller cancelled while it
-        is in flight stops waiting, but the create runs to its end, so a task made
-        for it is still tracked (its slot kept), recorded, and never made twice.
-        ``hooks`` (and the record) hear of each send: see _Hooks.
-        """
+        """Create a task with a slot already taken (see Creator.create)."""
         self._check_open()
-        created: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        if recorded is not None:
-            key = recorded[1].key
-            self._creating[key] = created
-            created.add_done_callback(lambda _: self._creating.pop(key, None))
-            hooks = hooks if hooks is not None else _Hooks(None, None)
-            hooks.recorded = recorded
-        self._creates.start_soon(self._create_detached, prepared, created, recorded, hooks)
-        try:
-            if recorded is None:
-                # Nobody else awaits this future, so no shield: a caller cancelled
-                # cancels it, and the create goes on all the same (_create_detached).
-                return await created
-            return await asyncio.shield(created)
-        except asyncio.CancelledError:
-            created.add_done_callback(_log_orphan)  # its caller will never hear of it
-            raise
-
-    async def _create_detached(
-        self,
-        prepared: tuple[str, CreateRequest],
-        created: asyncio.Future[str],
-        recorded: tuple[TaskStore, TaskRecord] | None,
-        hooks: _Hooks | None,
-    ) -> None:
-        model, body = prepared
-        lane = self._lanes.get(model)
-        # A caller's idempotency key promises one task: never resubmit under it.
-        resubmit = self.on_uncertain == "resubmit" and (
-            recorded is None or recorded[1].key.startswith(_AUTO_KEY)
-        )
-        try:
-            while True:
-                try:
-                    # The record turns submitting in hooks.sending(): once the permit
-                    # is granted, just before the send, never while a slot, a permit
-                    # or a back-off is awaited.
-                    task_id = await self._transport.create(model, body, hooks=hooks)
-                except _NotSent as stopped:
-                    lane.governor.release_slot()
-                    if not created.cancelled():
-                        created.set_exception(stopped.error)
-                    return
-                except SubmitUncertainError as exc:
-                    # The task may exist and hold a slot on the server for a while.
-                    lane.governor.release_slot_later(self.uncertain_hold)
-                    if not resubmit:
-                        await _note(recorded, RecordState.UNCERTAIN, error=str(exc))
-                        raise
-                    logger.warning("create uncertain; resubmitting (on_uncertain='resubmit')")
-                    await lane.governor.acquire_slot()
-                    continue
-                except SoraError as exc:
-                    lane.governor.release_slot()
-                    await _note(recorded, RecordState.REFUSED, error=str(exc))
-                    raise
-                except BaseException:
-                    lane.governor.release_slot()
-                    raise
-                lane.governor.bind_slot(task_id, model)
-                nonce = nonce_in(body.callback_url)
-                lane.scheduler.track(task_id, model, holds_slot=True, nonce=nonce)
-                self._models[task_id] = model
-                if recorded is not None:
-                    self._record_end_of(*recorded, task_id=task_id)
-                    await _note(recorded, RecordState.RUNNING, task_id=task_id)
-                if created.cancelled():  # its caller stopped waiting (see _create_with_slot)
-                    _log_orphan_id(task_id)
-                else:
-                    created.set_result(task_id)
-                return
-        except SoraError as exc:
-            if not created.cancelled():
-                created.set_exception(exc)
-        except BaseException:
-            created.cancel()
-            raise
-
-    def _record_end_of(
-        self, store: TaskStore, record: TaskRecord, *, task_id: str | None = None
-    ) -> None:
-        """Write the task's end to ``store`` the moment its scheduler learns it (the
-        write is started before any waiter resumes, and the client awaits it on exit)."""
-        task_id = task_id or record.task_id
-        assert task_id is not None
-
-        def ended(done: asyncio.Future[TaskStatus]) -> None:
-            write = asyncio.get_running_loop().create_task(self._record_end(store, record, done))
-            self._end_writes.add(write)
-            write.add_done_callback(self._end_writes.discard)
-
-        self._lanes.get(record.model).scheduler.when_ended(task_id, ended)
-
-    async def _record_end(
-        self, store: TaskStore, record: TaskRecord, done: asyncio.Future[TaskStatus]
-    ) -> None:
-        if done.cancelled():
-            return
-        error = done.exception()
-        if isinstance(error, (NotFoundError, ProtocolError, TaskTimeoutError)):
-            # Unknown to the service, or given up: it no longer holds a slot of ours.
-            await _note((store, record), RecordState.FAILED, error=str(error))
-        elif error is not None:
-            return  # tracking stopped without an answer (the key was refused): unknown
-        elif (status := done.result()).state is TaskState.SUCCESS:
-            await _note((store, record), RecordState.SUCCEEDED, urls=list(status.result_urls))
-        else:
-            failure = f"{status.fail_code or 'failed'}: {status.fail_msg or ''}"
-            await _note((store, record), RecordState.FAILED, error=failure)
+        return await self._creator.create(prepared, hooks, recorded)
 
     def _model_of_task(self, task_id: str, model: str | None) -> str:
         if model is not None:
@@ -787,9 +516,9 @@ class SoraClient:
         _check_timeout(timeout)
         total = self.wait_timeout if timeout is None else timeout
         deadline = asyncio.get_running_loop().time() + total
-        if model is None and task_id not in self._models and self.store is not None:
+        if model is None and task_id not in self._models:
             # A task of an earlier process: the store knows its model, maybe its end.
-            record = await self.store.find_task(task_id)
+            record = await self._ledger.find(task_id)
             if record is not None:
                 if record.state is RecordState.SUCCEEDED:
                     ended = TaskStatus(
@@ -921,7 +650,7 @@ class SoraClient:
         """
 
         async def run(prepared: tuple[str, CreateRequest]) -> Result:
-            task_id = await self._create_with_slot(prepared)
+            task_id = await self._create(prepared)
             return await self.wait(task_id, timeout=timeout)
 
         return fan_out(
@@ -940,112 +669,6 @@ def _result_or_raise(status: TaskStatus, model: str) -> Result:
             return Video.from_status(status, model)
         return Result.from_status(status, model)
     raise TaskFailedError(status.task_id, status.fail_code, status.fail_msg)
-
-
-class _NotSent(Exception):
-    """A create's hook failed before its bytes left: the create is not sent."""
-
-    def __init__(self, error: Exception) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
-class _Hooks:
-    """A create's record and its caller's hooks, told of each attempt's bytes (the
-    transport's CreateHooks): ``submitting`` just before a send, ``queued`` again
-    after an answer that proved no task was made."""
-
-    __slots__ = ("after_no_task", "before_create", "recorded", "written")
-
-    def __init__(
-        self,
-        before_create: Callable[[], Awaitable[None]] | None,
-        after_no_task: Callable[[], Awaitable[None]] | None,
-        recorded: tuple[TaskStore, TaskRecord] | None = None,
-    ) -> None:
-        self.before_create = before_create
-        self.after_no_task = after_no_task
-        self.recorded = recorded
-        self.written = False  # the record reads submitting in its store
-
-    async def sending(self) -> None:
-        """Await the caller's hook, then write the record ``submitting``; a failure of
-        either raises _NotSent (the create is not sent)."""
-        if self.before_create is not None:
-            try:
-                await self.before_create()
-            except Exception as exc:
-                raise _NotSent(exc) from exc
-        if self.recorded is None:
-            return
-        store, record = self.recorded
-        before = record.state, record.error
-        record.state, record.error = RecordState.SUBMITTING, None
-        try:
-            await store.save(record)
-        except Exception as exc:
-            record.state, record.error = before
-            with contextlib.suppress(_NotSent):
-                await self.no_task()  # the caller's row goes back: nothing is sent
-            raise _NotSent(exc) from exc
-        self.written = True
-
-    async def no_task(self) -> None:
-        """Write the record ``queued`` again, then await the caller's hook."""
-        if self.written:
-            self.written = False
-            await _note(self.recorded, RecordState.QUEUED)
-        if self.after_no_task is not None:
-            try:
-                await self.after_no_task()
-            except Exception as exc:
-                raise _NotSent(exc) from exc
-
-
-class _KeyLock:
-    """The lock of one idempotency key, and how many submits hold or await it."""
-
-    __slots__ = ("lock", "users")
-
-    def __init__(self) -> None:
-        self.lock = asyncio.Lock()
-        self.users = 0
-
-
-async def _note(
-    recorded: tuple[TaskStore, TaskRecord] | None,
-    state: RecordState,
-    *,
-    task_id: str | None = None,
-    urls: list[str] | None = None,
-    error: str | None = None,
-) -> None:
-    """Move a recorded task to ``state`` and write it (nothing when not recorded)."""
-    if recorded is None:
-        return
-    store, record = recorded
-    record.state = state
-    if task_id is not None:
-        record.task_id = task_id
-    if urls is not None:
-        record.result_urls = urls
-    record.error = error
-    try:
-        await store.save(record)
-    except SoraError as exc:  # the task goes on in memory; the operator must hear of it
-        logger.error("task store: cannot record %s as %s: %s", record.key, state.value, exc)
-
-
-def _log_orphan(created: asyncio.Future[str]) -> None:
-    """Name a task made for a caller that stopped waiting (its deadline passed)."""
-    if not created.cancelled() and created.exception() is None:
-        _log_orphan_id(created.result())
-
-
-def _log_orphan_id(task_id: str) -> None:
-    logger.warning(
-        "task %s was created after its caller stopped waiting; it is tracked to its end", task_id
-    )
 
 
 def _check_timeout(timeout: object) -> None:

@@ -1,0 +1,149 @@
+"""The create of one task: a slot already taken, the request sent, the task tracked.
+
+A create runs in a task of the client's own (its pool), not in its caller's: a
+caller that stops waiting leaves the create to its end, so a task made for it is
+still tracked, recorded and never made twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Literal
+
+from ._callback_tokens import nonce_in
+from ._errors import SoraError, SubmitUncertainError
+from ._lanes import Lanes
+from ._ledger import Hooks, Ledger, NotSent, Recorded, note
+from ._models import CreateRequest
+from ._pool import TaskPool
+from ._store import RecordState
+from ._transport import Transport
+
+__all__ = ["Creator"]
+
+logger = logging.getLogger("sora_async")
+
+
+class Creator:
+    """Send creates for a client: ``models`` learns each new task's model."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        lanes: Lanes,
+        ledger: Ledger,
+        models: dict[str, str],
+        *,
+        on_uncertain: Literal["raise", "resubmit"],
+        uncertain_hold: float,
+    ) -> None:
+        self._transport = transport
+        self._lanes = lanes
+        self._ledger = ledger
+        self._models = models
+        self.on_uncertain = on_uncertain
+        self.uncertain_hold = uncertain_hold
+        self._pool = TaskPool()  # one task per create, owned by the client's task group
+
+    @property
+    def pool(self) -> TaskPool:
+        """Return the pool the creates run in (the client's task group runs it)."""
+        return self._pool
+
+    async def create(
+        self,
+        prepared: tuple[str, CreateRequest],
+        hooks: Hooks | None = None,
+        recorded: Recorded | None = None,
+    ) -> str:
+        """Create a task with a slot already taken; the slot is accounted for either way.
+
+        The create runs in the client's task group (the pool): a caller cancelled while it
+        is in flight stops waiting, but the create runs to its end, so a task made
+        for it is still tracked (its slot kept), recorded, and never made twice.
+        ``hooks`` (and the record) hear of each send: see Hooks.
+        """
+        created: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        if recorded is not None:
+            self._ledger.creating(recorded[1].key, created)
+            hooks = hooks if hooks is not None else Hooks(None, None)
+            hooks.recorded = recorded
+        self._pool.start_soon(self._create_detached, prepared, created, recorded, hooks)
+        try:
+            if recorded is None:
+                # Nobody else awaits this future, so no shield: a caller cancelled
+                # cancels it, and the create goes on all the same (_create_detached).
+                return await created
+            return await asyncio.shield(created)
+        except asyncio.CancelledError:
+            created.add_done_callback(log_orphan)  # its caller will never hear of it
+            raise
+
+    async def _create_detached(
+        self,
+        prepared: tuple[str, CreateRequest],
+        created: asyncio.Future[str],
+        recorded: Recorded | None,
+        hooks: Hooks | None,
+    ) -> None:
+        model, body = prepared
+        lane = self._lanes.get(model)
+        # A caller's idempotency key promises one task: never resubmit under it.
+        resubmit = self.on_uncertain == "resubmit" and self._ledger.may_resubmit(recorded)
+        try:
+            while True:
+                try:
+                    # The record turns submitting in hooks.sending(): once the permit
+                    # is granted, just before the send, never while a slot, a permit
+                    # or a back-off is awaited.
+                    task_id = await self._transport.create(model, body, hooks=hooks)
+                except NotSent as stopped:
+                    lane.governor.release_slot()
+                    if not created.cancelled():
+                        created.set_exception(stopped.error)
+                    return
+                except SubmitUncertainError as exc:
+                    # The task may exist and hold a slot on the server for a while.
+                    lane.governor.release_slot_later(self.uncertain_hold)
+                    if not resubmit:
+                        await note(recorded, RecordState.UNCERTAIN, error=str(exc))
+                        raise
+                    logger.warning("create uncertain; resubmitting (on_uncertain='resubmit')")
+                    await lane.governor.acquire_slot()
+                    continue
+                except SoraError as exc:
+                    lane.governor.release_slot()
+                    await note(recorded, RecordState.REFUSED, error=str(exc))
+                    raise
+                except BaseException:
+                    lane.governor.release_slot()
+                    raise
+                lane.governor.bind_slot(task_id, model)
+                nonce = nonce_in(body.callback_url)
+                lane.scheduler.track(task_id, model, holds_slot=True, nonce=nonce)
+                self._models[task_id] = model
+                await self._ledger.created(recorded, task_id)
+                if created.cancelled():  # its caller stopped waiting (see create)
+                    log_orphan_id(task_id)
+                else:
+                    created.set_result(task_id)
+                return
+        except SoraError as exc:
+            if not created.cancelled():
+                created.set_exception(exc)
+        except BaseException:
+            created.cancel()
+            raise
+
+
+def log_orphan(created: asyncio.Future[str]) -> None:
+    """Name a task made for a caller that stopped waiting (its deadline passed)."""
+    if not created.cancelled() and created.exception() is None:
+        log_orphan_id(created.result())
+
+
+def log_orphan_id(task_id: str) -> None:
+    logger.warning(
+        "task %s was created after its caller stopped waiting; it is tracked to its end", task_id
+    )
