@@ -3,7 +3,6 @@ each transition, so that a killed batch resumes without paying twice."""
 
 from __future__ import annotations
 
-import enum
 import json
 import time
 from dataclasses import dataclass, field
@@ -11,20 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from ._sqlite import SQLiteFile
+from ._store import RecordState
 
 __all__ = ["ItemState", "Journal", "JournalRow"]
 
 
-class ItemState(str, enum.Enum):
-    """Where a batch item stands."""
-
-    QUEUED = "queued"  # no task made for it
-    SUBMITTING = "submitting"  # a create's bytes may be on the wire: its fate is not known
-    RUNNING = "running"  # a task exists: its id is known
-    SUCCEEDED = "succeeded"  # the video is made, not yet on disk
-    FAILED = "failed"  # refused or failed: final
-    UNCERTAIN = "uncertain"  # a create may have made a task we cannot name
-    DOWNLOADED = "downloaded"  # the video is on disk: done
+# A batch item is a task record: one state machine for every task, whoever made it.
+# A row reads queued, submitting, running, succeeded, failed (refused ones too),
+# uncertain or downloaded (the video is on disk: done).
+ItemState = RecordState
 
 
 _SCHEMA = """

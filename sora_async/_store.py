@@ -44,7 +44,8 @@ MAX_KEY_LENGTH = 255
 
 
 class RecordState(str, enum.Enum):
-    """Where a recorded task stands."""
+    """Where a task stands: one state machine for every task, whoever made it (a
+    submit, a service, a batch item; ``sa.ItemState`` is this same enum)."""
 
     QUEUED = "queued"  # recorded, no create sent yet
     SUBMITTING = "submitting"  # a create's bytes may be on the wire: its fate is not known
@@ -56,6 +57,7 @@ class RecordState(str, enum.Enum):
     # An operator released an uncertain create's key: the next submit with it creates
     # again, knowingly (it may pay twice). Nothing holds a slot for it any more.
     RELEASED = "released"
+    DOWNLOADED = "downloaded"  # a batch item's video is on disk: done
 
     @property
     def unfinished(self) -> bool:
