@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,13 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from ._batch_file import BatchDefaults, BatchLineError, load_requests, request_from
+from ._batch_file import (
+    BatchDefaults,
+    BatchLineError,
+    load_requests,
+    read_items,
+    request_from,
+)
 from ._catalog import Request
 from ._client import SoraClient
 from ._download import check_folder
@@ -43,7 +51,7 @@ from ._errors import (
     TransportError,
     unwrap_sora_errors,
 )
-from ._journal import ItemState, Journal, JournalRow
+from ._journal import ItemState, Journal, JournalRow, read_rows
 from ._models import Video
 
 __all__ = [
@@ -60,6 +68,9 @@ logger = logging.getLogger("sora_async")
 
 JOURNAL_NAME = ".sora-async-journal.sqlite"
 MANIFEST_NAME = "manifest.jsonl"
+_CHUNK = 1000  # items read into the journal per transaction
+_PAGE = 256  # rows the runner reads from the journal at a time
+_REPORT_EVERY = 0.1  # seconds between progress reports, at most
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -99,17 +110,23 @@ class BatchProgress:
 class BatchReport:
     """What a batch run ended with."""
 
-    rows: list[JournalRow]
     manifest: Path
     journal: Path
     seconds: float
     counts: dict[str, int] = field(default_factory=dict)
     stopped: bool = False  # ended early by ``stop``: run again to finish
+    generation: int = 0  # the journal's rows of this run of the file
 
     @property
     def ok(self) -> bool:
         """Return whether every item is downloaded."""
-        return all(row.state is ItemState.DOWNLOADED for row in self.rows)
+        return self.counts.get(ItemState.DOWNLOADED.value, 0) == sum(self.counts.values())
+
+    @property
+    def rows(self) -> list[JournalRow]:
+        """Return every item's row, in file order, read from the journal (all of them
+        in memory: for a large batch, read the manifest a line at a time instead)."""
+        return list(read_rows(self.journal, self.generation))
 
 
 class _Stopped(Exception):
@@ -122,24 +139,27 @@ class _Runner:
         client: SoraClient,
         journal: Journal,
         out: Path,
-        rows: list[JournalRow],
+        generation: int,
         on_progress: Callable[[BatchProgress], None] | None,
+        reader: _Reader | None,
     ) -> None:
         self.client = client
         self.journal = journal
         self.out = out
-        self.rows = rows
+        self.generation = generation
         self.on_progress = on_progress
-        self.counts = collections.Counter(row.state.value for row in rows)
+        self.reader = reader  # the file, still being read into the journal (or None)
+        self.counts: collections.Counter[str] = collections.Counter()
         self.stop_creates: InsufficientCreditsError | None = None
         self.stopping = False  # asked to stop: no create is sent any more
-        # Redis stayed unreachable (a RedisGovernor): the run winds down as for a stop,
-        # then run_batch raises it.
-        self.outage: RedisUnavailableError | None = None
+        # Redis stayed unreachable (a RedisGovernor), or the file being read has a bad
+        # line: the run winds down as for a stop, then run_batch raises it.
+        self.outage: RedisUnavailableError | BatchLineError | None = None
         self.halt = asyncio.Event()  # set by the first outage
         self.sending = 0  # creates between their journal row and their answer
         self.quiet = asyncio.Event()  # set while no create is being sent
         self.quiet.set()
+        self._next_report = 0.0
 
     async def set(self, row: JournalRow, state: ItemState, **changes: Any) -> None:
         self.counts[row.state.value] -= 1
@@ -147,16 +167,22 @@ class _Runner:
         await self.journal.update(row, state, **changes)
         self.report()
 
-    def report(self) -> None:
+    def report(self, *, final: bool = False) -> None:
         if self.on_progress is None:
             return
+        # A tenth of a second apart at most: a display needs no more, and the window's
+        # count costs a walk over its grants.
+        now = time.monotonic()
+        if not final and now < self._next_report:
+            return
+        self._next_report = now + _REPORT_EVERY
         governor = self.client.governor
         left = sum(self.counts[s.value] for s in (ItemState.QUEUED, ItemState.RUNNING))
         mean = self.client.scheduler.times.mean
         eta = left * mean / max(1, governor.slot_limit) if left else 0.0
         self.on_progress(
             BatchProgress(
-                total=len(self.rows),
+                total=sum(self.counts.values()),
                 counts={k: v for k, v in self.counts.items() if v},
                 slots_in_use=governor.slots_in_use,
                 slot_limit=governor.slot_limit,
@@ -168,7 +194,7 @@ class _Runner:
     async def run(
         self, resubmit_uncertain: bool, retry_failed: bool, stop: asyncio.Event | None
     ) -> None:
-        self.report()
+        await self.resume(resubmit_uncertain, retry_failed)
         # The errors that stop a run (AuthenticationError, say) leave as themselves.
         with unwrap_sora_errors():
             async with anyio.create_task_group() as watch:
@@ -176,38 +202,62 @@ class _Runner:
                     if stop is not None:
                         watch.start_soon(self.stop_on, stop, group.cancel_scope)
                     watch.start_soon(self.halt_on_outage, group.cancel_scope)
-                    await self.run_items(group, resubmit_uncertain, retry_failed)
+                    if self.reader is not None:
+                        watch.start_soon(self.reader.read, self)
+                    await self.run_items(group)
                 watch.cancel_scope.cancel()
+        self.report(final=True)
 
-    async def run_items(
-        self, group: anyio.abc.TaskGroup, resubmit_uncertain: bool, retry_failed: bool
-    ) -> None:
-        for row in self.rows:
-            if row.state is ItemState.FAILED and retry_failed:
-                await self.set(row, ItemState.QUEUED, error=None, task_id=None)
-            if row.state is ItemState.SUBMITTING or (
-                row.state is ItemState.UNCERTAIN and resubmit_uncertain
-            ):
-                if resubmit_uncertain:
-                    await self.set(row, ItemState.QUEUED, error=None)
-                else:
-                    reason = "a create was cut off (the run was stopped): it may have made a task"
-                    await self.set(row, ItemState.UNCERTAIN, error=reason)
-        for row in self.rows:
-            if row.state is ItemState.RUNNING:
-                assert row.task_id is not None
-                model = self.client.model_for(_row_request(row))
-                try:
-                    await self.client.adopt(row.task_id, model=model)
-                except RedisUnavailableError as exc:
-                    self.give_up(exc)
+    async def resume(self, resubmit_uncertain: bool, retry_failed: bool) -> None:
+        """Requeue what the options ask for, mark cut-off creates uncertain, and count
+        the items by state: in SQL, whatever the batch's size."""
+        book, generation = self.journal, self.generation
+        if retry_failed:
+            await book.move(
+                generation, (ItemState.FAILED,), ItemState.QUEUED, error=None, task_id=None
+            )
+        if resubmit_uncertain:
+            cut_off = (ItemState.SUBMITTING, ItemState.UNCERTAIN)
+            await book.move(generation, cut_off, ItemState.QUEUED, error=None)
+        else:
+            reason = "a create was cut off (the run was stopped): it may have made a task"
+            await book.move(generation, (ItemState.SUBMITTING,), ItemState.UNCERTAIN, error=reason)
+        self.counts.update(await book.counts(generation))
+        self.report()
+
+    async def run_items(self, group: anyio.abc.TaskGroup) -> None:
+        # Results made but not saved first: a task followed below may end meanwhile,
+        # and its own follow saves it.
+        async for row in self.rows_in(ItemState.SUCCEEDED):
+            group.start_soon(self.fetch, row)
+        async for row in self.rows_in(ItemState.RUNNING):
+            assert row.task_id is not None
+            model = self.client.model_for(_row_request(row))
+            try:
+                await self.client.adopt(row.task_id, model=model)
+            except RedisUnavailableError as exc:
+                self.give_up(exc)
+                return
+            group.start_soon(self.follow, row)
+        async for row in self.rows_in(ItemState.QUEUED):
+            if not await self.create(row, group):
+                return
+
+    async def rows_in(self, state: ItemState) -> AsyncIterator[JournalRow]:
+        """Yield this run's rows that were in ``state`` when their page was read, in
+        file order, a page at a time; queued ones also as the file is read."""
+        after = -1
+        while True:
+            page = await self.journal.page(self.generation, state, after, _PAGE)
+            if not page:
+                if state is not ItemState.QUEUED or self.reader is None:
                     return
-                group.start_soon(self.follow, row)
-            elif row.state is ItemState.SUCCEEDED:
-                group.start_soon(self.fetch, row)
-        for row in self.rows:
-            if row.state is ItemState.QUEUED and not await self.create(row, group):
-                break
+                if not await self.reader.more():
+                    return
+                continue
+            for row in page:
+                yield row
+            after = page[-1].line
 
     async def stop_on(self, stop: asyncio.Event, scope: anyio.CancelScope) -> None:
         """Once ``stop`` is set, send no more creates, let those already sent get their
@@ -219,8 +269,9 @@ class _Runner:
         await self.quiet.wait()
         scope.cancel()
 
-    def give_up(self, outage: RedisUnavailableError) -> None:
-        """Stop the run because Redis stayed unreachable (run_batch then raises it)."""
+    def give_up(self, outage: RedisUnavailableError | BatchLineError) -> None:
+        """Stop the run because Redis stayed unreachable, or the file has a bad line
+        (run_batch then raises it)."""
         if self.outage is None:
             self.outage = outage
             self.halt.set()
@@ -390,10 +441,96 @@ def _manifest_line(row: JournalRow) -> str:
     return json.dumps(entry, ensure_ascii=False).translate(_LINE_BREAKS) + "\n"
 
 
-def _write_manifest(path: Path, rows: list[JournalRow]) -> None:
-    partial = path.with_name(f".{path.name}.part")
-    partial.write_text("".join(_manifest_line(row) for row in rows), encoding="utf-8")
-    os.replace(partial, path)
+def _write_manifest(path: Path, journal: Path, generation: int) -> None:
+    """Write the manifest from the journal, a row at a time, unless the journal holds
+    nothing new since it was last written (a finished batch run again rewrites nothing)."""
+    with contextlib.closing(sqlite3.connect(journal)) as db:
+        (count, updated, files), *_ = db.execute(
+            "SELECT count(*), max(updated_at), sum(length(coalesce(files, ''))) "
+            "FROM items WHERE gen = ?",
+            (generation,),
+        ).fetchall()
+        mark = json.dumps([str(path), generation, count, updated, files])
+        written = db.execute("SELECT value FROM meta WHERE key = 'manifest'").fetchall()
+        if path.exists() and written and written[0][0] == mark:
+            return
+        partial = path.with_name(f".{path.name}.part")
+        with partial.open("w", encoding="utf-8") as file:
+            file.writelines(_manifest_line(row) for row in read_rows(journal, generation))
+        os.replace(partial, path)
+        with db:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('manifest', ?)", (mark,))
+
+
+def _digest(path: Path, defaults: BatchDefaults | None, shard: tuple[int, int] | None) -> str:
+    """Return a digest of the file and what shapes its items (defaults, shard)."""
+    digest = hashlib.sha256(repr((defaults, shard)).encode())
+    try:
+        with path.open("rb") as file:
+            while block := file.read(1 << 20):
+                digest.update(block)
+    except OSError as exc:
+        raise InputError("file", f"cannot read {path}: {exc}") from exc
+    return digest.hexdigest()
+
+
+class _Reader:
+    """Read the batch file into the journal a chunk at a time, each chunk one
+    transaction; the runner creates the items already in while the rest is read."""
+
+    def __init__(
+        self,
+        path: Path,
+        defaults: BatchDefaults | None,
+        shard: tuple[int, int] | None,
+        journal: Journal,
+        generation: int,
+        digest: str,
+    ) -> None:
+        self.path = path
+        self.defaults = defaults
+        self.shard = shard
+        self.journal = journal
+        self.generation = generation
+        self.digest = digest
+        self.done = False
+        self._added = asyncio.Event()
+
+    async def read(self, runner: _Runner | None = None) -> None:
+        """Enter every item; once all are in, the journal knows the file is read.
+
+        With a ``runner``, a bad line stops its creates (those sent get their answer)
+        and is raised by run_batch; without one, it is raised here."""
+        try:
+            for chunk in read_items(self.path, self.defaults, chunk=_CHUNK):
+                if self.shard is not None:
+                    chunk = [item for item in chunk if in_shard(item.id, self.shard)]
+                if not chunk:
+                    continue
+                new = await self.journal.add(str(self.path), chunk, self.generation)
+                if runner is not None:  # a fresh journal: every item is new
+                    runner.counts[ItemState.QUEUED.value] += new
+                    runner.report()
+                self._wake()
+            await self.journal.set_meta("source", self.digest)
+        except BatchLineError as exc:
+            if runner is None:
+                raise
+            runner.give_up(exc)
+        finally:
+            self.done = True
+            self._wake()
+
+    def _wake(self) -> None:
+        self._added.set()
+        self._added = asyncio.Event()
+
+    async def more(self) -> bool:
+        """Wait for the next chunk; return False once the whole file is in."""
+        if self.done:
+            return False
+        await self._added.wait()
+        return True
 
 
 async def run_batch(
@@ -411,11 +548,18 @@ async def run_batch(
 ) -> BatchReport:
     """Generate every request of ``source`` into folder ``out``, durably.
 
-    Reads and checks the whole file first (BatchLineError names a bad line before
-    any request is sent), journals every item (default ``out/.sora-async-journal.sqlite``),
-    downloads each video as it finishes and writes ``out/manifest.jsonl``. Run it
-    again after any stop: finished items are skipped, running tasks re-adopted, and
-    no item is created twice. ``retry_failed`` queues failed items again;
+    Journals every item (default ``out/.sora-async-journal.sqlite``), downloads each
+    video as it finishes and writes ``out/manifest.jsonl``. The file is read a chunk
+    at a time into the journal, and memory holds only the items in flight, whatever
+    its size. On a first run the first creates go out while the rest of the file is
+    read: a bad line found later (BatchLineError, naming it) stops the creates,
+    lets those sent get their answer, and is raised once the journal and manifest
+    are written; a file whose first chunk (1,000 items) holds a bad line sends
+    nothing. A file run again unchanged is not read again; a changed one is read
+    and checked whole before anything is sent.
+    Run it again after any stop: finished items are skipped (counted in the
+    journal, not loaded), running tasks re-adopted, no item is created twice, and an
+    unchanged manifest is not rewritten. ``retry_failed`` queues failed items again;
     ``resubmit_uncertain`` creates again items whose create may have made a task
     (which may pay twice). Setting ``stop`` ends the run early and cleanly: no more
     creates are sent, those already sent get their answer and are journaled, and the
@@ -431,34 +575,45 @@ async def run_batch(
     journal and manifest are named for the shard, so shards may share a folder.
     """
     started = time.monotonic()
-    items = load_requests(Path(source), defaults)
+    path = Path(source)
     suffix = ""
     if shard is not None:
         parse_shard(f"{shard[0]}/{shard[1]}")  # the same rule as the command line's
-        items = [item for item in items if in_shard(item.id, shard)]
         suffix = f"-{shard[0]}of{shard[1]}"
+    digest = _digest(path, defaults, shard)
     folder = Path(out)
-    check_folder(folder)
     book_path = journal_path(folder, journal, shard)
-    book = await Journal.open(book_path)
     runner: _Runner | None = None
     manifest = folder / _named_for(MANIFEST_NAME, suffix)
+    book: Journal | None = None
+    # The first chunk is checked before anything is made (the output folder included).
+    next(read_items(path, defaults, chunk=_CHUNK), None)
+    check_folder(folder)
     try:
-        await book.add([(item.id, item.line, item.request_json) for item in items])
-        wanted = {item.id for item in items}
-        rows = [row for row in await book.rows() if row.id in wanted]
-        runner = _Runner(client, book, folder, rows, on_progress)
+        book = await Journal.open(book_path)
+        reader: _Reader | None = None
+        generation = int(await book.meta("generation") or 0)
+        if not generation or await book.meta("source") != digest:
+            known = await book.any_rows()
+            generation += 1
+            await book.set_meta("generation", str(generation))
+            await book.set_meta("source", "")  # set once the whole file is in
+            reader = _Reader(path, defaults, shard, book, generation, digest)
+            if known:
+                await reader.read()  # a changed file over a journal: checked whole first
+                reader = None
+        runner = _Runner(client, book, folder, generation, on_progress, reader)
         await runner.run(resubmit_uncertain, retry_failed, stop)
     finally:
-        # Synchronous on purpose: this must also run when the batch is being cancelled,
-        # and it takes milliseconds.
+        if book is not None:
+            book.close()
+        # Synchronous on purpose: this must also run when the batch is being cancelled.
         if runner is not None:
-            _write_manifest(manifest, runner.rows)
-        book.close()
+            _write_manifest(manifest, book_path, runner.generation)
     if runner.outage is not None:
         raise runner.outage
     if runner.stop_creates is not None:
         raise runner.stop_creates
     counts = {k: v for k, v in runner.counts.items() if v}
     seconds = time.monotonic() - started
-    return BatchReport(runner.rows, manifest, book_path, seconds, counts, runner.stopping)
+    return BatchReport(manifest, book_path, seconds, counts, runner.stopping, runner.generation)

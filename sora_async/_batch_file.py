@@ -1,4 +1,4 @@
-"""Batch files: JSONL requests or plain-text prompts, checked whole before anything is sent.
+"""Batch files: JSONL requests or plain-text prompts, read a chunk at a time.
 
 Every item gets a stable id (given, or a hash of its request) and its own file name:
 ids that would share a file are refused with their line.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -19,7 +20,14 @@ from ._download import file_stem
 from ._errors import InputError
 from ._models import VideoRequest
 
-__all__ = ["BatchDefaults", "BatchItem", "BatchLineError", "load_requests", "request_from"]
+__all__ = [
+    "BatchDefaults",
+    "BatchItem",
+    "BatchLineError",
+    "load_requests",
+    "read_items",
+    "request_from",
+]
 
 _encoder = msgspec.json.Encoder(order="sorted")
 
@@ -50,6 +58,12 @@ class BatchItem:
     id: str
     line: int
     request: Request
+
+    @property
+    def stem(self) -> str:
+        """Return its file's name without extension, case-folded: on macOS and Windows
+        "Intro.mp4" and "intro.mp4" are one file."""
+        return file_stem(self.id).casefold()
 
     @property
     def request_json(self) -> str:
@@ -111,63 +125,97 @@ def _item_id(row: dict[str, Any], request: Request) -> str:
     return str(given)
 
 
-def load_requests(path: Path, defaults: BatchDefaults | None = None) -> list[BatchItem]:
-    """Read a JSONL file (one request object a line, optional ``id``) or a plain-text
-    file (one prompt a line; blank lines and ``#`` comments skipped).
+def read_items(
+    path: Path, defaults: BatchDefaults | None = None, *, chunk: int = 2000
+) -> Iterator[list[BatchItem]]:
+    """Yield the items of a JSONL file (one request object a line, optional ``id``) or
+    a plain-text file (one prompt a line; blank lines and ``#`` comments skipped), in
+    lists of up to ``chunk``, reading the file as they are taken: memory holds one
+    chunk, whatever the file's size. A UTF-8 byte order mark is skipped.
 
-    Raises BatchLineError naming the file and line of the first bad line, and
-    InputError when the file cannot be read. Nothing is sent.
+    Raises BatchLineError naming the file and line of a bad line once the chunks
+    before it are yielded, and InputError when the file cannot be read. Ids repeated
+    in the file are not checked here (see load_requests; a batch's journal checks
+    them).
     """
     defaults = defaults or BatchDefaults()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError("file", f"cannot read {path}: {exc}") from exc
     jsonl = path.suffix in (".jsonl", ".json", ".ndjson")
     items: list[BatchItem] = []
+    try:
+        with path.open("rb") as file:
+            # Lines end at "\n" only: a text-mode split would also cut a JSON string
+            # at U+2028 or U+0085, which JSON allows raw.
+            for number, raw in enumerate(file, start=1):
+                try:
+                    text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    raise InputError("file", f"cannot read {path}: line {number}: {exc}") from exc
+                item = _parse_line(path, number, text.strip(), jsonl, defaults)
+                if item is not None:
+                    items.append(item)
+                    if len(items) >= chunk:
+                        yield items
+                        items = []
+    except OSError as exc:
+        raise InputError("file", f"cannot read {path}: {exc}") from exc
+    if items:
+        yield items
+
+
+def _parse_line(
+    path: Path, number: int, line: str, jsonl: bool, defaults: BatchDefaults
+) -> BatchItem | None:
+    if not line or (not jsonl and line.startswith("#")):
+        return None
+    try:
+        row: dict[str, Any] = json.loads(line) if jsonl else {"prompt": line}
+        if not isinstance(row, dict):
+            raise InputError("line", "must be a JSON object")
+        request = request_from({k: v for k, v in row.items() if k != "id"}, defaults)
+        return BatchItem(_item_id(row, request), number, request)
+    except InputError as exc:
+        raise BatchLineError(str(path), number, exc.field, exc.rule) from exc
+    except json.JSONDecodeError as exc:
+        raise BatchLineError(str(path), number, "line", f"is not JSON: {exc.msg}") from exc
+    except msgspec.ValidationError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, InputError):
+            raise BatchLineError(str(path), number, cause.field, cause.rule) from exc
+        raise BatchLineError(str(path), number, "line", str(exc)) from exc
+
+
+def repeated_id(item: BatchItem, line: int) -> str:
+    """The rule a line breaks whose id repeats ``line``'s."""
+    return f"{item.id!r} repeats line {line}; give each an id"
+
+
+def shared_file(item: BatchItem, other_id: str, line: int) -> str:
+    """The rule a line breaks whose file name is ``other_id``'s (at ``line``)."""
+    return (
+        f"{item.id!r} would share a file name with {other_id!r} (line {line})"
+        " on a case-insensitive disk; give each a distinct id"
+    )
+
+
+def load_requests(path: Path, defaults: BatchDefaults | None = None) -> list[BatchItem]:
+    """Read a whole batch file (see read_items) into a list.
+
+    Raises BatchLineError naming the file and line of the first bad line (a repeated
+    id, or ids that would share a file name, included), and InputError when the file
+    cannot be read. Nothing is sent.
+    """
+    items: list[BatchItem] = []
     seen: dict[str, int] = {}
-    # Case-folded: on macOS and Windows "Intro.mp4" and "intro.mp4" are one file.
     files: dict[str, tuple[int, str]] = {}
-    # Lines end at "\n" only: str.splitlines() would also cut a JSON string at U+2028 or
-    # U+0085, which JSON allows raw.
-    for number, raw in enumerate(text.split("\n"), start=1):
-        line = raw.strip()
-        if not line or (not jsonl and line.startswith("#")):
-            continue
-        try:
-            row: dict[str, Any] = json.loads(line) if jsonl else {"prompt": line}
-            if not isinstance(row, dict):
-                raise InputError("line", "must be a JSON object")
-            item_id = row.get("id")
-            request = request_from({k: v for k, v in row.items() if k != "id"}, defaults)
-            item_id = _item_id(row, request)
-        except InputError as exc:
-            raise BatchLineError(str(path), number, exc.field, exc.rule) from exc
-        except json.JSONDecodeError as exc:
-            raise BatchLineError(str(path), number, "line", f"is not JSON: {exc.msg}") from exc
-        except msgspec.ValidationError as exc:
-            cause = exc.__cause__
-            if isinstance(cause, InputError):
-                raise BatchLineError(str(path), number, cause.field, cause.rule) from exc
-            raise BatchLineError(str(path), number, "line", str(exc)) from exc
-        if item_id in seen:
-            raise BatchLineError(
-                str(path),
-                number,
-                "id",
-                f"{item_id!r} repeats line {seen[item_id]}; give each an id",
-            )
-        seen[item_id] = number
-        stem = file_stem(item_id).casefold()
-        if stem in files:
-            other_line, other_id = files[stem]
-            raise BatchLineError(
-                str(path),
-                number,
-                "id",
-                f"{item_id!r} would share a file name with {other_id!r} (line {other_line})"
-                " on a case-insensitive disk; give each a distinct id",
-            )
-        files[stem] = (number, item_id)
-        items.append(BatchItem(item_id, number, request))
+    for chunk in read_items(path, defaults):
+        for item in chunk:
+            if item.id in seen:
+                raise BatchLineError(str(path), item.line, "id", repeated_id(item, seen[item.id]))
+            seen[item.id] = item.line
+            other = files.get(item.stem)
+            if other is not None:
+                rule = shared_file(item, other[1], other[0])
+                raise BatchLineError(str(path), item.line, "id", rule)
+            files[item.stem] = (item.line, item.id)
+            items.append(item)
     return items

@@ -32,7 +32,7 @@ from ._catalog import (
     model_info,
     model_of,
 )
-from ._creates import Creator
+from ._creates import Creator, TaskModels
 from ._download import DEFAULT_MAX_DOWNLOAD_BYTES, Downloader
 from ._errors import (
     ClientClosedError,
@@ -184,7 +184,7 @@ class SoraClient:
         )
         self._state: Literal["new", "open", "closed"] = "new"
         # The model of each task this client created (status and wait need it).
-        self._models: dict[str, str] = {}
+        self._models = TaskModels()
         self.download_concurrency = download_concurrency
         self.max_download_bytes = max_download_bytes
         self._downloader: Downloader | None = None

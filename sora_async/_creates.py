@@ -8,6 +8,7 @@ still tracked, recorded and never made twice.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from typing import Literal
 
@@ -20,9 +21,23 @@ from ._pool import TaskPool
 from ._store import RecordState
 from ._transport import Transport
 
-__all__ = ["Creator"]
+__all__ = ["Creator", "TaskModels"]
 
 logger = logging.getLogger("sora_async")
+
+
+class TaskModels(collections.OrderedDict[str, str]):
+    """The model of each task a client made or adopted, for its status and wait: the
+    newest ``keep`` of them, so that a batch of millions costs no memory per task."""
+
+    def __init__(self, keep: int = 100_000) -> None:
+        super().__init__()
+        self.keep = keep
+
+    def __setitem__(self, task_id: str, model: str) -> None:
+        super().__setitem__(task_id, model)
+        if len(self) > self.keep:
+            self.popitem(last=False)
 
 
 class Creator:
@@ -33,7 +48,7 @@ class Creator:
         transport: Transport,
         lanes: Lanes,
         ledger: Ledger,
-        models: dict[str, str],
+        models: TaskModels,
         *,
         on_uncertain: Literal["raise", "resubmit"],
         uncertain_hold: float,

@@ -1,18 +1,29 @@
 """The batch journal: one SQLite row per item, written before each create and after
-each transition, so that a killed batch resumes without paying twice."""
+each transition, so that a killed batch resumes without paying twice.
+
+The journal is the batch's memory, not the process: items enter it a chunk at a
+time as the file is read, the runner pages through the rows it needs, counts come
+from SQL, and the manifest is written from it row by row. Each run of a file is a
+*generation*: the rows of the current file carry its number, so that items of an
+earlier version of the file are left out of this run's work and manifest.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._batch_file import BatchItem, BatchLineError, repeated_id, shared_file
 from ._sqlite import SQLiteFile
 from ._store import RecordState
 
-__all__ = ["ItemState", "Journal", "JournalRow"]
+__all__ = ["ItemState", "Journal", "JournalRow", "read_rows"]
 
 
 # A batch item is a task record: one state machine for every task, whoever made it.
@@ -21,7 +32,8 @@ __all__ = ["ItemState", "Journal", "JournalRow"]
 ItemState = RecordState
 
 
-_SCHEMA = """
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS items (
     id TEXT PRIMARY KEY,
     line INTEGER NOT NULL,
@@ -36,7 +48,18 @@ CREATE TABLE IF NOT EXISTS items (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 )
-"""
+""",
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+)
+# Columns added since the first release, added to its journals when they are opened.
+_ADDED = {
+    "gen": "ALTER TABLE items ADD COLUMN gen INTEGER NOT NULL DEFAULT 0",
+    "stem": "ALTER TABLE items ADD COLUMN stem TEXT",
+}
+_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS items_stem ON items (stem)",
+    "CREATE INDEX IF NOT EXISTS items_work ON items (gen, state, line)",
+)
 _COLUMNS = (
     "id, line, request, state, task_id, result_urls, files, error, attempts, seconds, "
     "created_at, updated_at"
@@ -75,6 +98,18 @@ class JournalRow:
         )
 
 
+def _migrate(connection: sqlite3.Connection) -> None:
+    """Bring a journal of an earlier release up to today's schema (in the file's thread)."""
+    for statement in _SCHEMA:
+        connection.execute(statement)
+    columns = {row[1] for row in connection.execute("PRAGMA table_info(items)")}
+    for name, statement in _ADDED.items():
+        if name not in columns:
+            connection.execute(statement)
+    for statement in _INDEXES:
+        connection.execute(statement)
+
+
 class Journal:
     """A batch's durable state. Open with ``await Journal.open(path)``."""
 
@@ -84,28 +119,124 @@ class Journal:
 
     @classmethod
     async def open(cls, path: Path) -> Journal:
-        """Open (or create) the journal at ``path``, and its folder if need be.
+        """Open (or create) the journal at ``path``, and its folder if need be; a
+        journal of an earlier release gains today's columns.
 
         Raises InputError naming the path and the reason when it cannot be opened.
         """
-        return cls(await SQLiteFile.open(path, (_SCHEMA,), field="journal"))
+        return cls(await SQLiteFile.open(path, (), field="journal", prepare=_migrate))
 
     async def _run(self, sql: str, params: Any = (), *, many: bool = False) -> list[Any]:
         return await self._file.run(sql, params, many=many)
 
-    async def add(self, items: list[tuple[str, int, str]]) -> None:
-        """Record new items (id, line, request JSON) as queued; known ids are kept as they are."""
-        now = time.time()
-        await self._run(
-            "INSERT OR IGNORE INTO items (id, line, request, state, created_at, updated_at) "
-            "VALUES (?, ?, ?, 'queued', ?, ?)",
-            [(item_id, line, request, now, now) for item_id, line, request in items],
-            many=True,
-        )
+    async def meta(self, key: str) -> str | None:
+        """Return a value the journal keeps about the batch (None when unset)."""
+        found = await self._run("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(found[0][0]) if found else None
 
-    async def rows(self) -> list[JournalRow]:
-        """Return every item, in input order."""
-        found = await self._run(f"SELECT {_COLUMNS} FROM items ORDER BY line")
+    async def set_meta(self, key: str, value: str) -> None:
+        """Keep ``value`` under ``key``."""
+        await self._run("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    async def add(self, source: str, items: list[BatchItem], gen: int) -> int:
+        """Enter a chunk of the file into generation ``gen`` in one transaction; return
+        how many items are new (queued). An item already known keeps its state and
+        request, and takes its line in the file.
+
+        Raises BatchLineError, writing nothing, when an id repeats an earlier line of
+        the file, or two ids would share a file name.
+        """
+        now = time.time()
+
+        def add(db: sqlite3.Connection) -> int:
+            chunk: dict[str, BatchItem] = {}
+            stems: dict[str, BatchItem] = {}
+            for item in items:
+                if item.id in chunk:
+                    line = chunk[item.id].line
+                    raise BatchLineError(source, item.line, "id", repeated_id(item, line))
+                other = stems.get(item.stem)
+                if other is not None:
+                    rule = shared_file(item, other.id, other.line)
+                    raise BatchLineError(source, item.line, "id", rule)
+                chunk[item.id] = stems[item.stem] = item
+            marks = ",".join("?" * len(items))
+            ids = [item.id for item in items]
+            for item_id, line in db.execute(
+                f"SELECT id, line FROM items WHERE gen = ? AND id IN ({marks})", [gen, *ids]
+            ):
+                item = chunk[item_id]
+                raise BatchLineError(source, item.line, "id", repeated_id(item, line))
+            for other_id, stem, line in db.execute(
+                f"SELECT id, stem, line FROM items WHERE gen = ? AND stem IN ({marks})",
+                [gen, *stems],
+            ):
+                item = stems[stem]
+                if other_id != item.id:
+                    rule = shared_file(item, other_id, line)
+                    raise BatchLineError(source, item.line, "id", rule)
+            before = db.total_changes
+            db.executemany(
+                "INSERT OR IGNORE INTO items "
+                "(id, line, request, state, created_at, updated_at, gen, stem) "
+                "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)",
+                [(i.id, i.line, i.request_json, now, now, gen, i.stem) for i in items],
+            )
+            new = db.total_changes - before
+            if new < len(items):  # known items join this generation, at their new line
+                db.executemany(
+                    "UPDATE items SET gen = ?, line = ?, stem = ? WHERE id = ? AND gen != ?",
+                    [(gen, i.line, i.stem, i.id, gen) for i in items],
+                )
+            return new
+
+        return await self._file.transaction(add)
+
+    async def any_rows(self) -> bool:
+        """Return whether the journal holds any item, of any generation."""
+        return bool(await self._run("SELECT 1 FROM items LIMIT 1"))
+
+    async def counts(self, gen: int) -> dict[str, int]:
+        """Return how many items of generation ``gen`` are in each state."""
+        found = await self._run(
+            "SELECT state, count(*) FROM items WHERE gen = ? GROUP BY state", (gen,)
+        )
+        return {state: count for state, count in found}
+
+    async def page(
+        self, gen: int, state: ItemState, after_line: int, limit: int
+    ) -> list[JournalRow]:
+        """Return up to ``limit`` rows of generation ``gen`` in ``state``, after
+        ``after_line``, in file order."""
+        found = await self._run(
+            f"SELECT {_COLUMNS} FROM items WHERE gen = ? AND state = ? AND line > ? "
+            "ORDER BY line LIMIT ?",
+            (gen, state.value, after_line, limit),
+        )
+        return [JournalRow.from_sql(row) for row in found]
+
+    async def move(
+        self, gen: int, states: tuple[ItemState, ...], to: ItemState, **changes: Any
+    ) -> int:
+        """Move every row of ``gen`` in ``states`` to ``to`` (with ``changes`` to
+        ``error`` or ``task_id``) in one transaction; return how many moved."""
+        sets = ", ".join(f"{name} = ?" for name in changes)
+        marks = ",".join("?" * len(states))
+
+        def move(db: sqlite3.Connection) -> int:
+            cursor = db.execute(
+                f"UPDATE items SET state = ?, {sets + ', ' if sets else ''}updated_at = ? "
+                f"WHERE gen = ? AND state IN ({marks})",
+                [to.value, *changes.values(), time.time(), gen, *(s.value for s in states)],
+            )
+            return cursor.rowcount
+
+        return await self._file.transaction(move)
+
+    async def rows(self, gen: int | None = None) -> list[JournalRow]:
+        """Return every item (of generation ``gen``, if given), in file order."""
+        where = "" if gen is None else f"WHERE gen = {int(gen)} "
+        found = await self._run(f"SELECT {_COLUMNS} FROM items {where}ORDER BY line")
         return [JournalRow.from_sql(row) for row in found]
 
     async def update(self, row: JournalRow, state: ItemState, **changes: Any) -> None:
@@ -133,3 +264,20 @@ class Journal:
         """Close the database, after any write in flight (blocks for milliseconds, so it
         also runs while a batch is being cancelled)."""
         self._file.close()
+
+
+def read_rows(path: Path, gen: int, *, page: int = 5000) -> Iterator[JournalRow]:
+    """Yield the rows of generation ``gen`` in file order, from a read-only connection
+    of this thread (the journal's own may be busy in its thread), a page at a time."""
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        after = -1
+        while True:
+            found = db.execute(
+                f"SELECT {_COLUMNS} FROM items WHERE gen = ? AND line > ? ORDER BY line LIMIT ?",
+                (gen, after, page),
+            ).fetchall()
+            if not found:
+                return
+            for row in found:
+                yield JournalRow.from_sql(row)
+            after = found[-1][1]

@@ -89,25 +89,33 @@ class SQLiteFile:
     async def run(self, sql: str, params: Any = (), *, many: bool = False) -> list[Any]:
         """Run one statement (or ``many``) in one transaction; return the rows it read."""
 
-        def work() -> list[Any]:
+        def work(db: sqlite3.Connection) -> list[Any]:
+            if many:
+                db.executemany(sql, params)
+                return []
+            return db.execute(sql, params).fetchall()
+
+        return await self.transaction(work)
+
+    async def transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work`` with the connection in one transaction, in the file's thread:
+        all of its writes are kept, or none (an error rolls them back and is raised)."""
+
+        def atomic() -> T:
             # Explicitly: the connection is in autocommit mode (isolation_level=None),
             # where `with connection:` begins nothing and each row would commit alone.
             self._db.execute("BEGIN")
             try:
-                if many:
-                    self._db.executemany(sql, params)
-                    rows: list[Any] = []
-                else:
-                    rows = self._db.execute(sql, params).fetchall()
+                result = work(self._db)
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
             self._after_write()  # outside the transaction: a checkpoint may run
-            return rows
+            return result
 
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._thread, work)
+            return await asyncio.get_running_loop().run_in_executor(self._thread, atomic)
         except (sqlite3.Error, OSError) as exc:  # a full disk, a file removed under us
             raise InputError(self.field, f"cannot write {self.path}: {exc}") from exc
 
