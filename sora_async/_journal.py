@@ -233,12 +233,6 @@ class Journal:
 
         return await self._file.transaction(move)
 
-    async def rows(self, gen: int | None = None) -> list[JournalRow]:
-        """Return every item (of generation ``gen``, if given), in file order."""
-        where = "" if gen is None else f"WHERE gen = {int(gen)} "
-        found = await self._run(f"SELECT {_COLUMNS} FROM items {where}ORDER BY line")
-        return [JournalRow.from_sql(row) for row in found]
-
     async def update(self, row: JournalRow, state: ItemState, **changes: Any) -> None:
         """Move ``row`` to ``state`` with ``changes`` (task_id, result_urls, files, ...)."""
         row.state = state
