@@ -82,9 +82,11 @@ def measure(size: int, scratch: Path) -> dict[str, Any]:
     out = scratch / f"out-{size}"
     write_prompts(source, size)
     fake = subprocess.Popen(
-        [sys.executable, "-m", "sora_async.testing", "--port", "0"]
-        + ["--requests", str(10**9), "--period", "1", "--concurrent-tasks", str(10**9)]
-        + ["--generation", "fixed:0", "--pending-time", "0", "--balance", "1e15"],
+        [
+            *(sys.executable, "-m", "sora_async.testing", "--port", "0"),
+            *("--requests", str(10**9), "--period", "1", "--concurrent-tasks", str(10**9)),
+            *("--generation", "fixed:0", "--pending-time", "0", "--balance", "1e15"),
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -128,10 +130,11 @@ def main() -> None:
     print("| items | CPU per item | wall | first request | peak RSS | no-op resume | its RSS |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
+        rewritten = " (manifest rewritten)" if row["manifest_rewritten"] else ""
         print(
             f"| {row['items']:,} | {row['cpu_ms_per_item']:.2f} ms | {row['wall_s']:.1f} s "
             f"| {row['first_request_s']:.2f} s | {row['peak_rss_mb']:.0f} MB "
-            f"| {row['resume_s']:.2f} s{' (manifest rewritten)' if row['manifest_rewritten'] else ''} "
+            f"| {row['resume_s']:.2f} s{rewritten} "
             f"| {row['resume_peak_rss_mb']:.0f} MB |"
         )
     RESULTS.mkdir(exist_ok=True)
