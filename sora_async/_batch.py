@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,6 +26,7 @@ from typing import Any
 import anyio
 import anyio.abc
 import anyio.to_thread
+import redis.asyncio as aioredis
 
 from ._batch_file import (
     BatchDefaults,
@@ -33,9 +35,10 @@ from ._batch_file import (
     read_items,
     request_from,
 )
+from ._batch_shared import SharedItems
 from ._catalog import Request
 from ._client import SoraClient
-from ._download import check_folder
+from ._download import check_folder, file_stem
 from ._errors import (
     APIError,
     AuthenticationError,
@@ -53,6 +56,8 @@ from ._errors import (
 )
 from ._journal import ItemState, Journal, JournalRow, read_rows
 from ._models import Video
+from ._work_queue import WorkQueue
+from .redis_governor import RedisGovernor
 
 __all__ = [
     "BatchDefaults",
@@ -133,6 +138,10 @@ class _Stopped(Exception):
     """The batch was asked to stop before this create was sent."""
 
 
+class _Elsewhere(Exception):
+    """Another host holds or began this item of a shared batch: it is not sent here."""
+
+
 class _Runner:
     def __init__(
         self,
@@ -160,12 +169,23 @@ class _Runner:
         self.quiet = asyncio.Event()  # set while no create is being sent
         self.quiet.set()
         self._next_report = 0.0
+        self.shared: SharedItems | None = None  # this host's part of a shared batch
+        self.group: anyio.abc.TaskGroup | None = None  # where follows run
 
     async def set(self, row: JournalRow, state: ItemState, **changes: Any) -> None:
         self.counts[row.state.value] -= 1
         self.counts[state.value] += 1
         await self.journal.update(row, state, **changes)
+        if self.shared is not None:
+            await self.shared.moved(row)
         self.report()
+
+    async def forget(self, row: JournalRow) -> None:
+        """Drop a shared batch's item from this host (another host takes it)."""
+        self.counts[row.state.value] -= 1
+        await self.journal.forget(row.id)
+        if self.shared is not None:
+            self.shared.release(row)
 
     def report(self, *, final: bool = False) -> None:
         if self.on_progress is None:
@@ -204,6 +224,8 @@ class _Runner:
                     watch.start_soon(self.halt_on_outage, group.cancel_scope)
                     if self.reader is not None:
                         watch.start_soon(self.reader.read, self)
+                    if self.shared is not None:
+                        watch.start_soon(self.shared.keep_leases)
                     await self.run_items(group)
                 watch.cancel_scope.cancel()
         self.report(final=True)
@@ -226,6 +248,7 @@ class _Runner:
         self.report()
 
     async def run_items(self, group: anyio.abc.TaskGroup) -> None:
+        self.group = group
         # Results made but not saved first: a task followed below may end meanwhile,
         # and its own follow saves it.
         async for row in self.rows_in(ItemState.SUCCEEDED):
@@ -247,9 +270,14 @@ class _Runner:
         """Yield this run's rows that were in ``state`` when their page was read, in
         file order, a page at a time; queued ones also as the file is read."""
         after = -1
+        shared = self.shared if state is ItemState.QUEUED else None
         while True:
             page = await self.journal.page(self.generation, state, after, _PAGE)
             if not page:
+                if shared is not None:
+                    if not await shared.more(self):
+                        return
+                    continue
                 if state is not ItemState.QUEUED or self.reader is None:
                     return
                 if not await self.reader.more():
@@ -257,7 +285,8 @@ class _Runner:
                 continue
             for row in page:
                 yield row
-            after = page[-1].line
+            if shared is None:  # a shared batch's items taken back come at any line
+                after = page[-1].line
 
     async def stop_on(self, stop: asyncio.Event, scope: anyio.CancelScope) -> None:
         """Once ``stop`` is set, send no more creates, let those already sent get their
@@ -298,6 +327,8 @@ class _Runner:
             nonlocal tried, on_wire
             if self.stopping or self.outage is not None:
                 raise _Stopped  # the client frees the slot; the row stays queued
+            if not tried and self.shared is not None and not await self.shared.begin(row):
+                raise _Elsewhere  # the client frees the slot; another host has it
             if not on_wire:
                 on_wire = True
                 self.sending += 1
@@ -320,6 +351,9 @@ class _Runner:
             return await self._create(row, group, mark, unmark)
         except _Stopped:
             return False
+        except _Elsewhere:
+            await self.forget(row)
+            return True
         finally:
             if on_wire:
                 on_wire = False
@@ -361,8 +395,12 @@ class _Runner:
             final = isinstance(exc, APIError) and exc.code < 500 and exc.code != 429
             state = ItemState.FAILED if final else ItemState.QUEUED
             await self.set(row, state, error=str(exc))
+            if not final and self.shared is not None:
+                await self.forget(row)  # tried again by whichever host takes it back
             return True
         await self.set(row, ItemState.RUNNING, task_id=task_id, error=None)
+        if self.shared is not None:
+            await self.shared.created(row)
         group.start_soon(self.follow, row)
         return True
 
@@ -413,11 +451,15 @@ def journal_path(
     out: str | os.PathLike[str],
     journal: str | os.PathLike[str] | None = None,
     shard: tuple[int, int] | None = None,
+    *,
+    suffix: str | None = None,
 ) -> Path:
-    """Return where a batch into ``out`` keeps its journal (``journal`` when given)."""
+    """Return where a batch into ``out`` keeps its journal (``journal`` when given);
+    ``suffix`` names a shard's or a host's."""
     if journal is not None:
         return Path(journal)
-    suffix = f"-{shard[0]}of{shard[1]}" if shard is not None else ""
+    if suffix is None:
+        suffix = f"-{shard[0]}of{shard[1]}" if shard is not None else ""
     return Path(out) / _named_for(JOURNAL_NAME, suffix)
 
 
@@ -545,6 +587,9 @@ async def run_batch(
     on_progress: Callable[[BatchProgress], None] | None = None,
     shard: tuple[int, int] | None = None,
     stop: asyncio.Event | None = None,
+    redis_url: str | None = None,
+    batch: str | None = None,
+    host: str | None = None,
 ) -> BatchReport:
     """Generate every request of ``source`` into folder ``out``, durably.
 
@@ -570,9 +615,18 @@ async def run_batch(
     manifest written, and the same call resumes it once Redis answers) and InputError
     (a bad file, output folder or journal path).
 
+    ``redis_url``: one batch that any number of hosts run, each with this call on
+    its own copy of the file, at any time: the items enter a queue on that Redis
+    once, every host pulls from it, and no item is created twice (see
+    ``sora_async._batch_shared``). ``batch`` names it (default: a digest of the
+    file), ``host`` names this host (default: the machine's name; give each process
+    its own). The file is checked whole before the first host sends anything. Each
+    host keeps its own journal and manifest, named for it, in its ``out``.
+
     ``shard=(K, N)`` takes only the K-th of N shares of the file (by a hash of each
     id), for several hosts sharing one file and one key (with a RedisGovernor); its
     journal and manifest are named for the shard, so shards may share a folder.
+    No longer needed with ``redis_url``, which it excludes.
     """
     started = time.monotonic()
     path = Path(source)
@@ -580,20 +634,37 @@ async def run_batch(
     if shard is not None:
         parse_shard(f"{shard[0]}/{shard[1]}")  # the same rule as the command line's
         suffix = f"-{shard[0]}of{shard[1]}"
+        if redis_url is not None:
+            raise InputError("shard", "is not needed with a batch shared through Redis")
     digest = _digest(path, defaults, shard)
     folder = Path(out)
-    book_path = journal_path(folder, journal, shard)
+    if redis_url is not None:
+        host = host or socket.gethostname()
+        suffix = f"-{file_stem(host)}"
+    book_path = journal_path(folder, journal, shard, suffix=suffix)
     runner: _Runner | None = None
     manifest = folder / _named_for(MANIFEST_NAME, suffix)
     book: Journal | None = None
     # The first chunk is checked before anything is made (the output folder included).
     next(read_items(path, defaults, chunk=_CHUNK), None)
     check_folder(folder)
+    connection: aioredis.Redis | None = None
     try:
         book = await Journal.open(book_path)
         reader: _Reader | None = None
+        shared: SharedItems | None = None
         generation = int(await book.meta("generation") or 0)
-        if not generation or await book.meta("source") != digest:
+        if redis_url is not None:
+            assert host is not None
+            connection = aioredis.from_url(redis_url)
+            governor = client.governor
+            lease = governor.lease if isinstance(governor, RedisGovernor) else 30.0
+            queue = WorkQueue(connection, batch or digest[:16], consumer=host, lease=lease)
+            generation = 1  # the items this host takes, whatever the file
+            await book.set_meta("generation", "1")
+            shared = SharedItems(queue, path, defaults, book, generation)
+            await shared.fill(_CHUNK)
+        elif not generation or await book.meta("source") != digest:
             known = await book.any_rows()
             generation += 1
             await book.set_meta("generation", str(generation))
@@ -603,8 +674,12 @@ async def run_batch(
                 await reader.read()  # a changed file over a journal: checked whole first
                 reader = None
         runner = _Runner(client, book, folder, generation, on_progress, reader)
+        runner.shared = shared
         await runner.run(resubmit_uncertain, retry_failed, stop)
     finally:
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.aclose()
         if book is not None:
             book.close()
         # Synchronous on purpose: this must also run when the batch is being cancelled.

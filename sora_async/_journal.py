@@ -233,6 +233,15 @@ class Journal:
 
         return await self._file.transaction(move)
 
+    async def state_of(self, item_id: str) -> ItemState | None:
+        """Return where ``item_id`` stands here (None: not in this journal)."""
+        found = await self._run("SELECT state FROM items WHERE id = ?", (item_id,))
+        return ItemState(found[0][0]) if found else None
+
+    async def forget(self, item_id: str) -> None:
+        """Drop ``item_id``'s row (an item of a shared batch that another host takes)."""
+        await self._run("DELETE FROM items WHERE id = ?", (item_id,))
+
     async def update(self, row: JournalRow, state: ItemState, **changes: Any) -> None:
         """Move ``row`` to ``state`` with ``changes`` (task_id, result_urls, files, ...)."""
         row.state = state

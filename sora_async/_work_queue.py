@@ -126,6 +126,8 @@ class WorkQueue:
         self._stream = f"{prefix}:items"
         self._begun = f"{prefix}:begun"
         self._done = f"{prefix}:done"
+        self._filled = f"{prefix}:filled"
+        self._tasks = f"{prefix}:tasks"
         self._fill = redis.register_script(_FILL)
         self._begin = redis.register_script(_BEGIN)
         self._renew = redis.register_script(_RENEW)
@@ -208,6 +210,30 @@ class WorkQueue:
         try:
             if await self._redis.xack(self._stream, _GROUP, entry.entry_id):
                 await self._redis.incr(self._done)
+        except RedisError as exc:
+            raise RedisUnavailableError(f"Redis unreachable ({exc})") from exc
+
+    async def filled(self) -> bool:
+        """Return whether some host added the whole file already."""
+        return bool(await self._redis_call(self._redis.exists(self._filled)))
+
+    async def mark_filled(self) -> None:
+        """Note that the whole file is in: later hosts skip reading it into Redis."""
+        await self._redis_call(self._redis.set(self._filled, 1))
+
+    async def created(self, item_id: str, task_id: str) -> None:
+        """Record the task made for ``item_id``: a host that takes the item back from
+        a dead one follows that task instead of creating."""
+        await self._redis_call(self._redis.hset(self._tasks, item_id, task_id))
+
+    async def task_of(self, item_id: str) -> str | None:
+        """Return the task made for ``item_id``, if its create was answered."""
+        found = await self._redis_call(self._redis.hget(self._tasks, item_id))
+        return None if found is None else _text(found)
+
+    async def _redis_call(self, command: Any) -> Any:
+        try:
+            return await command
         except RedisError as exc:
             raise RedisUnavailableError(f"Redis unreachable ({exc})") from exc
 

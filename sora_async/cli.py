@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -36,7 +37,7 @@ from ._cli_run import Note, Stop, emit, fail, run
 from ._cli_run import err as _err
 from ._cli_run import out as _out
 from ._client import SoraClient
-from ._download import check_folder
+from ._download import check_folder, file_stem
 from ._errors import InputError, SoraError
 from ._governor import Governor
 from ._journal import ItemState
@@ -272,7 +273,20 @@ def _advice(report: BatchReport) -> str:
 @click.option(
     "--shard",
     metavar="K/N",
-    help="Take only the K-th of N shares of FILE (hosts sharing one file and one key).",
+    help="Take only the K-th of N shares of FILE (no longer needed: with --redis-url and "
+    "no --shard, every host pulls from one shared batch).",
+)
+@click.option(
+    "--batch",
+    "batch_name",
+    metavar="NAME",
+    help="With --redis-url: the shared batch's name (default: a digest of FILE).",
+)
+@click.option(
+    "--host",
+    metavar="NAME",
+    help="With --redis-url: this host's name in the shared batch (default: the machine's; "
+    "give each process on one machine its own).",
 )
 @_common
 def batch(
@@ -282,6 +296,8 @@ def batch(
     retry_failed: bool,
     retry_uncertain: bool,
     shard: str | None,
+    batch_name: str | None,
+    host: str | None,
     **kwargs: Any,
 ) -> None:
     """Generate every prompt of FILE (JSONL, or one prompt a line) into the output folder.
@@ -296,7 +312,11 @@ def batch(
         share = parse_shard(shard) if shard is not None else None
         # A simulated service keeps its tasks beside the journal: a rerun resumes as on
         # the real service.
-        book = journal_path(out, journal, share)
+        shared_url = params["redis_url"] if share is None else None
+        if shared_url is not None:
+            host = host or socket.gethostname()
+        suffix = f"-{file_stem(host)}" if shared_url is not None and host else None
+        book = journal_path(out, journal, share, suffix=suffix)
         params["state_file"] = book.with_name(f"{book.stem}.simulated.jsonl")
         check_folder(out)
         if params["simulate"]:
@@ -331,6 +351,9 @@ def batch(
                 on_progress=show,
                 shard=share,
                 stop=stop.event,
+                redis_url=shared_url,
+                batch=batch_name,
+                host=host,
             )
         code = stop.exit_code if report.stopped else 0 if report.ok else 1
         advice = _advice(report)

@@ -48,14 +48,15 @@ async def start_worker(
     redis_url: str,
     prompts: Path,
     out: Path,
-    shard: str,
+    shard: str | None,
     *extra: str,
     scale: float = SCALE,
     env: dict[str, str] | None = None,
     as_json: bool = True,
 ) -> asyncio.subprocess.Process:
-    """Start one ``sora-async batch`` worker process on its shard, with ``extra`` options
-    and ``env`` added to this process's environment."""
+    """Start one ``sora-async batch`` worker process on its shard (None: a host of one
+    batch shared through Redis), with ``extra`` options and ``env`` added to this
+    process's environment."""
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -64,8 +65,7 @@ async def start_worker(
         str(prompts),
         "-o",
         str(out),
-        "--shard",
-        shard,
+        *(["--shard", shard] if shard is not None else []),
         "--time-scale",
         str(scale),
         "--redis-url",

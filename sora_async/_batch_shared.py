@@ -1,0 +1,149 @@
+"""One batch that any number of hosts pull from through Redis.
+
+Every host runs the same command on its own copy of the file. The first to come adds
+the items to the batch's queue on Redis (``_work_queue``); then each host takes a few
+items at a time into its own journal and works them as any batch does. Just before an
+item's create is sent, its host *begins* it on Redis, once per item ever: an item is
+never created twice, whichever host dies when. A host that dies loses the items it
+took but had not begun to the others after one lease; an item it had begun is taken
+over by another host, which follows the task it made (its id is on Redis) and saves
+the video into its own folder, or reports the item uncertain if the create's answer
+never came. Every host stays until the whole batch is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+
+from ._batch_file import BatchDefaults, BatchItem, read_items, request_from
+from ._journal import ItemState, Journal, JournalRow
+from ._work_queue import Entry, WorkQueue
+
+if TYPE_CHECKING:
+    from ._batch import _Runner
+
+__all__ = ["SharedItems"]
+
+# Items a host holds beyond the one it is creating: few, so that others find work.
+_PREFETCH = 4
+# The states that end an item's time in the queue (a video not yet saved is saved by
+# its host's next run, from its journal).
+_FINISHED = (ItemState.DOWNLOADED, ItemState.FAILED, ItemState.UNCERTAIN, ItemState.SUCCEEDED)
+
+
+class SharedItems:
+    """This host's part of a batch on ``queue``: the items it holds, by id."""
+
+    def __init__(
+        self,
+        queue: WorkQueue,
+        path: Path,
+        defaults: BatchDefaults | None,
+        journal: Journal,
+        generation: int,
+    ) -> None:
+        self.queue = queue
+        self.path = path
+        self.defaults = defaults
+        self.journal = journal
+        self.generation = generation
+        self.held: dict[str, Entry] = {}
+
+    async def fill(self, chunk: int) -> None:
+        """Check the whole file, then add its items to the queue (skipped when some
+        host did already: a bad line is found before any host sends anything)."""
+        if await self.queue.filled():
+            return
+        for _ in read_items(self.path, self.defaults, chunk=chunk):
+            await asyncio.sleep(0)  # checked whole first
+        position = 0
+        for items in read_items(self.path, self.defaults, chunk=chunk):
+            entries = []
+            for item in items:
+                position += 1
+                entries.append((position, item.id, item.line, item.request_json))
+            await self.queue.fill(entries)
+        await self.queue.mark_filled()
+
+    async def keep_leases(self) -> None:
+        """Renew the lease on the items held, a third of a lease apart, forever."""
+        while True:
+            await anyio.sleep(self.queue.lease / 3)
+            await self.queue.renew(list(self.held.values()))
+
+    async def more(self, runner: _Runner) -> bool:
+        """Take the next items into the journal; return False once the whole batch is
+        done (every host's items). Items begun by a host that stopped are followed."""
+        while True:
+            taken = await self.queue.take(_PREFETCH)
+            if taken:
+                await self._enter(taken, runner)
+                return True
+            counts = await self.queue.counts()
+            if counts.added and counts.done >= counts.added:
+                return False
+            # Others still work: their items come back here if they stop.
+            await anyio.sleep(min(1.0, self.queue.lease / 4))
+
+    async def _enter(self, taken: list[Entry], runner: _Runner) -> None:
+        fresh: list[BatchItem] = []
+        for entry in taken:
+            self.held[entry.item_id] = entry
+            request = request_from(json.loads(entry.request), BatchDefaults())
+            item = BatchItem(entry.item_id, entry.line, request)
+            if entry.begun_by is None:
+                fresh.append(item)
+            else:
+                await self._take_over(entry, item, runner)
+        if fresh:
+            new = await self.journal.add(str(self.path), fresh, self.generation)
+            runner.counts[ItemState.QUEUED.value] += new
+            runner.report()
+
+    async def _take_over(self, entry: Entry, item: BatchItem, runner: _Runner) -> None:
+        """An item another host began: follow its task, or report it uncertain."""
+        if await self.journal.state_of(item.id) is not None:
+            return  # ours already (this host's lease lapsed): its row goes on
+        await self.journal.add(str(self.path), [item], self.generation)
+        runner.counts[ItemState.QUEUED.value] += 1
+        row = JournalRow(item.id, item.line, item.request_json, ItemState.QUEUED)
+        task_id = await self.queue.task_of(item.id)
+        if task_id is None:
+            reason = f"host {entry.begun_by} stopped while its create was on the wire"
+            await runner.set(row, ItemState.UNCERTAIN, error=reason)
+            return
+        await runner.set(row, ItemState.RUNNING, task_id=task_id)
+        # Followed, not adopted: the key's slot for it is held by whichever process
+        # the governor handed the dead host's task to.
+        assert runner.group is not None
+        runner.group.start_soon(runner.follow, row)
+
+    async def begin(self, row: JournalRow) -> bool:
+        """Begin ``row``'s item on Redis just before its create; False: not ours."""
+        entry = self.held.get(row.id)
+        if entry is not None and await self.queue.begin(entry):
+            return True
+        self.held.pop(row.id, None)
+        return False
+
+    async def created(self, row: JournalRow) -> None:
+        """Tell other hosts which task ``row``'s create made."""
+        assert row.task_id is not None
+        await self.queue.created(row.id, row.task_id)
+
+    async def moved(self, row: JournalRow) -> None:
+        """An item ended here (or is left for a later run): done on the queue."""
+        if row.state in _FINISHED:
+            entry = self.held.pop(row.id, None)
+            if entry is not None:
+                await self.queue.done(entry)
+
+    def release(self, row: JournalRow) -> None:
+        """Stop holding ``row``'s item (not sent, a passing fault): after one lease it
+        goes to the next host that asks, this one included."""
+        self.held.pop(row.id, None)

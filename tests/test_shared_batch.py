@@ -1,0 +1,79 @@
+"""One batch, any number of hosts: ``sora-async batch FILE -o OUT --redis-url URL`` run as
+real processes on one real redis-server, against the fake service at the real limits
+(timings divided by SCALE), whose counters judge."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+import sora_async as sa
+from sora_async.testing import FakeApixo, RedisServer
+from tests.workers import scaled_fake, start_worker, until, write_prompts
+
+pytestmark = [pytest.mark.looptime(False), pytest.mark.timeout(150)]
+
+
+@pytest.fixture
+async def service() -> AsyncIterator[FakeApixo]:
+    async with scaled_fake(seed=23) as fake:
+        yield fake
+
+
+def saved_items(folders: list[Path]) -> list[str]:
+    """Return the item of every video saved, in every host's folder."""
+    return sorted(path.stem for folder in folders for path in folder.glob("*.mp4"))
+
+
+def manifest_ids(folder: Path, host: str) -> list[str]:
+    path = folder / f"manifest-{host}.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["id"] for line in path.read_text().splitlines()]
+
+
+async def test_hosts_pull_one_batch_a_killed_one_is_covered_and_a_late_one_joins(
+    service: FakeApixo, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Three hosts on one batch of 60 prompts, each into its own folder; one is killed
+    with SIGKILL mid-run and never restarted; a fourth starts halfway. Every prompt is
+    created exactly once and saved (the killed host's running tasks by the others),
+    inside the key's limits, and the late host takes items at once."""
+    prompts = write_prompts(tmp_path, 60)
+    outs = [tmp_path / f"out-{n}" for n in range(4)]
+    hosts = [
+        await start_worker(service, redis_server.url, prompts, outs[n], None, "--host", f"h{n}")
+        for n in range(3)
+    ]
+    await until(lambda: service.stats.creates >= 15)
+    hosts[0].send_signal(signal.SIGKILL)
+    await until(lambda: service.stats.creates >= 30)
+    late = await start_worker(service, redis_server.url, prompts, outs[3], None, "--host", "h3")
+    results = [await host.communicate() for host in (*hosts[1:], late)]
+    logs = "\n".join(stderr.decode(errors="replace") for _, stderr in results)
+    codes = [process.returncode for process in (*hosts, late)]
+    stats = service.stats
+    assert codes == [-signal.SIGKILL, 0, 0, 0], logs
+    assert stats.rate_limited == 0
+    assert stats.max_requests_in_window <= 60
+    assert stats.max_concurrent_tasks <= 10
+    assert len(stats.creates_per_prompt) == 60
+    assert set(stats.creates_per_prompt.values()) == {1}
+    saved = saved_items(outs)
+    assert set(saved) == {f"item-{i:03d}" for i in range(60)}
+    # The live hosts' manifests name what they saved; the late host took its share.
+    assert manifest_ids(outs[3], "h3")
+    listed = [i for n in (1, 2, 3) for i in manifest_ids(outs[n], f"h{n}")]
+    assert len(listed) == len(set(listed))
+    assert set(listed) | {path.stem for path in outs[0].glob("*.mp4")} == set(saved)
+    governor = sa.RedisGovernor(redis_server.url, api_key=service.api_key)
+    connection = aioredis.from_url(redis_server.url)
+    try:
+        assert await connection.hlen(f"{governor.prefix}:slots") == 0
+    finally:
+        await connection.aclose()
