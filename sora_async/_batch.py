@@ -658,8 +658,12 @@ async def run_batch(
             assert host is not None
             connection = aioredis.from_url(redis_url)
             governor = client.governor
-            lease = governor.lease if isinstance(governor, RedisGovernor) else 30.0
-            queue = WorkQueue(connection, batch or digest[:16], consumer=host, lease=lease)
+            timing = (
+                {"lease": governor.lease, "redis_timeout": governor.redis_timeout}
+                if isinstance(governor, RedisGovernor)
+                else {}
+            )
+            queue = WorkQueue(connection, batch or digest[:16], consumer=host, **timing)
             generation = 1  # the items this host takes, whatever the file
             await book.set_meta("generation", "1")
             shared = SharedItems(queue, path, defaults, book, generation)

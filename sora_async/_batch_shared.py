@@ -109,19 +109,32 @@ class SharedItems:
         """An item another host began: follow its task, or report it uncertain."""
         if await self.journal.state_of(item.id) is not None:
             return  # ours already (this host's lease lapsed): its row goes on
-        await self.journal.add(str(self.path), [item], self.generation)
-        runner.counts[ItemState.QUEUED.value] += 1
-        row = JournalRow(item.id, item.line, item.request_json, ItemState.QUEUED)
+        assert runner.group is not None
+        runner.group.start_soon(self._follow_task_of, entry, item, runner)
+
+    async def _follow_task_of(self, entry: Entry, item: BatchItem, runner: _Runner) -> None:
+        # Its host may only be slow (paused, or its create's answer on the way): its
+        # task id may still come. Two leases without one, and it is uncertain.
         task_id = await self.queue.task_of(item.id)
+        waited = 0.0
+        while task_id is None and waited < 2 * self.queue.lease:
+            await anyio.sleep(self.queue.lease / 4)
+            waited += self.queue.lease / 4
+            task_id = await self.queue.task_of(item.id)
         if task_id is None:
             reason = f"host {entry.begun_by} stopped while its create was on the wire"
-            await runner.set(row, ItemState.UNCERTAIN, error=reason)
-            return
-        await runner.set(row, ItemState.RUNNING, task_id=task_id)
-        # Followed, not adopted: the key's slot for it is held by whichever process
-        # the governor handed the dead host's task to.
-        assert runner.group is not None
-        runner.group.start_soon(runner.follow, row)
+            row = JournalRow(item.id, item.line, item.request_json, ItemState.UNCERTAIN)
+            row.error = reason
+        else:
+            row = JournalRow(item.id, item.line, item.request_json, ItemState.RUNNING, task_id)
+        await self.journal.enter(item, self.generation, row)
+        runner.counts[row.state.value] += 1
+        await self.moved(row)
+        runner.report()
+        if task_id is not None:
+            # Followed, not adopted: the key's slot for it is held by whichever process
+            # the governor handed the dead host's task to.
+            await runner.follow(row)
 
     async def begin(self, row: JournalRow) -> bool:
         """Begin ``row``'s item on Redis just before its create; False: not ours."""

@@ -192,6 +192,19 @@ class Journal:
 
         return await self._file.transaction(add)
 
+    async def enter(self, item: BatchItem, gen: int, row: JournalRow) -> None:
+        """Enter one item already begun elsewhere, in ``row``'s state and task, at once
+        (never seen queued, so never created here)."""
+        now = time.time()
+        await self._run(
+            "INSERT OR REPLACE INTO items (id, line, request, state, task_id, error, "
+            "created_at, updated_at, gen, stem) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                *(item.id, item.line, item.request_json, row.state.value, row.task_id),
+                *(row.error, now, now, gen, item.stem),
+            ),
+        )
+
     async def any_rows(self) -> bool:
         """Return whether the journal holds any item, of any generation."""
         return bool(await self._run("SELECT 1 FROM items LIMIT 1"))

@@ -20,16 +20,19 @@ Two guarantees, each one atomic step on Redis:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+import random
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
-from ._errors import RedisUnavailableError
+from .redis_governor import patiently
 
 __all__ = ["Entry", "QueueCounts", "WorkQueue"]
+
+T = TypeVar("T")
 
 _GROUP = "hosts"
 
@@ -64,9 +67,14 @@ local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
 if #pending == 0 or pending[1][2] ~= ARGV[2] then
   return 0
 end
-if redis.call('HSETNX', KEYS[2], ARGV[4], ARGV[2]) == 0 then
+local owner = redis.call('HGET', KEYS[2], ARGV[4])
+if owner == ARGV[2] then
+  return 1  -- this host's begin, asked again (its answer was lost)
+end
+if owner then
   return -1
 end
+redis.call('HSET', KEYS[2], ARGV[4], ARGV[2])
 redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
 return 1
 """
@@ -111,21 +119,30 @@ class WorkQueue:
     """The queue of batch ``batch_id`` on ``redis``, seen by host ``consumer``.
 
     ``lease``: seconds after which a host's entries go to another host unless it
-    renews them (see :meth:`renew`)."""
+    renews them (see :meth:`renew`). Every call waits out a Redis outage for up to
+    ``redis_timeout`` seconds, as the governor does, then raises
+    RedisUnavailableError; each is safe to send again after a lost answer."""
 
     def __init__(
-        self, redis: aioredis.Redis, batch_id: str, *, consumer: str, lease: float = 30.0
+        self,
+        redis: aioredis.Redis,
+        batch_id: str,
+        *,
+        consumer: str,
+        lease: float = 30.0,
+        redis_timeout: float = 120.0,
     ) -> None:
-        if lease <= 0:
-            raise ValueError("lease must be a positive number of seconds")
+        if lease <= 0 or redis_timeout <= 0:
+            raise ValueError("lease and redis_timeout must be positive seconds")
         self._redis = redis
+        self.redis_timeout = redis_timeout
+        self._rng = random.Random()
         self.consumer = consumer
         self.lease = lease
         digest = hashlib.sha256(batch_id.encode()).hexdigest()[:16]
         prefix = f"sora-async:batch:{digest}"
         self._stream = f"{prefix}:items"
         self._begun = f"{prefix}:begun"
-        self._done = f"{prefix}:done"
         self._filled = f"{prefix}:filled"
         self._tasks = f"{prefix}:tasks"
         self._fill = redis.register_script(_FILL)
@@ -133,13 +150,18 @@ class WorkQueue:
         self._renew = redis.register_script(_RENEW)
         self._ready = False
 
-    async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        try:
+    async def _patiently(self, call: Callable[[], Awaitable[T]]) -> T:
+        async def ready() -> T:
             if not self._ready:
                 await self._create_group()
-            return await script(keys=keys, args=args)
-        except RedisError as exc:
-            raise RedisUnavailableError(f"Redis unreachable ({exc})") from exc
+            return await call()
+
+        return await patiently(
+            ready, url="the batch's Redis", timeout=self.redis_timeout, rng=self._rng
+        )
+
+    async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        return await self._patiently(lambda: script(keys=keys, args=args))
 
     async def _create_group(self) -> None:
         try:
@@ -164,25 +186,23 @@ class WorkQueue:
     async def take(self, count: int) -> list[Entry]:
         """Take up to ``count`` entries: first those whose host let its lease lapse,
         then new ones. Returns at once, with fewer (or none) if there are none."""
-        try:
-            if not self._ready:
-                await self._create_group()
-            idle = int(self.lease * 1000)
-            _, reclaimed, *_ = await self._redis.xautoclaim(
-                self._stream, _GROUP, self.consumer, idle, "0-0", count=count
+        return await self._patiently(lambda: self._take(count))
+
+    async def _take(self, count: int) -> list[Entry]:
+        idle = int(self.lease * 1000)
+        _, reclaimed, *_ = await self._redis.xautoclaim(
+            self._stream, _GROUP, self.consumer, idle, "0-0", count=count
+        )
+        taken = [_entry(entry_id, fields) for entry_id, fields in reclaimed if fields]
+        if len(taken) < count:
+            found: Any = await self._redis.xreadgroup(
+                _GROUP, self.consumer, {self._stream: ">"}, count=count - len(taken)
             )
-            taken = [_entry(entry_id, fields) for entry_id, fields in reclaimed if fields]
-            if len(taken) < count:
-                found: Any = await self._redis.xreadgroup(
-                    _GROUP, self.consumer, {self._stream: ">"}, count=count - len(taken)
-                )
-                for _, entries in found or []:
-                    taken += [_entry(entry_id, fields) for entry_id, fields in entries]
-            if not reclaimed:
-                return taken
-            owners = await self._redis.hmget(self._begun, [entry.item_id for entry in taken])
-        except RedisError as exc:
-            raise RedisUnavailableError(f"Redis unreachable ({exc})") from exc
+            for _, entries in found or []:
+                taken += [_entry(entry_id, fields) for entry_id, fields in entries]
+        if not reclaimed or not taken:
+            return taken
+        owners = await self._redis.hmget(self._begun, [entry.item_id for entry in taken])
         return [
             entry if owner is None else _with_owner(entry, owner)
             for entry, owner in zip(taken, owners, strict=True)
@@ -207,47 +227,38 @@ class WorkQueue:
 
     async def done(self, entry: Entry) -> None:
         """Acknowledge ``entry``: its item is finished (saved, failed, or uncertain)."""
-        try:
-            if await self._redis.xack(self._stream, _GROUP, entry.entry_id):
-                await self._redis.incr(self._done)
-        except RedisError as exc:
-            raise RedisUnavailableError(f"Redis unreachable ({exc})") from exc
+        await self._patiently(lambda: self._redis.xack(self._stream, _GROUP, entry.entry_id))
 
     async def filled(self) -> bool:
         """Return whether some host added the whole file already."""
-        return bool(await self._redis_call(self._redis.exists(self._filled)))
+        return bool(await self._patiently(lambda: self._redis.exists(self._filled)))
 
     async def mark_filled(self) -> None:
         """Note that the whole file is in: later hosts skip reading it into Redis."""
-        await self._redis_call(self._redis.set(self._filled, 1))
+        await self._patiently(lambda: self._redis.set(self._filled, 1))
 
     async def created(self, item_id: str, task_id: str) -> None:
         """Record the task made for ``item_id``: a host that takes the item back from
         a dead one follows that task instead of creating."""
-        await self._redis_call(self._redis.hset(self._tasks, item_id, task_id))
+        await self._patiently(lambda: self._redis.hset(self._tasks, item_id, task_id))
 
     async def task_of(self, item_id: str) -> str | None:
         """Return the task made for ``item_id``, if its create was answered."""
-        found = await self._redis_call(self._redis.hget(self._tasks, item_id))
+        found = await self._patiently(lambda: self._redis.hget(self._tasks, item_id))
         return None if found is None else _text(found)
-
-    async def _redis_call(self, command: Any) -> Any:
-        try:
-            return await command
-        except RedisError as exc:
-            raise RedisUnavailableError(f"Redis unreachable ({exc})") from exc
 
     async def counts(self) -> QueueCounts:
         """Return how many items were added, are held by a host, and are done."""
-        try:
-            if not self._ready:
-                await self._create_group()
+
+        async def read() -> QueueCounts:
             added = await self._redis.xlen(self._stream)
-            pending = await self._redis.xpending(self._stream, _GROUP)
-            done = await self._redis.get(self._done)
-        except RedisError as exc:
-            raise RedisUnavailableError(f"Redis unreachable ({exc})") from exc
-        return QueueCounts(added, int(pending["pending"]), int(done or 0))
+            groups = await self._redis.xinfo_groups(self._stream)
+            group = next(g for g in groups if _text(g["name"]) == _GROUP)
+            taken = int(group["pending"])
+            read_ = int(group.get("entries-read") or 0)
+            return QueueCounts(added, taken, read_ - taken)
+
+        return await self._patiently(read)
 
 
 def _text(value: Any) -> str:

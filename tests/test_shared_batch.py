@@ -55,11 +55,11 @@ async def test_hosts_pull_one_batch_a_killed_one_is_covered_and_a_late_one_joins
     await until(lambda: service.stats.creates >= 30)
     late = await start_worker(service, redis_server.url, prompts, outs[3], None, "--host", "h3")
     results = [await host.communicate() for host in (*hosts[1:], late)]
-    logs = "\n".join(stderr.decode(errors="replace") for _, stderr in results)
+    logs = "\n".join((out + err).decode(errors="replace") for out, err in results)
     codes = [process.returncode for process in (*hosts, late)]
     stats = service.stats
     assert codes == [-signal.SIGKILL, 0, 0, 0], logs
-    assert stats.rate_limited == 0
+    assert stats.rate_limited == 0, (stats.rate_limited_by_kind, stats.concurrency_limited)
     assert stats.max_requests_in_window <= 60
     assert stats.max_concurrent_tasks <= 10
     assert len(stats.creates_per_prompt) == 60
@@ -77,3 +77,37 @@ async def test_hosts_pull_one_batch_a_killed_one_is_covered_and_a_late_one_joins
         assert await connection.hlen(f"{governor.prefix}:slots") == 0
     finally:
         await connection.aclose()
+
+
+async def test_a_host_paused_past_its_lease_loses_its_items_and_creates_nothing_twice(
+    service: FakeApixo, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A host is stopped (SIGSTOP: no Redis, no renewals) for longer than a lease while
+    it holds items, then resumed: the other host took its items meanwhile, and when it
+    comes back it creates none of them again. Both finish; every prompt once."""
+    # (Redis is reached by the paused host's sockets only when it resumes: the same as
+    # a connection cut for that long, seen from Redis and from the other host.)
+    prompts = write_prompts(tmp_path, 30)
+    outs = [tmp_path / f"out-{n}" for n in range(2)]
+    hosts = [
+        await start_worker(service, redis_server.url, prompts, outs[n], None, "--host", f"p{n}")
+        for n in range(2)
+    ]
+    await until(lambda: service.stats.creates >= 8)
+    hosts[0].send_signal(signal.SIGSTOP)
+    before = service.stats.creates
+    await until(lambda: service.stats.creates >= before + 6)  # the other host goes on
+    await until(lambda: service.stats.creates >= 20)
+    hosts[0].send_signal(signal.SIGCONT)
+    results = [await host.communicate() for host in hosts]
+    logs = "\n".join((out + err).decode(errors="replace") for out, err in results)
+    stats = service.stats
+    assert [host.returncode for host in hosts] == [0, 0], logs
+    # A create paused between its slot and its send finds its slot given away when it
+    # resumes (no check can close that gap): the service refuses it, once, and it is
+    # sent again later. The window is never overrun.
+    assert stats.rate_limited == stats.concurrency_limited <= 2
+    assert stats.max_requests_in_window <= 60
+    assert len(stats.creates_per_prompt) == 30
+    assert set(stats.creates_per_prompt.values()) == {1}
+    assert set(saved_items(outs)) == {f"item-{i:03d}" for i in range(30)}
