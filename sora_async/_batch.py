@@ -21,12 +21,11 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
 import anyio.to_thread
-import redis.asyncio as aioredis
 
 from ._batch_file import (
     BatchDefaults,
@@ -35,7 +34,6 @@ from ._batch_file import (
     read_items,
     request_from,
 )
-from ._batch_shared import SharedItems
 from ._catalog import Request
 from ._client import SoraClient
 from ._download import check_folder, file_stem
@@ -56,8 +54,9 @@ from ._errors import (
 )
 from ._journal import ItemState, Journal, JournalRow, read_rows
 from ._models import Video
-from ._work_queue import WorkQueue
-from .redis_governor import RedisGovernor
+
+if TYPE_CHECKING:
+    from ._batch_shared import SharedItems
 
 __all__ = [
     "BatchDefaults",
@@ -648,13 +647,20 @@ async def run_batch(
     # The first chunk is checked before anything is made (the output folder included).
     next(read_items(path, defaults, chunk=_CHUNK), None)
     check_folder(folder)
-    connection: aioredis.Redis | None = None
+    connection: Any = None  # the shared batch's Redis connection
     try:
         book = await Journal.open(book_path)
         reader: _Reader | None = None
         shared: SharedItems | None = None
         generation = int(await book.meta("generation") or 0)
         if redis_url is not None:
+            # Redis is an extra: imported only for a batch shared through it.
+            import redis.asyncio as aioredis
+
+            from ._batch_shared import SharedItems
+            from ._work_queue import WorkQueue
+            from .redis_governor import RedisGovernor
+
             assert host is not None
             connection = aioredis.from_url(redis_url)
             governor = client.governor
