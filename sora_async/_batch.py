@@ -52,7 +52,7 @@ from ._errors import (
     TransportError,
     unwrap_sora_errors,
 )
-from ._journal import ItemState, Journal, JournalRow, read_rows
+from ._journal import ItemState, Journal, JournalRow, manifest_line, read_rows
 from ._models import Video
 
 if TYPE_CHECKING:
@@ -120,6 +120,7 @@ class BatchReport:
     counts: dict[str, int] = field(default_factory=dict)
     stopped: bool = False  # ended early by ``stop``: run again to finish
     generation: int = 0  # the journal's rows of this run of the file
+    batch: str | None = None  # the name of a batch shared through Redis
 
     @property
     def ok(self) -> bool:
@@ -462,26 +463,6 @@ def journal_path(
     return Path(out) / _named_for(JOURNAL_NAME, suffix)
 
 
-_LINE_BREAKS = {ord(c): f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"}
-
-
-def _manifest_line(row: JournalRow) -> str:
-    request = json.loads(row.request)
-    entry = {
-        "id": row.id,
-        "model": request.get("model", "sora-2-pro"),
-        "prompt": request.get("prompt"),
-        "task_id": row.task_id,
-        "state": row.state.value,
-        "files": row.files,
-        "urls": row.result_urls,
-        "error": row.error,
-        "seconds": row.seconds,
-    }
-    # Readable UTF-8, but no character that a line splitter might take for a line end.
-    return json.dumps(entry, ensure_ascii=False).translate(_LINE_BREAKS) + "\n"
-
-
 def _write_manifest(path: Path, journal: Path, generation: int) -> None:
     """Write the manifest from the journal, a row at a time, unless the journal holds
     nothing new since it was last written (a finished batch run again rewrites nothing)."""
@@ -497,7 +478,7 @@ def _write_manifest(path: Path, journal: Path, generation: int) -> None:
             return
         partial = path.with_name(f".{path.name}.part")
         with partial.open("w", encoding="utf-8") as file:
-            file.writelines(_manifest_line(row) for row in read_rows(journal, generation))
+            file.writelines(manifest_line(row) for row in read_rows(journal, generation))
         os.replace(partial, path)
         with db:
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('manifest', ?)", (mark,))
@@ -669,7 +650,8 @@ async def run_batch(
                 if isinstance(governor, RedisGovernor)
                 else {}
             )
-            queue = WorkQueue(connection, batch or digest[:16], consumer=host, **timing)
+            batch = batch or digest[:16]
+            queue = WorkQueue(connection, batch, consumer=host, **timing)
             generation = 1  # the items this host takes, whatever the file
             await book.set_meta("generation", "1")
             shared = SharedItems(queue, path, defaults, book, generation)
@@ -686,6 +668,9 @@ async def run_batch(
         runner = _Runner(client, book, folder, generation, on_progress, reader)
         runner.shared = shared
         await runner.run(resubmit_uncertain, retry_failed, stop)
+        if shared is not None and not (runner.stopping or runner.outage or runner.stop_creates):
+            # The whole batch is done: each host writes its manifest, every host's items.
+            await shared.write_manifest(folder / MANIFEST_NAME)
     finally:
         if connection is not None:
             with contextlib.suppress(Exception):
@@ -701,4 +686,6 @@ async def run_batch(
         raise runner.stop_creates
     counts = {k: v for k, v in runner.counts.items() if v}
     seconds = time.monotonic() - started
-    return BatchReport(manifest, book_path, seconds, counts, runner.stopping, runner.generation)
+    return BatchReport(
+        manifest, book_path, seconds, counts, runner.stopping, runner.generation, batch
+    )

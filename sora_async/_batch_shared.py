@@ -15,25 +15,27 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
 
 from ._batch_file import BatchDefaults, BatchItem, read_items, request_from
-from ._journal import ItemState, Journal, JournalRow
+from ._errors import InputError
+from ._journal import ItemState, Journal, JournalRow, manifest_line
 from ._work_queue import Entry, WorkQueue
 
 if TYPE_CHECKING:
     from ._batch import _Runner
 
-__all__ = ["SharedItems"]
+__all__ = ["SharedItems", "write_batch_manifest", "write_shared_manifest"]
 
 # Items a host holds beyond the one it is creating: few, so that others find work.
 _PREFETCH = 4
-# The states that end an item's time in the queue (a video not yet saved is saved by
-# its host's next run, from its journal).
-_FINISHED = (ItemState.DOWNLOADED, ItemState.FAILED, ItemState.UNCERTAIN, ItemState.SUCCEEDED)
+# The states that end an item's time in the queue; so does a video made whose download
+# failed (saved by its host's next run, from its journal).
+_FINISHED = (ItemState.DOWNLOADED, ItemState.FAILED, ItemState.UNCERTAIN)
 
 
 class SharedItems:
@@ -150,13 +152,51 @@ class SharedItems:
         await self.queue.created(row.id, row.task_id)
 
     async def moved(self, row: JournalRow) -> None:
-        """An item ended here (or is left for a later run): done on the queue."""
-        if row.state in _FINISHED:
+        """An item ended here (or is left for a later run): its result is recorded for
+        the batch's manifest, and it is done on the queue."""
+        if row.state in _FINISHED or (row.state is ItemState.SUCCEEDED and row.error):
             entry = self.held.pop(row.id, None)
             if entry is not None:
+                await self.queue.record(row.id, manifest_line(row, host=self.queue.consumer))
                 await self.queue.done(entry)
 
     def release(self, row: JournalRow) -> None:
         """Stop holding ``row``'s item (not sent, a passing fault): after one lease it
         goes to the next host that asks, this one included."""
         self.held.pop(row.id, None)
+
+    async def write_manifest(self, path: Path) -> int:
+        """Write the whole batch's manifest (see write_batch_manifest)."""
+        return await write_batch_manifest(self.queue, path)
+
+
+async def write_batch_manifest(queue: WorkQueue, path: Path) -> int:
+    """Write the manifest of ``queue``'s batch: every host's items in file order, each
+    with the host that saved it (an item nobody finished reads queued). Return how
+    many items it lists."""
+    partial = path.with_name(f".{path.name}.part")
+    count = 0
+    with partial.open("w", encoding="utf-8") as file:
+        async for entry, result in queue.results():
+            if result is None:
+                row = JournalRow(entry.item_id, entry.line, entry.request, ItemState.QUEUED)
+                result = manifest_line(row, host=None)
+            file.write(result)
+            count += 1
+    os.replace(partial, path)
+    return count
+
+
+async def write_shared_manifest(redis_url: str, batch: str, path: Path) -> int:
+    """Write the manifest of the batch named ``batch`` on the Redis at ``redis_url``;
+    return how many items it lists. Raises InputError when Redis holds no such batch."""
+    import redis.asyncio as aioredis
+
+    connection = aioredis.from_url(redis_url)
+    try:
+        queue = WorkQueue(connection, batch, consumer="manifest", redis_timeout=10.0)
+        if not (await queue.counts()).added:
+            raise InputError("batch", f"no batch named {batch!r} on that Redis")
+        return await write_batch_manifest(queue, path)
+    finally:
+        await connection.aclose()

@@ -23,7 +23,7 @@ from ._batch_file import BatchItem, BatchLineError, repeated_id, shared_file
 from ._sqlite import SQLiteFile
 from ._store import RecordState
 
-__all__ = ["ItemState", "Journal", "JournalRow", "read_rows"]
+__all__ = ["ItemState", "Journal", "JournalRow", "manifest_line", "read_rows"]
 
 
 # A batch item is a task record: one state machine for every task, whoever made it.
@@ -297,3 +297,25 @@ def read_rows(path: Path, gen: int, *, page: int = 5000) -> Iterator[JournalRow]
             for row in found:
                 yield JournalRow.from_sql(row)
             after = found[-1][1]
+
+
+_LINE_BREAKS = {ord(c): f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"}
+
+
+def manifest_line(row: JournalRow, **more: Any) -> str:
+    """Return the manifest's line for ``row`` (with ``more`` fields), newline included."""
+    request = json.loads(row.request)
+    entry = {
+        "id": row.id,
+        "model": request.get("model", "sora-2-pro"),
+        "prompt": request.get("prompt"),
+        "task_id": row.task_id,
+        "state": row.state.value,
+        "files": row.files,
+        "urls": row.result_urls,
+        "error": row.error,
+        "seconds": row.seconds,
+        **more,
+    }
+    # Readable UTF-8, but no character that a line splitter might take for a line end.
+    return json.dumps(entry, ensure_ascii=False).translate(_LINE_BREAKS) + "\n"

@@ -19,9 +19,10 @@ Two guarantees, each one atomic step on Redis:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -145,6 +146,7 @@ class WorkQueue:
         self._begun = f"{prefix}:begun"
         self._filled = f"{prefix}:filled"
         self._tasks = f"{prefix}:tasks"
+        self._results = f"{prefix}:results"
         self._fill = redis.register_script(_FILL)
         self._begin = redis.register_script(_BEGIN)
         self._renew = redis.register_script(_RENEW)
@@ -246,6 +248,28 @@ class WorkQueue:
         """Return the task made for ``item_id``, if its create was answered."""
         found = await self._patiently(lambda: self._redis.hget(self._tasks, item_id))
         return None if found is None else _text(found)
+
+    async def record(self, item_id: str, result: str) -> None:
+        """Keep ``item_id``'s result (its manifest line) for the batch's manifest."""
+        await self._patiently(lambda: self._redis.hset(self._results, item_id, result))
+
+    async def results(self, page: int = 1000) -> AsyncIterator[tuple[Entry, str | None]]:
+        """Yield every item in file order with its recorded result (None: none yet),
+        a page at a time."""
+        start = "-"
+        while True:
+            read = functools.partial(self._redis.xrange, self._stream, start, "+", page)
+            found: Any = await self._patiently(read)
+            if not found:
+                return
+            entries = [_entry(entry_id, fields) for entry_id, fields in found]
+            ids = [entry.item_id for entry in entries]
+            results = await self._patiently(
+                functools.partial(self._redis.hmget, self._results, ids)
+            )
+            for entry, result in zip(entries, results, strict=True):
+                yield entry, None if result is None else _text(result)
+            start = f"({entries[-1].entry_id}"
 
     async def counts(self) -> QueueCounts:
         """Return how many items were added, are held by a host, and are done."""

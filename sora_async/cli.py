@@ -365,6 +365,8 @@ def batch(
                 "manifest": str(report.manifest),
                 "journal": str(report.journal),
             }
+            if report.batch is not None:
+                fields["batch"] = report.batch
             if not report.ok:
                 error = "Interrupted" if report.stopped else "ItemsNotDone"
                 fields |= {"error": error, "message": advice.replace("\n", "; ")}
@@ -372,6 +374,9 @@ def batch(
         else:
             _out.print(_summary(report))
             _out.print(f"manifest: {report.manifest}", highlight=False, soft_wrap=True)
+            if report.batch is not None:
+                line = f"batch: {report.batch} (the whole batch: sora-async manifest --batch ...)"
+                _out.print(line, highlight=False, soft_wrap=True)
             if advice:
                 _err.print(advice, highlight=False, soft_wrap=True)
         return code
@@ -381,6 +386,40 @@ def batch(
 
 for _option in reversed(_media_options):
     batch = _option(batch)
+
+
+@cli.command()
+@click.option(
+    "--redis-url", envvar="SORA_ASYNC_REDIS_URL", required=True, help="The batch's Redis."
+)
+@click.option(
+    "--batch",
+    "batch_name",
+    required=True,
+    metavar="NAME",
+    help="The batch's name (--batch of the batch command, or the one it printed).",
+)
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=click.Path(path_type=Path),
+    default=Path("manifest.jsonl"),
+    show_default=True,
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as one JSON object.")
+def manifest(redis_url: str, batch_name: str, out: Path, as_json: bool) -> None:
+    """Write the manifest of a batch shared through Redis: every host's items, in file
+    order, each with the host that saved its video."""
+    from ._batch_shared import write_shared_manifest
+
+    try:
+        count = asyncio.run(write_shared_manifest(redis_url, batch_name, out))
+    except SoraError as exc:
+        fail(str(exc), 1, as_json=as_json, field=getattr(exc, "field", None))
+    except (ValueError, OSError) as exc:
+        fail(f"cannot write the manifest: {exc}", 1, as_json=as_json)
+    emit(as_json, f"manifest: {out} ({count} items)", manifest=str(out), items=count)
 
 
 @cli.command()

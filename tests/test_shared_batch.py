@@ -4,8 +4,10 @@ real processes on one real redis-server, against the fake service at the real li
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -71,6 +73,23 @@ async def test_hosts_pull_one_batch_a_killed_one_is_covered_and_a_late_one_joins
     listed = [i for n in (1, 2, 3) for i in manifest_ids(outs[n], f"h{n}")]
     assert len(listed) == len(set(listed))
     assert set(listed) | {path.stem for path in outs[0].glob("*.mp4")} == set(saved)
+    # Each live host writes the whole batch's manifest, in file order, naming who saved
+    # what; so does `sora-async manifest` from Redis alone.
+    report = json.loads(results[0][0].decode().strip().splitlines()[-1])
+    command = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "sora_async", "manifest", "--redis-url", redis_server.url),
+        *("--batch", report["batch"], "-o", str(tmp_path / "all.jsonl"), "--json"),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    printed, _ = await command.communicate()
+    assert json.loads(printed)["items"] == 60
+    for path in (outs[1] / "manifest.jsonl", tmp_path / "all.jsonl"):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [row["id"] for row in rows] == [f"item-{i:03d}" for i in range(60)]
+        assert {row["state"] for row in rows} == {"downloaded"}
+        assert {row["host"] for row in rows} <= {"h0", "h1", "h2", "h3"}
+        for row in rows:
+            assert Path(row["files"][0]).parent == outs[int(row["host"][1])]
     governor = sa.RedisGovernor(redis_server.url, api_key=service.api_key)
     connection = aioredis.from_url(redis_server.url)
     try:
@@ -102,12 +121,17 @@ async def test_a_host_paused_past_its_lease_loses_its_items_and_creates_nothing_
     results = [await host.communicate() for host in hosts]
     logs = "\n".join((out + err).decode(errors="replace") for out, err in results)
     stats = service.stats
-    assert [host.returncode for host in hosts] == [0, 0], logs
+    # A create on the wire when the host was paused may time out when it resumes: its
+    # item is then uncertain (never created again), as in a single host's batch.
+    rows = [json.loads(line) for line in (outs[1] / "manifest.jsonl").read_text().splitlines()]
+    uncertain = {row["id"] for row in rows if row["state"] == "uncertain"}
+    assert [host.returncode for host in hosts] == ([0, 0] if not uncertain else [1, 1]), logs
+    assert len(uncertain) <= 1
     # A create paused between its slot and its send finds its slot given away when it
     # resumes (no check can close that gap): the service refuses it, once, and it is
     # sent again later. The window is never overrun.
     assert stats.rate_limited == stats.concurrency_limited <= 2
     assert stats.max_requests_in_window <= 60
-    assert len(stats.creates_per_prompt) == 30
     assert set(stats.creates_per_prompt.values()) == {1}
-    assert set(saved_items(outs)) == {f"item-{i:03d}" for i in range(30)}
+    assert len(stats.creates_per_prompt) >= 30 - len(uncertain)
+    assert set(saved_items(outs)) | uncertain == {f"item-{i:03d}" for i in range(30)}
