@@ -170,6 +170,7 @@ class _Runner:
         self.quiet.set()
         self._next_report = 0.0
         self.shared: SharedItems | None = None  # this host's part of a shared batch
+        self.batch = ""  # the name its tasks are recorded under in the client's store
         self.group: anyio.abc.TaskGroup | None = None  # where follows run
 
     async def set(self, row: JournalRow, state: ItemState, **changes: Any) -> None:
@@ -374,7 +375,9 @@ class _Runner:
     ) -> bool:
         request = _row_request(row)
         try:
-            task_id = await self.client.submit(request, before_create=mark, after_no_task=unmark)
+            task_id = await self.client.submit(
+                request, batch=self.batch, before_create=mark, after_no_task=unmark
+            )
         except SubmitUncertainError as exc:
             await self.set(row, ItemState.UNCERTAIN, error=str(exc))
             return True
@@ -602,6 +605,9 @@ async def run_batch(
     file), ``host`` names this host (default: the machine's name; give each process
     its own). The file is checked whole before the first host sends anything. Each
     host keeps its own journal and manifest, named for it, in its ``out``.
+    The client's ``store`` records each task under the batch's name (a batch not
+    shared is named so too), so that a service and batches on one
+    :class:`RedisStore` are one ledger: ``sora-async top`` counts both.
 
     ``shard=(K, N)`` takes only the K-th of N shares of the file (by a hash of each
     id), for several hosts sharing one file and one key (with a RedisGovernor); its
@@ -667,6 +673,7 @@ async def run_batch(
                 reader = None
         runner = _Runner(client, book, folder, generation, on_progress, reader)
         runner.shared = shared
+        runner.batch = batch or digest[:16]
         await runner.run(resubmit_uncertain, retry_failed, stop)
         if shared is not None and not (runner.stopping or runner.outage or runner.stop_creates):
             # The whole batch is done: each host writes its manifest, every host's items.

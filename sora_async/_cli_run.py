@@ -184,7 +184,8 @@ def scaled_client_options(
 async def _client(params: dict[str, Any]) -> AsyncIterator[SoraClient]:
     """Open a client on the real service, or on an in-process fake with ``--simulate``
     (which keeps its tasks in ``params["state_file"]`` when given, so that a rerun of a
-    simulated batch finds the tasks of the run before)."""
+    simulated batch finds the tasks of the run before). With ``--redis-url`` its tasks
+    are recorded in the key's :class:`RedisStore`."""
     scale = params["time_scale"]
     options: dict[str, Any] = {}
     if scale != 1.0 or params["redis_url"]:
@@ -192,6 +193,15 @@ async def _client(params: dict[str, Any]) -> AsyncIterator[SoraClient]:
             scale, redis_url=params["redis_url"], api_key=params["api_key"], model=params["model"]
         )
     options["shared_budget"] = params["shared_budget"]
+    if params["redis_url"]:
+        from .redis_store import RedisStore
+
+        # One ledger on the key's Redis: a service and batches count their tasks there.
+        options["store"] = RedisStore(
+            params["redis_url"],
+            api_key=params["api_key"],
+            redis_timeout=options["governor"].redis_timeout,
+        )
     if not params["simulate"]:
         async with SoraClient(
             api_key=params["api_key"], base_url=params["base_url"], model=params["model"], **options

@@ -354,6 +354,7 @@ class SoraClient:
         request: Request,
         *,
         idempotency_key: str | None = None,
+        batch: str = "",
         before_create: Callable[[], Awaitable[None]] | None = None,
         after_no_task: Callable[[], Awaitable[None]] | None = None,
     ) -> str:
@@ -371,6 +372,8 @@ class SoraClient:
         and, with a ``store``, across restarts (without one, for the process's life).
         The same key with another request raises IdempotencyConflictError; a key
         whose create may have made a task nobody can name raises SubmitUncertainError.
+        ``batch``: the batch the task belongs to, as the ``store`` records it (its
+        ``counts`` and ``sora-async top`` count tasks by batch; "" is the rest).
         ``before_create`` is awaited once the request permit is granted, just before
         the create is sent, again before each retry's send (a journal writes its row
         ``submitting`` there); an error it raises stops the create unsent, frees the
@@ -383,6 +386,8 @@ class SoraClient:
         prepared = self._prepare(request)
         if idempotency_key is not None:
             check_idempotency_key(idempotency_key)
+        if not isinstance(batch, str) or len(batch) > 200:
+            raise InputError("batch", "must be a string of at most 200 characters")
         hooks = None
         if before_create is not None or after_no_task is not None:
             hooks = Hooks(before_create, after_no_task)
@@ -392,6 +397,7 @@ class SoraClient:
             return await self._ledger.submit(
                 records,
                 idempotency_key,
+                batch,
                 prepared,
                 hooks,
                 self._create,

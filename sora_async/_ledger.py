@@ -123,6 +123,7 @@ class Ledger:
         self,
         records: TaskStore,
         key: str | None,
+        batch: str,
         prepared: tuple[str, CreateRequest],
         hooks: Hooks | None,
         create: CreateWithSlot,
@@ -139,6 +140,7 @@ class Ledger:
                     fingerprint=fingerprint,
                     model=model,
                     request=msgspec.json.encode(body.input).decode(),
+                    batch=batch,
                 )
             )
             if record.fingerprint != fingerprint:

@@ -16,7 +16,7 @@ import itertools
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -28,6 +28,7 @@ from ._sqlite import SQLiteFile
 from ._store_guard import CHECKPOINT_EVERY, checkpoint, guard, wal_present
 
 __all__ = [
+    "Counts",
     "MemoryStore",
     "RecordState",
     "SQLiteStore",
@@ -35,6 +36,7 @@ __all__ = [
     "TaskRecord",
     "TaskStore",
     "check_idempotency_key",
+    "counts_of",
     "fingerprint_of",
 ]
 
@@ -75,12 +77,29 @@ class TaskRecord:
     fingerprint: str  # of the model and the input: the same key must come with the same
     model: str
     request: str  # the input's JSON, for the operator
+    # The batch the task belongs to ("" for a service's or a script's own submits):
+    # the ledger counts its tasks by it (see ``counts`` and ``sora-async top``).
+    batch: str = ""
     state: RecordState = RecordState.QUEUED
     task_id: str | None = None
     result_urls: list[str] = field(default_factory=list)
     error: str | None = None
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
+
+
+#: How many records stand in each state (by its value), by batch ("" for the rest).
+Counts = dict[str, dict[str, int]]
+
+
+def counts_of(rows: Iterable[tuple[Any, Any, Any]]) -> Counts:
+    """Sum (batch, state, number) rows into :data:`Counts` (zeros left out)."""
+    counts: Counts = {}
+    for batch, state, number in rows:
+        if int(number) > 0:
+            by_state = counts.setdefault(str(batch), {})
+            by_state[str(state)] = by_state.get(str(state), 0) + int(number)
+    return counts
 
 
 def fingerprint_of(model: str, payload: Any) -> str:
@@ -183,6 +202,13 @@ class MemoryStore:
         """Return the records whose task may still hold a slot."""
         return [record for record in self._records.values() if record.state.unfinished]
 
+    async def counts(self) -> Counts:
+        """Return how many records stand in each state, by batch ("" for the rest)."""
+        return counts_of(
+            (batch, state.value, 1)
+            for batch, state in ((record.batch, record.state) for record in self._records.values())
+        )
+
     async def find_task(self, task_id: str) -> TaskRecord | None:
         """Return the record of task ``task_id``, if any."""
         for record in self._records.values():
@@ -198,6 +224,7 @@ _SCHEMA = (
         fingerprint TEXT NOT NULL,
         model TEXT NOT NULL,
         request TEXT NOT NULL,
+        batch TEXT NOT NULL DEFAULT '',
         state TEXT NOT NULL,
         task_id TEXT,
         result_urls TEXT NOT NULL DEFAULT '[]',
@@ -213,7 +240,8 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS sends_by_budget ON sends (budget, at)",
 )
 _COLUMNS = (
-    "key, fingerprint, model, request, state, task_id, result_urls, error, created_at, updated_at"
+    "key, fingerprint, model, request, state, task_id, result_urls, error, created_at, updated_at, "
+    "batch"
 )
 
 
@@ -236,6 +264,7 @@ def _decode_row(row: tuple[Any, ...]) -> TaskRecord:
         error=row[7],
         created_at=row[8],
         updated_at=row[9],
+        batch=row[10],
     )
 
 
@@ -278,6 +307,9 @@ class SQLiteStore:
             field="store",
             prepare=lambda db: guard(db, self.path, had_wal=had_wal, accept_loss=self.accept_loss),
         )
+        columns = {row[1] for row in await self._file.run("PRAGMA table_info(tasks)")}
+        if "batch" not in columns:  # a store of an earlier release
+            await self._file.run("ALTER TABLE tasks ADD COLUMN batch TEXT NOT NULL DEFAULT ''")
         # The store checkpoints by itself (see _store_guard), after any writer's writes.
         self._file.checkpoint = checkpoint
         self._file.checkpoint_every = CHECKPOINT_EVERY
@@ -296,14 +328,16 @@ class SQLiteStore:
     async def claim(self, record: TaskRecord) -> TaskRecord:
         """Insert ``record`` unless its key is known; return the record now stored."""
         rows = await self._db().run(
-            "INSERT INTO tasks (key, fingerprint, model, request, state, created_at, updated_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING "
+            "INSERT INTO tasks "
+            "(key, fingerprint, model, request, batch, state, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING "
             f"RETURNING {_COLUMNS}",
             (
                 record.key,
                 record.fingerprint,
                 record.model,
                 record.request,
+                record.batch,
                 record.state.value,
                 record.created_at,
                 record.updated_at,
@@ -343,6 +377,13 @@ class SQLiteStore:
             f"SELECT {_COLUMNS} FROM tasks WHERE task_id = ? LIMIT 1", (task_id,)
         )
         return _record_of(rows[0]) if rows else None
+
+    async def counts(self) -> Counts:
+        """Return how many records stand in each state, by batch ("" for the rest)."""
+        rows = await self._db().run(
+            "SELECT batch, state, COUNT(*) FROM tasks GROUP BY batch, state"
+        )
+        return counts_of((batch, state, number) for batch, state, number in rows)
 
     async def record_sends(
         self, budget: str, times: Sequence[float], *, forget_before: float

@@ -158,8 +158,11 @@ class WorkQueue:
                 await self._create_group()
             return await call()
 
+        return await self._patiently_raw(ready)
+
+    async def _patiently_raw(self, call: Callable[[], Awaitable[T]]) -> T:
         return await patiently(
-            ready, url="the batch's Redis", timeout=self.redis_timeout, rng=self._rng
+            call, url="the batch's Redis", timeout=self.redis_timeout, rng=self._rng
         )
 
     async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
@@ -270,6 +273,13 @@ class WorkQueue:
             for entry, result in zip(entries, results, strict=True):
                 yield entry, None if result is None else _text(result)
             start = f"({entries[-1].entry_id}"
+
+    async def peek(self) -> QueueCounts | None:
+        """Return :meth:`counts`, or None when no host filled this queue (nothing is
+        made on Redis: a watcher's read)."""
+        if not await self._patiently_raw(lambda: self._redis.exists(self._stream)):
+            return None
+        return await self.counts()
 
     async def counts(self) -> QueueCounts:
         """Return how many items were added, are held by a host, and are done."""

@@ -15,10 +15,11 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import msgspec
+from rich.console import Group
 from rich.live import Live
 from rich.table import Column, Table
 
@@ -43,6 +44,9 @@ from ._governor import Governor
 from ._journal import ItemState
 from ._models import Limits
 from ._snapshot import Snapshot
+
+if TYPE_CHECKING:  # Redis is an extra: _top is imported by `top` alone
+    from ._top import WorkRow
 
 __all__ = ["main"]
 
@@ -491,6 +495,27 @@ def _key_table(governor: Governor, watched: str) -> Table:
     return table
 
 
+def _work_table(rows: list[WorkRow]) -> Table:
+    """Render the ledger's tasks, by batch and for the service, as one table."""
+    table = Table(
+        "tasks of",
+        "waiting",
+        "in flight",
+        "succeeded",
+        "failed",
+        "uncertain",
+        title="the key's ledger (every model)",
+        title_justify="left",
+    )
+    for row in rows:
+        waiting = "-" if row.waiting is None else str(row.waiting)
+        figures = (row.in_flight, row.succeeded, row.failed, row.uncertain)
+        table.add_row(row.name, waiting, *(str(figure) for figure in figures))
+    if not rows:
+        table.add_row("(nothing recorded yet)", "", "", "", "", "")
+    return table
+
+
 @cli.command()
 @click.option(
     "--redis-url",
@@ -511,13 +536,16 @@ def _key_table(governor: Governor, watched: str) -> Table:
 def top(
     redis_url: str, api_key: str | None, model: str, time_scale: float, once: bool, as_json: bool
 ) -> None:
-    """Watch a key shared through Redis: slots, window, 429s, queue, refreshed each second.
+    """Watch a key shared through Redis: slots, window, 429s, and the ledger's tasks
+    by batch and for the service, refreshed each second.
 
     Reads only: it takes no permit and no slot. Ctrl-C to leave.
     """
     try:
         check_model_id(model)
+        from ._top import work_rows
         from .redis_governor import RedisGovernor
+        from .redis_store import RedisStore
 
         limits = limits_for(model, {})
         limits = Limits(
@@ -528,38 +556,47 @@ def top(
         governor = RedisGovernor(
             redis_url, api_key=api_key, model=model, limits=limits, redis_timeout=5.0
         )
+        store = RedisStore(redis_url, api_key=api_key, redis_timeout=5.0)
     except ImportError:
         fail("sora-async top needs Redis: pip install 'sora-async[redis]'", as_json=as_json)
     except InputError as exc:
         fail(str(exc), as_json=as_json, field=exc.field)
     watched = f"{model} on {redis_url.rsplit('@', 1)[-1]}"
 
+    async def read() -> Group:
+        await governor.refresh()
+        rows = await work_rows(await store.counts(), redis_url)
+        if as_json:
+            emit(
+                True,
+                "",
+                model=model,
+                slots_in_use=governor.slots_in_use,
+                slot_limit=governor.slot_limit,
+                slot_waiters=governor.slot_waiters,
+                requests_in_window=governor.requests_in_window(),
+                request_limit=limits.requests,
+                rate_factor=governor.rate_factor,
+                rate_limited=governor.rate_limited_seen,
+                work=[row.as_json() for row in rows],
+            )
+        return Group(_key_table(governor, watched), _work_table(rows))
+
     async def watch() -> None:
+        await store.open()
         try:
-            await governor.refresh()
+            figures = await read()
             if once or as_json:
-                figures = {
-                    "model": model,
-                    "slots_in_use": governor.slots_in_use,
-                    "slot_limit": governor.slot_limit,
-                    "slot_waiters": governor.slot_waiters,
-                    "requests_in_window": governor.requests_in_window(),
-                    "request_limit": limits.requests,
-                    "rate_factor": governor.rate_factor,
-                    "rate_limited": governor.rate_limited_seen,
-                }
-                if as_json:
-                    emit(True, "", **figures)
-                else:
-                    _out.print(_key_table(governor, watched))
+                if not as_json:
+                    _out.print(figures)
                 return
-            with Live(_key_table(governor, watched), console=_out, auto_refresh=False) as live:
+            with Live(figures, console=_out, auto_refresh=False) as live:
                 while True:
                     await asyncio.sleep(1.0)
-                    await governor.refresh()
-                    live.update(_key_table(governor, watched), refresh=True)
+                    live.update(await read(), refresh=True)
         finally:
             await governor.aclose()
+            await store.close()
 
     try:
         asyncio.run(watch())

@@ -7,13 +7,13 @@ import hashlib
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
 
 from ._errors import InputError
-from ._store import TaskRecord
+from ._store import Counts, TaskRecord, counts_of
 from .redis_governor import patiently, redis_url_and_key
 
 __all__ = ["RedisStore"]
@@ -21,6 +21,58 @@ __all__ = ["RedisStore"]
 _T = TypeVar("_T")
 
 _record_decoder = msgspec.json.Decoder(TaskRecord)
+
+# Between a batch's name and a state in a field of the counts hash.
+_SEPARATOR = "\x1f"
+
+
+def _count_field(batch: str, state: str) -> str:
+    return f"{batch}{_SEPARATOR}{state}"
+
+
+# Insert a record unless its key is known, and count it; else return the stored one.
+# KEYS: record, counts. ARGV: body, its count field.
+_CLAIM = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
+    redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+    return false
+end
+return redis.call('GET', KEYS[1])
+"""
+
+# Write a record, its task index and the unfinished set, and move its count from the
+# state it had to the one it has (once, however often the same state is written).
+# KEYS: record, task index, unfinished set, counts. ARGV: body, expiry (0: none), the
+# record's key, has a task id (1/0), unfinished (1/0), its batch and the separator,
+# its state.
+_SAVE = """
+local was = nil
+local old = redis.call('GET', KEYS[1])
+if old then
+    local ok, decoded = pcall(cjson.decode, old)
+    if ok and type(decoded) == 'table' then was = decoded['state'] end
+end
+local expiry = tonumber(ARGV[2])
+local function write(key, value)
+    if expiry > 0 then
+        redis.call('SET', key, value, 'EX', expiry)
+    else
+        redis.call('SET', key, value)
+    end
+end
+write(KEYS[1], ARGV[1])
+if ARGV[4] == '1' then write(KEYS[2], ARGV[3]) end
+if ARGV[5] == '1' then
+    redis.call('SADD', KEYS[3], ARGV[3])
+else
+    redis.call('SREM', KEYS[3], ARGV[3])
+end
+if was ~= ARGV[7] then
+    if was then redis.call('HINCRBY', KEYS[4], ARGV[6] .. was, -1) end
+    redis.call('HINCRBY', KEYS[4], ARGV[6] .. ARGV[7], 1)
+end
+return 1
+"""
 
 
 def _decode_record(body: bytes | str) -> TaskRecord:
@@ -86,6 +138,10 @@ class RedisStore:
     def _unfinished_key(self) -> str:
         return f"{self.prefix}:unfinished"
 
+    @property
+    def _counts_key(self) -> str:
+        return f"{self.prefix}:counts"
+
     async def _patiently(self, call: Callable[[], Awaitable[_T]]) -> _T:
         return await patiently(
             call,
@@ -99,6 +155,8 @@ class RedisStore:
         self._redis = aioredis.from_url(
             self.url, socket_connect_timeout=2.0, socket_timeout=5.0, health_check_interval=10
         )
+        self._claim = self._redis.register_script(_CLAIM)
+        self._save = self._redis.register_script(_SAVE)
 
     async def close(self) -> None:
         """Close the connection pool."""
@@ -107,36 +165,47 @@ class RedisStore:
             self._redis = None
 
     async def claim(self, record: TaskRecord) -> TaskRecord:
-        """Insert ``record`` unless its key is known (SET NX); return the record now stored."""
+        """Insert ``record`` unless its key is known; return the record now stored."""
         db = self._db()
-        where = self._record_key(record.key)
         body = msgspec.json.encode(record)
-        if await self._patiently(lambda: db.set(where, body, nx=True)):
-            return record
-        stored = await self._patiently(lambda: db.get(where))
-        if stored is None:  # forgotten between the two commands: claim again
-            return await self.claim(record)
-        return _decode_record(stored)
+        keys = [self._record_key(record.key), self._counts_key]
+        args: list[bytes | str | int] = [body, _count_field(record.batch, record.state.value)]
+        stored = await self._patiently(lambda: self._claim(keys, args, client=db))
+        return record if stored is None else _decode_record(stored)
 
     async def save(self, record: TaskRecord) -> None:
-        """Write the record, its task id's index and the set of unfinished records at once."""
+        """Write the record, its task id's index, the set of unfinished records and the
+        counts by batch and state, at once."""
         db = self._db()
         record.updated_at = time.time()
         body = msgspec.json.encode(record)
-        expiry = None if record.state.unfinished else int(self.keep)
+        keys = [
+            self._record_key(record.key),
+            self._task_key(record.task_id or ""),
+            self._unfinished_key,
+            self._counts_key,
+        ]
+        args: list[bytes | str | int] = [
+            body,
+            0 if record.state.unfinished else int(self.keep),
+            record.key,
+            1 if record.task_id is not None else 0,
+            1 if record.state.unfinished else 0,
+            record.batch + _SEPARATOR,
+            record.state.value,
+        ]
+        await self._patiently(lambda: self._save(keys, args, client=db))
 
-        async def write() -> Any:
-            async with db.pipeline(transaction=True) as batch:
-                batch.set(self._record_key(record.key), body, ex=expiry)
-                if record.task_id is not None:
-                    batch.set(self._task_key(record.task_id), record.key, ex=expiry)
-                if record.state.unfinished:
-                    batch.sadd(self._unfinished_key, record.key)
-                else:
-                    batch.srem(self._unfinished_key, record.key)
-                return await batch.execute()
+    async def counts(self) -> Counts:
+        """Return how many records stand in each state, by batch ("" for the rest).
 
-        await self._patiently(write)
+        Settled records are counted beyond ``keep``: the counts are of every task the
+        store recorded."""
+        db = self._db()
+        fields = await self._patiently(lambda: db.hgetall(self._counts_key))
+        assert isinstance(fields, dict)
+        named = ((_text(name).partition(_SEPARATOR), number) for name, number in fields.items())
+        return counts_of((batch, state, number) for (batch, _, state), number in named if state)
 
     async def unfinished(self) -> list[TaskRecord]:
         """Return the records whose task may still hold a slot, oldest first."""

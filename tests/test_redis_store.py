@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import signal
 import sys
 import textwrap
@@ -108,3 +109,37 @@ async def test_keys_and_tasks_outlive_a_killed_process(redis_server: RedisServer
         assert await redis.scard(f"{store.prefix}:unfinished") == 0
     finally:
         await redis.aclose()
+
+
+async def test_the_ledger_on_redis_counts_tasks_by_batch_once_each(
+    redis_server: RedisServer,
+) -> None:
+    """Each task is counted once under its batch ("" for the rest), in the state it is
+    in, however many times its record is written (queued, submitting, running, end)."""
+    api_key = secrets.token_hex(8)  # a ledger of its own on the session's Redis
+    async with FakeApixo(api_key=api_key, generation_time=fixed(1.0), pending_time=0.05) as fake:
+        governor = sa.RedisGovernor(redis_server.url, api_key=api_key, trust_empty_redis=True)
+        store = sa.RedisStore(redis_server.url, api_key=api_key)
+        async with sa.SoraClient(
+            api_key=api_key,
+            base_url=fake.url,
+            governor=governor,
+            store=store,
+            poll_policy=sa.PollPolicy(prior_mean=1.0, min_interval=0.2),
+            wait_timeout=20,
+        ) as client:
+            night = [sa.TextToVideo(prompt=f"night {n}") for n in range(3)]
+            night.append(sa.TextToVideo(prompt="night [fail:BOOM]"))
+            ids = [await client.submit(request, batch="night") for request in night]
+            ids.append(await client.submit(sa.TextToVideo(prompt="service")))
+            assert await store.counts() == {"night": {"running": 4}, "": {"running": 1}}
+            ended = await asyncio.gather(*(client.wait(i) for i in ids), return_exceptions=True)
+            assert sum(isinstance(end, sa.TaskFailedError) for end in ended) == 1
+        await store.open()  # the client closed it; a watcher opens its own
+        try:
+            assert await store.counts() == {
+                "night": {"succeeded": 3, "failed": 1},
+                "": {"succeeded": 1},
+            }
+        finally:
+            await store.close()

@@ -340,3 +340,49 @@ async def test_a_create_whose_record_cannot_be_written_is_not_sent(fake: FakeApi
         assert await store.unfinished() == []
     assert fake.stats.creates == 0
     assert fake.stats.requests == 0
+
+
+async def test_the_store_counts_its_tasks_by_batch_and_state(
+    fake: FakeApixo, tmp_path: Path
+) -> None:
+    """Tasks submitted under a batch's name are counted under it, the rest under "";
+    each task once, in the state it ended in (a refused create counts as refused)."""
+    store = sa.SQLiteStore(tmp_path / "tasks.db")
+    async with client_on(fake, store) as client:
+        night = [sa.TextToVideo(prompt=f"night {n}") for n in range(2)]
+        night.append(sa.TextToVideo(prompt="night [fail:BOOM]"))
+        ids = [await client.submit(request, batch="night") for request in night]
+        ids += [await client.submit(sa.TextToVideo(prompt=f"service {n}")) for n in range(2)]
+        with pytest.raises(sa.ContentPolicyError):
+            await client.submit(sa.TextToVideo(prompt="[violate]"), batch="night")
+        running = await store.counts()
+        assert running == {"night": {"running": 3, "refused": 1}, "": {"running": 2}}
+        await asyncio.gather(*(client.wait(task_id) for task_id in ids), return_exceptions=True)
+        await asyncio.sleep(0)  # the last end's write
+        ended = await store.counts()
+    assert ended == {"night": {"succeeded": 2, "failed": 1, "refused": 1}, "": {"succeeded": 2}}
+
+
+async def test_a_bad_batch_name_is_refused_before_any_request(client: sa.SoraClient) -> None:
+    with pytest.raises(sa.InputError) as caught:
+        await client.submit(PROMPT, batch="x" * 201)
+    assert caught.value.field == "batch"
+
+
+async def test_a_store_of_an_earlier_release_opens_and_keeps_its_records(
+    fake: FakeApixo, tmp_path: Path
+) -> None:
+    """A store written before tasks had a batch (no such column) is brought up to date
+    when opened: its running task is adopted and counted under no batch."""
+    path = tmp_path / "tasks.db"
+    async with client_on(fake, sa.SQLiteStore(path)) as first:
+        task_id = await first.submit(PROMPT, idempotency_key="old")
+    with sqlite3.connect(path) as db:  # as the earlier release wrote it
+        db.execute("ALTER TABLE tasks DROP COLUMN batch")
+        assert "batch" not in {row[1] for row in db.execute("PRAGMA table_info(tasks)")}
+    store = sa.SQLiteStore(path)
+    async with client_on(fake, store) as second:
+        assert await store.counts() == {"": {"running": 1}}
+        assert (await second.wait(task_id)).task_id == task_id
+        assert await second.submit(PROMPT, idempotency_key="old") == task_id
+    assert fake.stats.creates == 1

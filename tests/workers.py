@@ -15,9 +15,10 @@ from sora_async.testing import FakeApixo, lognormal
 SCALE = 30.0  # 60 requests per 2 s, generations of about 6 s
 
 
-def scaled_fake(seed: int) -> FakeApixo:
+def scaled_fake(seed: int, api_key: str = "test-key") -> FakeApixo:
     """The fake service at the real limits, every timing divided by SCALE."""
     return FakeApixo(
+        api_key=api_key,
         period=60.0 / SCALE,
         generation_time=lognormal(180.0 / SCALE, 0.3),
         pending_time=0.05,

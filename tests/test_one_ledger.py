@@ -1,0 +1,93 @@
+"""A service and a batch on one key see one ledger: the FastAPI example under uvicorn
+and ``sora-async batch --redis-url`` as real processes on one real redis-server, both
+recording their tasks in the key's RedisStore, and ``sora-async top`` counting both."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import sys
+from typing import Any
+
+import pytest
+
+from sora_async.testing import RedisServer
+from tests.processes import app_env, app_process, free_port
+from tests.workers import SCALE, scaled_fake, start_worker, until, write_prompts
+
+pytestmark = [pytest.mark.looptime(False), pytest.mark.timeout(120)]
+
+
+async def top(redis_url: str, api_key: str) -> dict[str, dict[str, Any]]:
+    """Return ``sora-async top --json``'s rows of the ledger, by name."""
+    command = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "sora_async", "top", "--json", "--redis-url", redis_url),
+        *("--api-key", api_key, "--time-scale", str(SCALE)),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    printed, _ = await command.communicate()
+    assert command.returncode == 0, printed
+    return {row["name"]: row for row in json.loads(printed)["work"]}
+
+
+async def test_a_service_and_a_batch_on_one_key_record_into_one_ledger(
+    redis_server: RedisServer, tmp_path: Any
+) -> None:
+    """While a batch of 20 runs, the FastAPI example serves 3 videos on the same key:
+    `top` shows the batch and the service side by side as they run, and at the end
+    20 succeeded in the batch, 3 for the service, nothing in flight; every prompt
+    created once, inside the key's limits."""
+    # A key of its own: its ledger on the session's Redis holds this test's tasks alone.
+    async with scaled_fake(seed=41, api_key=secrets.token_hex(8)) as fake:
+        port = free_port()
+        env = app_env(
+            fake.url,
+            fake.api_key,
+            f"http://127.0.0.1:{port}",
+            SORA_ASYNC_REDIS_URL=redis_server.url,
+            APIXO_LIMITS=f"60/{60.0 / SCALE}/10",
+        )
+        async with app_process(env, port=port) as app, app.http() as http:
+            batch = await start_worker(
+                fake,
+                redis_server.url,
+                write_prompts(tmp_path, 20),
+                tmp_path / "out",
+                None,
+                "--batch",
+                "night",
+            )
+            await until(lambda: fake.stats.creates >= 4)
+            made = [await http.post("/videos", json={"prompt": f"kite {n}"}) for n in range(3)]
+            assert [answer.status_code for answer in made] == [200] * 3, made[0].text
+            running = await top(redis_server.url, fake.api_key)
+            assert set(running) == {"(service)", "night"}
+            assert running["(service)"]["waiting"] is None
+            assert running["(service)"]["in_flight"] + running["(service)"]["succeeded"] == 3
+            night = running["night"]
+            assert night["waiting"] + night["in_flight"] + night["succeeded"] <= 20
+            assert night["in_flight"] + night["succeeded"] >= 4
+            for answer in made:
+                task_id = answer.json()["task_id"]
+                done = await http.get(f"/videos/{task_id}", params={"timeout": 60})
+                assert done.status_code == 200, done.text
+            out, err = await batch.communicate()
+            assert batch.returncode == 0, (out + err).decode(errors="replace")
+        ended = await top(redis_server.url, fake.api_key)
+    assert ended["night"] | {"name": "-"} == {
+        "name": "-",
+        "waiting": 0,
+        "in_flight": 0,
+        "succeeded": 20,
+        "failed": 0,
+        "uncertain": 0,
+    }
+    assert ended["(service)"]["succeeded"] == 3
+    assert ended["(service)"]["in_flight"] == 0
+    stats = fake.stats
+    assert stats.rate_limited == 0
+    assert stats.max_requests_in_window <= 60
+    assert stats.max_concurrent_tasks <= 10
+    assert stats.creates == 23
+    assert set(stats.creates_per_prompt.values()) == {1}
