@@ -46,10 +46,11 @@ _RECHECK_DELAY = 2.0
 # token of its own (adopted ones) are doubted and their ends found by polls alone.
 # Forgers then cost two requests per this period, not per task.
 _DOUBT_PERIOD = 600.0
-# A task another process took over is polled here this many seconds after it was last
-# seen, a slow safety net: the news of its end may be lost (a dropped subscription),
-# and a paid result must not wait for max_task_age.
-_HANDED_OVER_CHECK = 120.0
+# A task another process took over is polled here this share of the prior generation
+# time after it was last seen (120 s at the default 180 s), a slow safety net: the news
+# of its end may be lost (a subscription dropped while it was published), and a paid
+# result must not wait for max_task_age.
+_HANDED_OVER_CHECK = 2.0 / 3.0
 # A permit granted within this many seconds came at once: the candidate still stands.
 _PERMIT_AT_ONCE = 1e-3
 # After the governor refused a poll permit with an error, ask again this much later
@@ -254,7 +255,7 @@ class PollScheduler:
     def hand_over(self, task_id: str) -> None:
         """Stop polling a task that another process took over with its slot: its waiters
         here still wake on the news of its end that the other process shares (and on a
-        poll every ``_HANDED_OVER_CHECK`` seconds, should that news be lost)."""
+        poll every two thirds of the prior generation time, should that news be lost)."""
         tracked = self._active.get(task_id)
         if tracked is not None:
             tracked.handed_over = True
@@ -528,7 +529,7 @@ class PollScheduler:
             if tracked.polling:
                 continue
             if tracked.handed_over:
-                due = tracked.last_seen + _HANDED_OVER_CHECK
+                due = tracked.last_seen + _HANDED_OVER_CHECK * policy.prior_mean
                 if now >= due:
                     return tracked, now
                 wake_at = due if wake_at is None else min(wake_at, due)

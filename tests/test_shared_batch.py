@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 
 import sora_async as sa
 from sora_async.testing import FakeApixo, RedisServer
+from tests.links import cut_link
 from tests.workers import scaled_fake, start_worker, until, write_prompts
 
 pytestmark = [pytest.mark.looptime(False), pytest.mark.timeout(150)]
@@ -37,6 +38,31 @@ def manifest_ids(folder: Path, host: str) -> list[str]:
     if not path.exists():
         return []
     return [json.loads(line)["id"] for line in path.read_text().splitlines()]
+
+
+async def assert_each_item_once_though_one_host_was_gone(
+    service: FakeApixo, hosts: list[asyncio.subprocess.Process], outs: list[Path], count: int
+) -> None:
+    """Wait for both hosts, the first of which was gone from Redis past its lease for a
+    while: every item created at most once and saved, inside the key's limits."""
+    results = [await host.communicate() for host in hosts]
+    logs = "\n".join((out + err).decode(errors="replace") for out, err in results)
+    stats = service.stats
+    # A create on the wire when the host went may time out when it is back: its item
+    # is then uncertain (never created again), as in a single host's batch.
+    rows = [json.loads(line) for line in (outs[1] / "manifest.jsonl").read_text().splitlines()]
+    uncertain = {row["id"] for row in rows if row["state"] == "uncertain"}
+    assert [host.returncode for host in hosts] == ([0, 0] if not uncertain else [1, 1]), logs
+    assert len(uncertain) <= 1
+    # A create stopped between its slot and its send finds its slot given away when it
+    # goes on (no check can close that gap): the service refuses it, once, and it is
+    # sent again later. The window is never overrun.
+    assert stats.rate_limited == stats.concurrency_limited <= 2
+    assert stats.max_requests_in_window <= 60
+    assert set(stats.creates_per_prompt.values()) == {1}
+    assert len(stats.creates_per_prompt) >= count - len(uncertain)
+    expected = {f"item-{i:03d}" for i in range(count)}
+    assert set(saved_items(outs)) | uncertain == expected
 
 
 async def test_hosts_pull_one_batch_a_killed_one_is_covered_and_a_late_one_joins(
@@ -118,20 +144,28 @@ async def test_a_host_paused_past_its_lease_loses_its_items_and_creates_nothing_
     await until(lambda: service.stats.creates >= before + 6)  # the other host goes on
     await until(lambda: service.stats.creates >= 20)
     hosts[0].send_signal(signal.SIGCONT)
-    results = [await host.communicate() for host in hosts]
-    logs = "\n".join((out + err).decode(errors="replace") for out, err in results)
-    stats = service.stats
-    # A create on the wire when the host was paused may time out when it resumes: its
-    # item is then uncertain (never created again), as in a single host's batch.
-    rows = [json.loads(line) for line in (outs[1] / "manifest.jsonl").read_text().splitlines()]
-    uncertain = {row["id"] for row in rows if row["state"] == "uncertain"}
-    assert [host.returncode for host in hosts] == ([0, 0] if not uncertain else [1, 1]), logs
-    assert len(uncertain) <= 1
-    # A create paused between its slot and its send finds its slot given away when it
-    # resumes (no check can close that gap): the service refuses it, once, and it is
-    # sent again later. The window is never overrun.
-    assert stats.rate_limited == stats.concurrency_limited <= 2
-    assert stats.max_requests_in_window <= 60
-    assert set(stats.creates_per_prompt.values()) == {1}
-    assert len(stats.creates_per_prompt) >= 30 - len(uncertain)
-    assert set(saved_items(outs)) | uncertain == {f"item-{i:03d}" for i in range(30)}
+    await assert_each_item_once_though_one_host_was_gone(service, hosts, outs, 30)
+
+
+async def test_a_host_cut_from_redis_past_its_lease_loses_its_items_and_creates_nothing_twice(
+    service: FakeApixo, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """One host reaches Redis through a link that is cut (every connection reset, new
+    ones refused) for two leases while it holds items; the service stays reachable.
+    The other host takes its items meanwhile; when the link comes back the cut host
+    creates none of them again. Both finish; every prompt once."""
+    prompts = write_prompts(tmp_path, 30)
+    outs = [tmp_path / f"out-{n}" for n in range(2)]
+    async with cut_link(("127.0.0.1", redis_server.port)) as link:
+        linked_url = f"redis://127.0.0.1:{link.port}/0"
+        hosts = [
+            await start_worker(service, url, prompts, out, None, "--host", f"c{n}")
+            for n, (url, out) in enumerate(zip((linked_url, redis_server.url), outs, strict=True))
+        ]
+        await until(lambda: service.stats.creates >= 8)
+        link.cut()
+        before = service.stats.creates
+        await asyncio.sleep(2 * 3.0)  # two leases (the workers' lease: 3 s at this scale)
+        await until(lambda: service.stats.creates >= before + 6)  # the other host goes on
+        link.restore()
+        await assert_each_item_once_though_one_host_was_gone(service, hosts, outs, 30)
