@@ -29,7 +29,6 @@ from ._catalog import (
     VideoInput,
     check_model_id,
     limits_for,
-    model_info,
     model_of,
 )
 from ._creates import Creator, TaskModels
@@ -37,9 +36,6 @@ from ._download import DEFAULT_MAX_DOWNLOAD_BYTES, Downloader
 from ._errors import (
     ClientClosedError,
     InputError,
-    ProtocolError,
-    TaskAbandonedError,
-    TaskFailedError,
     TaskTimeoutError,
     unwrap_sora_errors,
 )
@@ -48,25 +44,22 @@ from ._governor import Governor, LocalGovernor
 from ._lanes import Lanes
 from ._ledger import Hooks, Ledger, Recorded
 from ._models import (
-    PROVIDERS,
     CreateRequest,
     Limits,
     Result,
-    TaskState,
     TaskStatus,
     Video,
-    check_choice,
-    check_http_url,
 )
 from ._recorder import Recorder
 from ._scheduler import PollPolicy, PollScheduler
+from ._settings import check_settings
 from ._snapshot import Snapshot, model_snapshot, snapshot_of
 from ._store import (
-    RecordState,
     TaskStore,
     check_idempotency_key,
 )
 from ._transport import RetryPolicy, Transport
+from ._waits import Waits, check_task_id, check_timeout
 
 __all__ = ["Outcome", "SoraClient"]
 
@@ -129,21 +122,19 @@ class SoraClient:
         key = api_key if api_key is not None else os.environ.get("APIXO_API_KEY")
         if not key:
             raise InputError("api_key", "is required: pass api_key= or set APIXO_API_KEY")
-        check_model_id(model)
-        check_choice("provider", provider, PROVIDERS)
-        check_choice("on_uncertain", on_uncertain, ("raise", "resubmit"))
-        if wait_timeout <= 0:
-            raise InputError("wait_timeout", "must be a positive number of seconds")
-        if uncertain_hold < 0:
-            raise InputError("uncertain_hold", "must be zero or more seconds")
-        if isinstance(download_concurrency, bool) or download_concurrency < 1:
-            raise InputError("download_concurrency", "must be a whole number of at least 1")
-        if isinstance(max_download_bytes, bool) or max_download_bytes < 1:
-            raise InputError("max_download_bytes", "must be a whole number of at least 1")
-        if callback_url is not None:
-            check_http_url("callback_url", callback_url)
-        if store is not None and not isinstance(store, TaskStore):
-            raise InputError("store", "must be a task store, like sa.SQLiteStore(path)")
+        check_settings(
+            model=model,
+            provider=provider,
+            on_uncertain=on_uncertain,
+            wait_timeout=wait_timeout,
+            uncertain_hold=uncertain_hold,
+            download_concurrency=download_concurrency,
+            max_download_bytes=max_download_bytes,
+            callback_url=callback_url,
+            store=store,
+            model_limits=tuple(model_limits or ()),
+            governors=tuple(governors or ()),
+        )
         self.store = store
         self.callback_url = callback_url
         # A per-client secret in the callback URL's query lets the receiver tell the
@@ -154,8 +145,6 @@ class SoraClient:
         self.confirm_callbacks = confirm_callbacks
         self.base_url = base_url or os.environ.get("APIXO_BASE_URL") or DEFAULT_BASE_URL
         self.model = model
-        for other in (*(model_limits or {}), *(governors or {})):
-            check_model_id(other, "model_limits" if other in (model_limits or {}) else "governors")
         self.model_limits: dict[str, Limits] = dict(model_limits or {})
         self.limits = limits if limits is not None else limits_for(model, self.model_limits)
         default_governor = governor if governor is not None else LocalGovernor(self.limits)
@@ -174,7 +163,6 @@ class SoraClient:
             callbacks=callback_url is not None,
             uncertain_hold=uncertain_hold,
         )
-        self._lanes.on_adopted = self._adopted_by_governor
         self._ledger = Ledger(store, self._lanes, uncertain_hold=uncertain_hold)
         self._transport = Transport(
             api_key=key,
@@ -190,6 +178,8 @@ class SoraClient:
         self._downloader: Downloader | None = None
         self._host: asyncio.Task[None] | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
+        self._waits = Waits(self._transport, self._lanes, self._ledger, self._models, model)
+        self._lanes.on_adopted = self._waits.adopted_by_governor
         self._creator = Creator(
             self._transport,
             self._lanes,
@@ -272,7 +262,7 @@ class SoraClient:
         await ready.wait()
         self._state = "open"
         try:
-            await self._ledger.adopt_recorded(self._adopt)
+            await self._ledger.adopt_recorded(self._waits.adopt)
         except BaseException as exc:
             await self.__aexit__(type(exc), exc, exc.__traceback__)
             raise
@@ -433,24 +423,8 @@ class SoraClient:
         model (default: the client's ``model``).
         """
         self._check_open()
-        _check_task_id(task_id)
-        model = self.model if model is None else check_model_id(model)
-        await self._adopt(task_id, model)
-
-    async def _adopt(self, task_id: str, model: str) -> bool:
-        lane = self._lanes.get(model)
-        if lane.scheduler.is_tracked(task_id):
-            return False
-        await lane.governor.acquire_slot()
-        lane.governor.bind_slot(task_id, model)
-        self._models[task_id] = model
-        lane.scheduler.track(task_id, model, holds_slot=True, adopted=True)
-        return True
-
-    def _adopted_by_governor(self, task_id: str, model: str) -> None:
-        """A governor handed us a dead process's task: write its end in its record."""
-        self._models[task_id] = model
-        self._ledger.adopted_by_governor(task_id)
+        check_task_id(task_id)
+        await self._waits.adopt(task_id, self.model if model is None else check_model_id(model))
 
     async def _create(
         self,
@@ -461,11 +435,6 @@ class SoraClient:
         """Create a task with a slot already taken (see Creator.create)."""
         self._check_open()
         return await self._creator.create(prepared, hooks, recorded)
-
-    def _model_of_task(self, task_id: str, model: str | None) -> str:
-        if model is not None:
-            return check_model_id(model)
-        return self._models.get(task_id, self.model)
 
     async def status(
         self, task_id: str, *, model: str | None = None, timeout: float | None = None
@@ -479,27 +448,7 @@ class SoraClient:
         the retry policy). An unknown id raises NotFoundError after one request.
         """
         self._check_open()
-        _check_task_id(task_id)
-        _check_timeout(timeout)
-        model = self._model_of_task(task_id, model)
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        return await self._lookup(task_id, model, deadline, timeout)
-
-    async def _lookup(
-        self, task_id: str, model: str, deadline: float | None, timeout: float | None
-    ) -> TaskStatus:
-        """Ask the service for a task's status before loop time ``deadline``."""
-        if deadline is None or timeout is None:
-            status = await self._transport.status(model, task_id)
-        else:
-            left = deadline - asyncio.get_running_loop().time()
-            with anyio.move_on_after(max(left, 0.0)) as scope:
-                status = await self._transport.status(model, task_id)
-            if scope.cancelled_caught:
-                raise TaskTimeoutError(task_id, timeout)
-        self._lanes.get(model).scheduler.observe(status)
-        return status
+        return await self._waits.status(task_id, model, timeout)
 
     async def wait(
         self, task_id: str, *, timeout: float | None = None, model: str | None = None
@@ -518,45 +467,7 @@ class SoraClient:
         recorded as succeeded costs no request.
         """
         self._check_open()
-        _check_task_id(task_id)
-        _check_timeout(timeout)
-        total = self.wait_timeout if timeout is None else timeout
-        deadline = asyncio.get_running_loop().time() + total
-        if model is None and task_id not in self._models:
-            # A task of an earlier process: the store knows its model, maybe its end.
-            record = await self._ledger.find(task_id)
-            if record is not None:
-                if record.state is RecordState.SUCCEEDED:
-                    ended = TaskStatus(
-                        task_id=task_id,
-                        state=TaskState.SUCCESS,
-                        result_urls=tuple(record.result_urls),
-                    )
-                    return _result_or_raise(ended, record.model)
-                model = record.model
-        model = self._model_of_task(task_id, model)
-        return await self._wait_until(task_id, model, deadline, total)
-
-    async def _wait_until(
-        self, task_id: str, model: str, deadline: float, timeout: float
-    ) -> Result:
-        scheduler = self._lanes.get(model).scheduler
-        if not scheduler.is_tracked(task_id):
-            try:
-                status: TaskStatus | None = await self._lookup(task_id, model, deadline, timeout)
-            except ProtocolError:
-                status = None  # the scheduler's patience decides, as for any task
-            if status is not None and status.terminal:
-                return _result_or_raise(status, model)
-            scheduler.track(task_id, model, holds_slot=False)
-        left = max(deadline - asyncio.get_running_loop().time(), 0.0)
-        try:
-            ended = await scheduler.wait(task_id, left)
-        except TaskTimeoutError as exc:
-            if isinstance(exc, TaskAbandonedError):
-                raise
-            raise TaskTimeoutError(task_id, timeout) from None
-        return _result_or_raise(ended, model)
+        return await self._waits.wait(task_id, timeout, model, self.wait_timeout)
 
     @overload
     async def generate(
@@ -598,14 +509,14 @@ class SoraClient:
         if timeout is None:
             task_id = await self.submit(request, idempotency_key=idempotency_key)
             return await self.wait(task_id)
-        _check_timeout(timeout)
+        check_timeout(timeout)
         model = self.model_for(request)
         deadline = asyncio.get_running_loop().time() + timeout
         with anyio.move_on_after(timeout) as scope:
             task_id = await self.submit(request, idempotency_key=idempotency_key)
         if scope.cancelled_caught:
             raise TaskTimeoutError(None, timeout)
-        return await self._wait_until(task_id, model, deadline, timeout)
+        return await self._waits.wait_until(task_id, model, deadline, timeout)
 
     async def balance(self) -> float:
         """Return the key's remaining balance in USD."""
@@ -666,24 +577,3 @@ class SoraClient:
             prepare=self._prepare,
             run=run,
         )
-
-
-def _result_or_raise(status: TaskStatus, model: str) -> Result:
-    if status.state is TaskState.SUCCESS:
-        info = model_info(model)
-        if info is not None and info.kind == "video":
-            return Video.from_status(status, model)
-        return Result.from_status(status, model)
-    raise TaskFailedError(status.task_id, status.fail_code, status.fail_msg)
-
-
-def _check_timeout(timeout: object) -> None:
-    if timeout is None:
-        return
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
-        raise InputError("timeout", "must be a number of seconds, zero or more, or None")
-
-
-def _check_task_id(task_id: object) -> None:
-    if not isinstance(task_id, str) or not task_id.strip():
-        raise InputError("task_id", "must be a non-empty string")

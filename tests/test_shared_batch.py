@@ -135,7 +135,17 @@ async def test_a_host_paused_past_its_lease_loses_its_items_and_creates_nothing_
     prompts = write_prompts(tmp_path, 30)
     outs = [tmp_path / f"out-{n}" for n in range(2)]
     hosts = [
-        await start_worker(service, redis_server.url, prompts, outs[n], None, "--host", f"p{n}")
+        await start_worker(
+            service,
+            redis_server.url,
+            prompts,
+            outs[n],
+            None,
+            "--host",
+            f"p{n}",
+            "--batch",
+            "paused",
+        )
         for n in range(2)
     ]
     await until(lambda: service.stats.creates >= 8)
@@ -159,7 +169,10 @@ async def test_a_host_cut_from_redis_past_its_lease_loses_its_items_and_creates_
     async with cut_link(("127.0.0.1", redis_server.port)) as link:
         linked_url = f"redis://127.0.0.1:{link.port}/0"
         hosts = [
-            await start_worker(service, url, prompts, out, None, "--host", f"c{n}")
+            # A batch of its own: the file is the paused test's, whose batch is done.
+            await start_worker(
+                service, url, prompts, out, None, "--host", f"c{n}", "--batch", "cut"
+            )
             for n, (url, out) in enumerate(zip((linked_url, redis_server.url), outs, strict=True))
         ]
         await until(lambda: service.stats.creates >= 8)
