@@ -47,6 +47,8 @@ tasks still running and keeps idempotency keys; with ``SORA_ASYNC_REDIS_URL`` th
 records live in Redis instead, shared by every worker; a store that is damaged, or
 that lost records (its ``-wal`` deleted after a kill, a new file at its path) stops the
 start with one line: ``SORA_ASYNC_STORE_ACCEPT_LOSS=1`` starts on it knowingly),
+``APIXO_SPEND_CAP`` (USD: a create that could take the estimated spend past it is not
+sent, and the caller gets 503 ``spend_cap``; with Redis, one budget for every worker),
 ``APIXO_LIMITS`` (the key's limits as ``requests/period/concurrent_tasks``, default
 ``60/60/10``: set it if your plan differs, or to test against a time-compressed fake),
 ``SORA_ASYNC_SHARED_BUDGET=1`` (every model spends one budget, the default model's:
@@ -289,7 +291,10 @@ def client_from_env() -> sa.SoraClient:
             uncertain_hold=_number("APIXO_UNCERTAIN_HOLD"),
             on_uncertain=on_uncertain,
             max_download_bytes=_number("APIXO_MAX_DOWNLOAD_BYTES", whole=True),
+            spend_cap=_number("APIXO_SPEND_CAP"),
         ),
+        # With Redis the cap is one budget for every worker and host of the key.
+        spend_scope="service",
     )
 
 
@@ -514,6 +519,8 @@ def _service_error(exc: sa.SoraError) -> JSONResponse:
         return _error(400, error="content_policy", message=exc.message)
     if isinstance(exc, sa.InsufficientCreditsError):
         return _error(503, error="insufficient_credits")
+    if isinstance(exc, sa.BudgetExceededError):
+        return _error(503, error="spend_cap", cap=exc.cap, spent=exc.spent, estimate=exc.estimate)
     # The service refused, failed or could not be reached: a bad gateway for us.
     logger.warning("video service error: %s", exc)
     return _error(502, error="upstream", message=str(exc))

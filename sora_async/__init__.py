@@ -32,6 +32,7 @@ from ._client import Outcome, SoraClient
 from ._errors import (
     APIError,
     AuthenticationError,
+    BudgetExceededError,
     ClientClosedError,
     ContentPolicyError,
     IdempotencyConflictError,
@@ -64,6 +65,7 @@ from ._models import (
     Video,
     VideoRequest,
 )
+from ._prices import Estimate, Price, estimate, load_prices
 from ._scheduler import PollPolicy
 from ._snapshot import ModelSnapshot, Snapshot
 from ._store import MemoryStore, RecordState, SQLiteStore, TaskRecord, TaskStore
@@ -83,8 +85,10 @@ __all__ = [
     "BatchLineError",
     "BatchProgress",
     "BatchReport",
+    "BudgetExceededError",
     "ClientClosedError",
     "ContentPolicyError",
+    "Estimate",
     "Governor",
     "IdempotencyConflictError",
     "ImageToVideo",
@@ -105,6 +109,7 @@ __all__ = [
     "Outcome",
     "PermissionDeniedError",
     "PollPolicy",
+    "Price",
     "ProtocolError",
     "RateLimitError",
     "RawInput",
@@ -137,6 +142,8 @@ __all__ = [
     "VideoRequest",
     "Wan25",
     "__version__",
+    "estimate",
+    "load_prices",
     "load_requests",
     "run_batch",
 ]

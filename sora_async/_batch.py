@@ -40,11 +40,13 @@ from ._download import check_folder, file_stem
 from ._errors import (
     APIError,
     AuthenticationError,
+    BudgetExceededError,
     InputError,
     InsufficientCreditsError,
     NotFoundError,
     ProtocolError,
     RedisUnavailableError,
+    SoraError,
     SubmitUncertainError,
     TaskAbandonedError,
     TaskFailedError,
@@ -54,6 +56,7 @@ from ._errors import (
 )
 from ._journal import ItemState, Journal, JournalRow, manifest_line, read_rows
 from ._models import Video
+from ._prices import estimate
 
 if TYPE_CHECKING:
     from ._batch_shared import SharedItems
@@ -63,6 +66,7 @@ __all__ = [
     "BatchLineError",
     "BatchProgress",
     "BatchReport",
+    "batch_name_of",
     "load_requests",
     "parse_shard",
     "run_batch",
@@ -121,6 +125,10 @@ class BatchReport:
     stopped: bool = False  # ended early by ``stop``: run again to finish
     generation: int = 0  # the journal's rows of this run of the file
     batch: str | None = None  # the name of a batch shared through Redis
+    # With a spend cap: this run's spend as the prices estimate it, and as the key's
+    # balance measured it (read at the start and the end; None if it could not be).
+    spend_estimated: float | None = None
+    spend_measured: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -159,7 +167,8 @@ class _Runner:
         self.on_progress = on_progress
         self.reader = reader  # the file, still being read into the journal (or None)
         self.counts: collections.Counter[str] = collections.Counter()
-        self.stop_creates: InsufficientCreditsError | None = None
+        # The balance ran out, or the spend cap is reached: creates stop, items stay queued.
+        self.stop_creates: InsufficientCreditsError | BudgetExceededError | None = None
         self.stopping = False  # asked to stop: no create is sent any more
         # Redis stayed unreachable (a RedisGovernor), or the file being read has a bad
         # line: the run winds down as for a stop, then run_batch raises it.
@@ -384,7 +393,7 @@ class _Runner:
         except AuthenticationError:
             await self.set(row, ItemState.QUEUED)
             raise
-        except InsufficientCreditsError as exc:
+        except (InsufficientCreditsError, BudgetExceededError) as exc:
             self.stop_creates = exc
             await self.set(row, ItemState.QUEUED, error=str(exc))
             return False
@@ -439,6 +448,70 @@ class _Runner:
             await self.set(row, ItemState.SUCCEEDED, error=f"download: {exc}")
             return
         await self.set(row, ItemState.DOWNLOADED, files=[str(p) for p in paths], error=None)
+
+
+class _SpendWatch:
+    """A capped run's spend: estimated by its budget, measured by the key's balance."""
+
+    def __init__(self, client: SoraClient, spent: float, balance: float | None) -> None:
+        self.client = client
+        self.spent = spent
+        self.balance = balance
+
+    @classmethod
+    async def start(cls, client: SoraClient) -> _SpendWatch | None:
+        if client.budget is None:
+            return None
+        spent, _, _ = await client.spend()
+        return cls(client, spent, await _balance_or_none(client))
+
+    async def end(self) -> tuple[float | None, float | None]:
+        spent, _, _ = await self.client.spend()
+        estimated = spent - self.spent
+        balance = await _balance_or_none(self.client)
+        measured = None
+        if balance is not None and self.balance is not None:
+            measured = round(self.balance - balance, 6)
+        logger.info("batch spend: estimated $%.2f, measured $%s", estimated, measured)
+        if measured is not None and measured > estimated * 1.01 + 0.01:
+            logger.warning(
+                "the balance fell by $%.2f, above the estimate of $%.2f: the prices are "
+                "low for this key (give them with prices= or --prices)",
+                measured,
+                estimated,
+            )
+        return estimated, measured
+
+
+async def _balance_or_none(client: SoraClient) -> float | None:
+    try:
+        return await client.balance()
+    except SoraError as exc:  # the truth is a nicety: the batch goes on without it
+        logger.warning("the balance could not be read: %s", exc)
+        return None
+
+
+def batch_name_of(
+    source: str | os.PathLike[str], defaults: BatchDefaults | None, name: str | None
+) -> str:
+    """Return the name a batch of ``source`` goes by: ``name``, else a digest of the
+    file (and its defaults): the same on every host that runs the same file."""
+    return name or _digest(Path(source), defaults, None)[:16]
+
+
+async def _paid_before(client: SoraClient, book: Journal, generation: int) -> float:
+    """Return the high estimate of the journal's items whose create made (or may have
+    made) a task the provider bills: the spend of the runs before."""
+    total = 0.0
+    paid = (ItemState.RUNNING, ItemState.SUCCEEDED, ItemState.DOWNLOADED, ItemState.UNCERTAIN)
+    for state in paid:
+        after = -1
+        while page := await book.page(generation, state, after, _PAGE):
+            for row in page:
+                found = estimate(_row_request(row), client.prices or None, model=client.model)
+                total += found.high if found is not None else 0.0
+            after = page[-1].line
+    return total
 
 
 def _row_request(row: JournalRow) -> Request:
@@ -592,8 +665,10 @@ async def run_batch(
     (which may pay twice). Setting ``stop`` ends the run early and cleanly: no more
     creates are sent, those already sent get their answer and are journaled, and the
     report (``stopped=True``) leaves running tasks to the next run. Raises
-    AuthenticationError (everything stops), InsufficientCreditsError (after in-flight
-    tasks finish), RedisUnavailableError (a RedisGovernor's Redis stayed unreachable
+    AuthenticationError (everything stops), InsufficientCreditsError and
+    BudgetExceededError (the client's ``spend_cap``: creates stop, items stay queued,
+    and it is raised after in-flight tasks finish; the same call with a higher cap
+    resumes), RedisUnavailableError (a RedisGovernor's Redis stayed unreachable
     for its ``redis_timeout``: the run stops as for ``stop``, with the journal and
     manifest written, and the same call resumes it once Redis answers) and InputError
     (a bad file, output folder or journal path).
@@ -635,6 +710,7 @@ async def run_batch(
     next(read_items(path, defaults, chunk=_CHUNK), None)
     check_folder(folder)
     connection: Any = None  # the shared batch's Redis connection
+    spend: tuple[float | None, float | None] = (None, None)
     try:
         book = await Journal.open(book_path)
         reader: _Reader | None = None
@@ -656,7 +732,7 @@ async def run_batch(
                 if isinstance(governor, RedisGovernor)
                 else {}
             )
-            batch = batch or digest[:16]
+            batch = batch_name_of(path, defaults, batch)
             queue = WorkQueue(connection, batch, consumer=host, **timing)
             generation = 1  # the items this host takes, whatever the file
             await book.set_meta("generation", "1")
@@ -671,10 +747,16 @@ async def run_batch(
             if known:
                 await reader.read()  # a changed file over a journal: checked whole first
                 reader = None
+        if client.budget is not None and shared is None:
+            # A cap in this process's memory: the tasks this batch paid for before count.
+            await client.budget.add_spent(await _paid_before(client, book, generation))
         runner = _Runner(client, book, folder, generation, on_progress, reader)
         runner.shared = shared
         runner.batch = batch or digest[:16]
+        watch = await _SpendWatch.start(client)
         await runner.run(resubmit_uncertain, retry_failed, stop)
+        if watch is not None:
+            spend = await watch.end()
         if shared is not None and not (runner.stopping or runner.outage or runner.stop_creates):
             # The whole batch is done: each host writes its manifest, every host's items.
             await shared.write_manifest(folder / MANIFEST_NAME)
@@ -694,5 +776,5 @@ async def run_batch(
     counts = {k: v for k, v in runner.counts.items() if v}
     seconds = time.monotonic() - started
     return BatchReport(
-        manifest, book_path, seconds, counts, runner.stopping, runner.generation, batch
+        manifest, book_path, seconds, counts, runner.stopping, runner.generation, batch, *spend
     )

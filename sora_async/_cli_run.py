@@ -7,7 +7,8 @@ on stdout, errors included::
     {"ok": false, "exit_code": 1, "error": "TaskFailedError", "message": "...", ...context}
 
 Exit codes: 0 all done, 1 the service or an item failed, or Redis (``--redis-url``)
-stayed unreachable mid-run, 2 bad input or environment (before any request), 130 / 143
+stayed unreachable mid-run, 2 bad input or environment (before any request), 4 the spend
+cap (``--max-spend``, ``--keep-balance``) stopped the creates (items left queued), 130 / 143
 stopped by SIGINT / SIGTERM (journal and manifest written; run the same command again
 to resume).
 """
@@ -30,6 +31,7 @@ from ._catalog import MODELS
 from ._client import SoraClient
 from ._errors import (
     APIError,
+    BudgetExceededError,
     InputError,
     NotFoundError,
     RedisUnavailableError,
@@ -193,6 +195,9 @@ async def _client(params: dict[str, Any]) -> AsyncIterator[SoraClient]:
             scale, redis_url=params["redis_url"], api_key=params["api_key"], model=params["model"]
         )
     options["shared_budget"] = params["shared_budget"]
+    for money in ("prices", "spend_cap", "keep_balance", "spend_scope"):
+        if params.get(money) is not None:
+            options[money] = params[money]
     if params["redis_url"]:
         from .redis_store import RedisStore
 
@@ -280,6 +285,15 @@ def run(params: dict[str, Any], work: Work, stop: Stop | None = None) -> NoRetur
     except APIError as exc:
         detail = f"the service refused: {exc}{_context_line(note, exc)}"
         fail(detail, 1, as_json=as_json, error=type(exc).__name__, code=exc.code, **note)
+    except BudgetExceededError as exc:
+        detail = (
+            f"spend cap of ${exc.cap:,.2f} reached: ${exc.spent:,.2f} spent or held by tasks"
+            f" in flight, and the next create may cost up to ${exc.estimate:,.2f}; it was not sent"
+        )
+        if "journal" in note:  # a batch: its journal and manifest are written
+            detail += "; run the same command with a higher --max-spend to go on"
+        money = {"cap": exc.cap, "spent": exc.spent, "estimate": exc.estimate}
+        fail(detail, 4, as_json=as_json, error="BudgetExceededError", **money, **note)
     except RedisUnavailableError as exc:
         # Exit 1, not 2: 2 promises that nothing was sent, but Redis may go away mid-run,
         # after tasks were made and paid for. A batch (its note names its journal) has

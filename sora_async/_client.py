@@ -22,6 +22,7 @@ from typing import Any, Literal, overload
 import anyio
 import anyio.abc
 
+from ._budget import Budget, LocalBudget, RedisBudget, check_cap
 from ._callback_tokens import callback_url_with_token, new_token
 from ._catalog import (
     RawInput,
@@ -50,6 +51,7 @@ from ._models import (
     TaskStatus,
     Video,
 )
+from ._prices import Price, estimate
 from ._recorder import Recorder
 from ._scheduler import PollPolicy, PollScheduler
 from ._settings import check_settings
@@ -86,6 +88,16 @@ class SoraClient:
     and after every transition; a client opened on a store adopts the unfinished
     tasks of the process that used it before (it holds their slots and polls them to
     the end), and idempotency keys hold across restarts.
+    ``spend_cap`` (USD): before each create, the spend so far (the estimates of tasks
+    that succeeded), the estimates held by tasks in flight and this request's high
+    estimate (:func:`sa.estimate`, from the catalogue's prices or ``prices``) must
+    stay within it, else the create is not sent and BudgetExceededError is raised;
+    a model without a known price is then refused (InputError naming ``prices``).
+    Failed tasks and refused creates give their estimate back (neither is billed).
+    With a :class:`RedisGovernor` the cap is one budget for every process and host
+    of the key that names the same ``spend_scope``. ``keep_balance`` (USD) reads
+    the balance when the client is entered (one request) and lowers the cap so
+    that the balance stays above it.
     Raises :class:`InputError` for a bad configuration (no key, unknown provider).
 
     Example::
@@ -118,6 +130,10 @@ class SoraClient:
         callback_secret: str | None = None,
         confirm_callbacks: bool = True,
         store: TaskStore | None = None,
+        prices: Mapping[str, Price] | None = None,
+        spend_cap: float | None = None,
+        spend_scope: str = "",
+        keep_balance: float | None = None,
     ) -> None:
         key = api_key if api_key is not None else os.environ.get("APIXO_API_KEY")
         if not key:
@@ -179,7 +195,6 @@ class SoraClient:
         self._host: asyncio.Task[None] | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._waits = Waits(self._transport, self._lanes, self._ledger, self._models, model)
-        self._lanes.on_adopted = self._waits.adopted_by_governor
         self._creator = Creator(
             self._transport,
             self._lanes,
@@ -187,7 +202,14 @@ class SoraClient:
             self._models,
             on_uncertain=on_uncertain,
             uncertain_hold=uncertain_hold,
+            budget=_budget_for(default_governor, spend_cap, spend_scope, keep_balance),
+            price_of=self._high_price,
         )
+        self.prices: dict[str, Price] = dict(prices or {})
+        self.keep_balance = (
+            None if keep_balance is None else check_cap(keep_balance, "keep_balance")
+        )
+        self._lanes.on_adopted = self._adopted
 
     @property
     def governor(self) -> Governor:
@@ -228,6 +250,7 @@ class SoraClient:
         """Send request and task events to ``recorder`` (see :mod:`sora_async.otel`)."""
         self._transport.recorder = recorder
         self._lanes.record(recorder)
+        self._creator.recorder = recorder
 
     def announce(self, status: TaskStatus, *, trusted: bool, nonce: str | None = None) -> bool:
         """Take a callback's news of a task, whatever its model; return whether it is ours.
@@ -262,6 +285,7 @@ class SoraClient:
         await ready.wait()
         self._state = "open"
         try:
+            await self._open_budget()
             await self._ledger.adopt_recorded(self._waits.adopt)
         except BaseException as exc:
             await self.__aexit__(type(exc), exc, exc.__traceback__)
@@ -293,6 +317,52 @@ class SoraClient:
         await self._lanes.aclose()
         await self._transport.close()
         await self._ledger.close()
+        if self._creator.budget is not None:
+            await self._creator.budget.aclose()
+
+    # --- money ----------------------------------------------------------------------------
+
+    def _high_price(self, model: str, payload: Any) -> float:
+        """Return the high estimate of one create (InputError for an unpriced model)."""
+        request = RawInput(model=model, input=payload) if isinstance(payload, dict) else payload
+        found = estimate(request, self.prices or None, model=model)
+        if found is None:
+            raise InputError(
+                "prices",
+                f"model {model!r} has no known price, and a spend cap needs one: give it "
+                "with SoraClient(prices={...}) or the CLI's --prices FILE",
+            )
+        return found.high
+
+    async def _open_budget(self) -> None:
+        """With ``keep_balance``, lower the cap to what the balance leaves above it."""
+        budget = self._creator.budget
+        if budget is None or self.keep_balance is None:
+            return
+        spent, _ = await budget.figures()
+        left = await self.balance() - self.keep_balance
+        budget.cap = max(0.0, min(budget.cap, spent + left))
+
+    @property
+    def budget(self) -> Budget | None:
+        """Return the spend cap's budget (None without ``spend_cap``/``keep_balance``)."""
+        return self._creator.budget
+
+    async def spend(self) -> tuple[float, float, float | None]:
+        """Return the estimated spend so far, the estimates held by tasks in flight,
+        and the cap, in USD (zeros and None without a ``spend_cap``)."""
+        budget = self._creator.budget
+        if budget is None:
+            return 0.0, 0.0, None
+        await self._creator.settled()
+        spent, held = await budget.figures()
+        return spent, held, budget.cap
+
+    def _adopted(self, task_id: str, model: str) -> None:
+        """A governor handed us a dead process's task: its record and its reservation
+        are settled here when it ends."""
+        self._waits.adopted_by_governor(task_id, model)
+        self._creator.settle_at_end(task_id, model)
 
     def _check_open(self) -> anyio.abc.TaskGroup:
         if self._state != "open" or self._task_group is None or self._host is None:
@@ -577,3 +647,18 @@ class SoraClient:
             prepare=self._prepare,
             run=run,
         )
+
+
+def _budget_for(
+    governor: Governor, cap: float | None, scope: str, keep_balance: float | None
+) -> Budget | None:
+    """Return the budget a spend cap (or a balance to keep) asks for: one on Redis for
+    every process of the key when the governor is shared through Redis."""
+    if cap is None and keep_balance is None:
+        return None
+    usd = float("inf") if cap is None else check_cap(cap)
+    if not isinstance(scope, str):
+        raise InputError("spend_scope", "must be a string")
+    if getattr(governor, "key_prefix", None) is not None:
+        return RedisBudget(governor, usd, scope)
+    return LocalBudget(usd)

@@ -10,14 +10,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from typing import Literal
+import secrets
+from collections.abc import Callable
+from typing import Any, Literal
 
+from ._budget import Budget
 from ._callback_tokens import nonce_in
-from ._errors import SoraError, SubmitUncertainError
+from ._errors import NotFoundError, SoraError, SubmitUncertainError
 from ._lanes import Lanes
 from ._ledger import Hooks, Ledger, NotSent, Recorded, note
-from ._models import CreateRequest
+from ._models import CreateRequest, TaskState, TaskStatus
 from ._pool import TaskPool
+from ._recorder import Recorder
 from ._store import RecordState
 from ._transport import Transport
 
@@ -52,14 +56,21 @@ class Creator:
         *,
         on_uncertain: Literal["raise", "resubmit"],
         uncertain_hold: float,
+        budget: Budget | None = None,
+        price_of: Callable[[str, Any], float] | None = None,
     ) -> None:
         self._transport = transport
+        # The spend cap: each create reserves its high estimate (price_of) first.
+        self.budget = budget
+        self._price_of = price_of
         self._lanes = lanes
         self._ledger = ledger
         self._models = models
         self.on_uncertain = on_uncertain
         self.uncertain_hold = uncertain_hold
         self._pool = TaskPool()  # one task per create, owned by the client's task group
+        self._settling: set[asyncio.Task[None]] = set()  # budget settlements under way
+        self.recorder: Recorder | None = None  # set by sora_async.otel.instrument()
 
     @property
     def pool(self) -> TaskPool:
@@ -106,6 +117,14 @@ class Creator:
         lane = self._lanes.get(model)
         # A caller's idempotency key promises one task: never resubmit under it.
         resubmit = self.on_uncertain == "resubmit" and self._ledger.may_resubmit(recorded)
+        reservation = None
+        try:
+            reservation = await self._reserve(model, body)
+        except SoraError as exc:
+            lane.governor.release_slot()
+            if not created.cancelled():
+                created.set_exception(exc)
+            return
         try:
             while True:
                 try:
@@ -115,6 +134,7 @@ class Creator:
                     task_id = await self._transport.create(model, body, hooks=hooks)
                 except NotSent as stopped:
                     lane.governor.release_slot()
+                    await self._settle(reservation, paid=False)
                     if not created.cancelled():
                         created.set_exception(stopped.error)
                     return
@@ -129,6 +149,7 @@ class Creator:
                     continue
                 except SoraError as exc:
                     lane.governor.release_slot()
+                    await self._settle(reservation, paid=False)  # no task: nothing billed
                     await note(recorded, RecordState.REFUSED, error=str(exc))
                     raise
                 except BaseException:
@@ -137,6 +158,8 @@ class Creator:
                 lane.governor.bind_slot(task_id, model)
                 nonce = nonce_in(body.callback_url)
                 lane.scheduler.track(task_id, model, holds_slot=True, nonce=nonce)
+                if reservation is not None:
+                    await self.bind(reservation, task_id, model)
                 self._models[task_id] = model
                 await self._ledger.created(recorded, task_id)
                 if created.cancelled():  # its caller stopped waiting (see create)
@@ -150,6 +173,69 @@ class Creator:
         except BaseException:
             created.cancel()
             raise
+
+    async def _reserve(self, model: str, body: CreateRequest) -> str | None:
+        """Reserve the create's high estimate against the cap; return its token (None
+        without a cap). Raises InputError for a model without a price, and
+        BudgetExceededError when the cap would be passed: nothing is sent."""
+        if self.budget is None or self._price_of is None:
+            return None
+        usd = self._price_of(model, body.input)
+        token = f"create:{secrets.token_hex(12)}"
+        await self.budget.reserve(token, usd)
+        return token
+
+    async def _settle(self, key: str | None, *, paid: bool) -> None:
+        if key is not None and self.budget is not None:
+            await self.budget.settle(key, paid)
+
+    async def _settle_end(self, budget: Budget, task_id: str, model: str, paid: bool) -> None:
+        usd = await budget.settle(task_id, paid)
+        if paid and usd and self.recorder is not None:
+            self.recorder.spent(model, usd)
+
+    async def bind(self, token: str, task_id: str, model: str) -> None:
+        """Move a create's reservation to its task, settled when the task ends."""
+        assert self.budget is not None
+        await self.budget.bind(token, task_id)
+        self.settle_at_end(task_id, model)
+
+    def settle_at_end(self, task_id: str, model: str) -> None:
+        """Settle the task's reservation when its scheduler learns its end: spend if it
+        succeeded, given back if it failed or is unknown to the service; kept while
+        its end is not known (it may still be billed)."""
+        budget = self.budget
+        if budget is None:
+            return
+
+        def ended(done: asyncio.Future[TaskStatus]) -> None:
+            if done.cancelled():
+                return
+            error = done.exception()
+            if error is None:
+                paid = done.result().state is TaskState.SUCCESS
+            elif isinstance(error, NotFoundError):
+                paid = False
+            else:
+                return
+            settle = self._settle_end(budget, task_id, model, paid)
+            settling = asyncio.get_running_loop().create_task(settle)
+            self._settling.add(settling)
+            settling.add_done_callback(self._settled)
+
+        scheduler = self._lanes.get(model).scheduler
+        if scheduler.is_tracked(task_id):
+            scheduler.when_ended(task_id, ended)
+
+    async def settled(self) -> None:
+        """Let the settlements of ends already learned reach the budget."""
+        if self._settling:
+            await asyncio.wait(set(self._settling))
+
+    def _settled(self, settling: asyncio.Task[None]) -> None:
+        self._settling.discard(settling)
+        if not settling.cancelled() and settling.exception() is not None:
+            logger.error("spend cap: a task's end was not settled: %s", settling.exception())
 
 
 def log_orphan(created: asyncio.Future[str]) -> None:

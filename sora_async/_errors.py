@@ -16,6 +16,7 @@ if sys.version_info < (3, 11):  # the backport anyio itself raises on 3.10
 __all__ = [
     "APIError",
     "AuthenticationError",
+    "BudgetExceededError",
     "ClientClosedError",
     "ContentPolicyError",
     "IdempotencyConflictError",
@@ -127,6 +128,23 @@ class NotFoundError(APIError):
 
 class InsufficientCreditsError(APIError):
     """The key's balance cannot pay for the task (402, or 400 "Insufficient credits")."""
+
+
+class BudgetExceededError(SoraError):
+    """A create was not sent: with it, the spend could pass the client's spend cap.
+
+    ``cap`` is the cap, ``spent`` what was spent or is held by tasks in flight, and
+    ``estimate`` this request's high estimate, all in USD. Nothing was sent."""
+
+    def __init__(self, cap: float, spent: float, estimate: float) -> None:
+        super().__init__(
+            f"spend cap of ${cap:,.2f} reached: ${spent:,.2f} spent or held by tasks in "
+            f"flight, and this create may cost up to ${estimate:,.2f}; nothing was sent "
+            "(raise the cap to go on)"
+        )
+        self.cap = cap
+        self.spent = spent
+        self.estimate = estimate
 
 
 class ContentPolicyError(APIError):

@@ -22,3 +22,7 @@ class Recorder(Protocol):
         detection_delay: float | None,
     ) -> None:
         """Record a task seen to end, with its generation time and how late we saw it."""
+
+    def spent(self, model: str, usd: float) -> None:
+        """Record a task's estimated price, kept as spend once it succeeded (a spend cap
+        is set)."""

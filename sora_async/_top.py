@@ -12,10 +12,11 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from ._budget import spend_by_scope
 from ._store import Counts, RecordState
 from ._work_queue import WorkQueue
 
-__all__ = ["WorkRow", "work_rows"]
+__all__ = ["WorkRow", "spend_on", "work_rows"]
 
 # The name of the tasks recorded under no batch: a service's, a script's.
 SERVICE = "(service)"
@@ -73,3 +74,12 @@ async def work_rows(counts: Counts, redis_url: str) -> list[WorkRow]:
     finally:
         await connection.aclose()
     return rows
+
+
+async def spend_on(redis_url: str, key_prefix: str) -> dict[str, tuple[float, float]]:
+    """Return the spend caps' budgets of a key: spent and held, by scope."""
+    connection = aioredis.from_url(redis_url, socket_connect_timeout=2.0, socket_timeout=5.0)
+    try:
+        return await spend_by_scope(connection, key_prefix)
+    finally:
+        await connection.aclose()

@@ -28,6 +28,7 @@ from ._batch import (
     BatchDefaults,
     BatchProgress,
     BatchReport,
+    batch_name_of,
     journal_path,
     parse_shard,
     run_batch,
@@ -39,10 +40,12 @@ from ._cli_run import err as _err
 from ._cli_run import out as _out
 from ._client import SoraClient
 from ._download import check_folder, file_stem
+from ._dry_run import check_priced, dry_run_batch
 from ._errors import InputError, SoraError
 from ._governor import Governor
 from ._journal import ItemState
 from ._models import Limits
+from ._prices import load_prices
 from ._snapshot import Snapshot
 
 if TYPE_CHECKING:  # Redis is an extra: _top is imported by `top` alone
@@ -83,9 +86,11 @@ def _common(function: Callable[..., Any]) -> Callable[..., Any]:
     return function
 
 
-def _params(kwargs: dict[str, Any], *, simulate: bool = True) -> dict[str, Any]:
+def _params(
+    kwargs: dict[str, Any], *, simulate: bool = True, needs_key: bool = True
+) -> dict[str, Any]:
     """Take the common options out of ``kwargs``; ``simulate``: whether a fresh fake
-    service can answer this command at all."""
+    service can answer this command at all; ``needs_key``: whether it sends requests."""
     scale = kwargs.pop("time_scale")
     names = ("api_key", "base_url", "model", "simulate", "as_json", "redis_url", "shared_budget")
     params = {k: kwargs.pop(k) for k in names}
@@ -98,7 +103,7 @@ def _params(kwargs: dict[str, Any], *, simulate: bool = True) -> dict[str, Any]:
             as_json=as_json,
             field="simulate",
         )
-    if not params["simulate"] and not params["api_key"]:
+    if needs_key and not params["simulate"] and not params["api_key"]:
         fail(
             "no API key: set APIXO_API_KEY or pass --api-key (or try --simulate)",
             as_json=as_json,
@@ -292,6 +297,32 @@ def _advice(report: BatchReport) -> str:
     help="With --redis-url: this host's name in the shared batch (default: the machine's; "
     "give each process on one machine its own).",
 )
+@click.option(
+    "--max-spend",
+    type=click.FloatRange(min=0.0),
+    metavar="USD",
+    help="Stop creating before the batch's estimated spend would pass USD (one budget for "
+    "every host with --redis-url); the same command with a higher cap resumes.",
+)
+@click.option(
+    "--keep-balance",
+    type=click.FloatRange(min=0.0),
+    metavar="USD",
+    help="Stop creating before the key's balance would fall below USD (read at the start).",
+)
+@click.option(
+    "--prices",
+    "prices_file",
+    type=click.Path(path_type=Path),
+    metavar="FILE",
+    help="Prices (JSON) for models the catalogue has none for, or to override it.",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Check every line and print the estimate (items, cost, time); send nothing.",
+)
+@click.option("--balance", "show_balance", is_flag=True, help="With --dry-run: read the balance.")
 @_common
 def batch(
     file: Path,
@@ -302,6 +333,11 @@ def batch(
     shard: str | None,
     batch_name: str | None,
     host: str | None,
+    max_spend: float | None,
+    keep_balance: float | None,
+    prices_file: Path | None,
+    dry_run: bool,
+    show_balance: bool,
     **kwargs: Any,
 ) -> None:
     """Generate every prompt of FILE (JSONL, or one prompt a line) into the output folder.
@@ -309,10 +345,15 @@ def batch(
     Safe to stop at any moment: the same command resumes without paying twice.
     SIGINT / SIGTERM stop new creates, write the journal and manifest, and exit 130 / 143.
     """
-    params = _params(kwargs)
+    params = _params(kwargs, needs_key=not dry_run or show_balance)
     as_json = params["as_json"]
     defaults = BatchDefaults(**{k: kwargs.pop(k) for k in ("duration", "size", "resolution")})
     try:
+        params["prices"] = load_prices(prices_file) if prices_file is not None else {}
+        params["spend_cap"] = max_spend
+        params["keep_balance"] = keep_balance
+        if dry_run:
+            dry_run_batch(params, file, defaults, show_balance)
         share = parse_shard(shard) if shard is not None else None
         # A simulated service keeps its tasks beside the journal: a rerun resumes as on
         # the real service.
@@ -320,6 +361,10 @@ def batch(
         if shared_url is not None:
             host = host or socket.gethostname()
         suffix = f"-{file_stem(host)}" if shared_url is not None and host else None
+        if max_spend is not None or keep_balance is not None:
+            # With Redis the cap is one budget for every host of the batch, named for it.
+            params["spend_scope"] = batch_name_of(file, defaults, batch_name)
+            check_priced(file, defaults, params["model"], params["prices"])
         book = journal_path(out, journal, share, suffix=suffix)
         params["state_file"] = book.with_name(f"{book.stem}.simulated.jsonl")
         check_folder(out)
@@ -371,6 +416,9 @@ def batch(
             }
             if report.batch is not None:
                 fields["batch"] = report.batch
+            if report.spend_estimated is not None:
+                fields["spend_estimated"] = round(report.spend_estimated, 6)
+                fields["spend_measured"] = report.spend_measured
             if not report.ok:
                 error = "Interrupted" if report.stopped else "ItemsNotDone"
                 fields |= {"error": error, "message": advice.replace("\n", "; ")}
@@ -380,6 +428,13 @@ def batch(
             _out.print(f"manifest: {report.manifest}", highlight=False, soft_wrap=True)
             if report.batch is not None:
                 line = f"batch: {report.batch} (the whole batch: sora-async manifest --batch ...)"
+                _out.print(line, highlight=False, soft_wrap=True)
+            if report.spend_estimated is not None:
+                measured = report.spend_measured
+                by_balance = "unknown" if measured is None else f"${measured:,.2f}"
+                line = (
+                    f"spend: estimated ${report.spend_estimated:,.2f}, by the balance {by_balance}"
+                )
                 _out.print(line, highlight=False, soft_wrap=True)
             if advice:
                 _err.print(advice, highlight=False, soft_wrap=True)
@@ -516,6 +571,15 @@ def _work_table(rows: list[WorkRow]) -> Table:
     return table
 
 
+def _spend_table(spend: dict[str, tuple[float, float]]) -> Table:
+    """Render the spend caps' budgets on the key: spent and held by tasks in flight."""
+    table = Table("budget", "spent (USD)", "held by tasks in flight (USD)", title_justify="left")
+    table.title = "spend under a cap (estimated)"
+    for scope, (spent, held) in sorted(spend.items()):
+        table.add_row(scope or "(key)", f"{spent:,.2f}", f"{held:,.2f}")
+    return table
+
+
 @cli.command()
 @click.option(
     "--redis-url",
@@ -543,7 +607,7 @@ def top(
     """
     try:
         check_model_id(model)
-        from ._top import work_rows
+        from ._top import spend_on, work_rows
         from .redis_governor import RedisGovernor
         from .redis_store import RedisStore
 
@@ -566,6 +630,7 @@ def top(
     async def read() -> Group:
         await governor.refresh()
         rows = await work_rows(await store.counts(), redis_url)
+        spend = await spend_on(redis_url, governor.key_prefix)
         if as_json:
             emit(
                 True,
@@ -579,8 +644,15 @@ def top(
                 rate_factor=governor.rate_factor,
                 rate_limited=governor.rate_limited_seen,
                 work=[row.as_json() for row in rows],
+                spend={
+                    scope: {"spent_usd": spent, "held_usd": held}
+                    for scope, (spent, held) in spend.items()
+                },
             )
-        return Group(_key_table(governor, watched), _work_table(rows))
+        tables = [_key_table(governor, watched), _work_table(rows)]
+        if spend:
+            tables.append(_spend_table(spend))
+        return Group(*tables)
 
     async def watch() -> None:
         await store.open()

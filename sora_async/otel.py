@@ -13,6 +13,8 @@ Instruments (unit; attributes: ``sora_async.model``, plus those named):
 - ``sora_async.tasks.created`` ({task}) counter of creates answered with a task
 - ``sora_async.tasks.ended`` ({task}) counter of tasks seen to end, by
   ``sora_async.task.state`` and ``sora_async.task.fail_code``
+- ``sora_async.spend`` (USD) counter of the estimated price of tasks that succeeded
+  (with a ``spend_cap``: the price the cap counted), by model
 - ``sora_async.permit.wait`` (s) histogram of the wait for the governor's permit, by kind
 - ``sora_async.generation.duration`` (s) histogram of the service's generation times
 - ``sora_async.detection.delay`` (s) histogram of the time from a task's end to our seeing it
@@ -94,6 +96,9 @@ class _Metrics:
         self._ended = meter.create_counter(
             "sora_async.tasks.ended", unit="{task}", description="Tasks seen to end"
         )
+        self._spend = meter.create_counter(
+            "sora_async.spend", unit="USD", description="Estimated spend of tasks that succeeded"
+        )
         self._permit_wait = meter.create_histogram(
             "sora_async.permit.wait", unit="s", description="Wait for the governor's permit"
         )
@@ -112,6 +117,9 @@ class _Metrics:
             self._rate_limited.add(1, attributes)
         elif outcome == "ok" and kind == "create":
             self._created.add(1, {"sora_async.model": model})
+
+    def spent(self, model: str, usd: float) -> None:
+        self._spend.add(usd, {"sora_async.model": model})
 
     def task_ended(
         self,

@@ -144,6 +144,9 @@ class RedisGovernor:
         # budget in one Redis Cluster slot, as multi-key scripts need.
         identity = hashlib.sha256(f"{key}\0{model}".encode()).hexdigest()[:16]
         self.prefix = f"sora-async:{{{identity}}}"
+        # The key's own records, whatever the model (its spend): a hash of the key alone.
+        key_identity = hashlib.sha256(f"{key}\0key".encode()).hexdigest()[:16]
+        self.key_prefix = f"sora-async:{{{key_identity}}}"
         self.owner = secrets.token_hex(8)  # this process's name in Redis
         self.lease = lease
         self.uncertain_hold = uncertain_hold

@@ -4,31 +4,16 @@ recording their tasks in the key's RedisStore, and ``sora-async top`` counting b
 
 from __future__ import annotations
 
-import asyncio
-import json
 import secrets
-import sys
 from typing import Any
 
 import pytest
 
 from sora_async.testing import RedisServer
 from tests.processes import app_env, app_process, free_port
-from tests.workers import SCALE, scaled_fake, start_worker, until, write_prompts
+from tests.workers import SCALE, scaled_fake, start_worker, top_rows, until, write_prompts
 
 pytestmark = [pytest.mark.looptime(False), pytest.mark.timeout(120)]
-
-
-async def top(redis_url: str, api_key: str) -> dict[str, dict[str, Any]]:
-    """Return ``sora-async top --json``'s rows of the ledger, by name."""
-    command = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "sora_async", "top", "--json", "--redis-url", redis_url),
-        *("--api-key", api_key, "--time-scale", str(SCALE)),
-        stdout=asyncio.subprocess.PIPE,
-    )
-    printed, _ = await command.communicate()
-    assert command.returncode == 0, printed
-    return {row["name"]: row for row in json.loads(printed)["work"]}
 
 
 async def test_a_service_and_a_batch_on_one_key_record_into_one_ledger(
@@ -61,7 +46,7 @@ async def test_a_service_and_a_batch_on_one_key_record_into_one_ledger(
             await until(lambda: fake.stats.creates >= 4)
             made = [await http.post("/videos", json={"prompt": f"kite {n}"}) for n in range(3)]
             assert [answer.status_code for answer in made] == [200] * 3, made[0].text
-            running = await top(redis_server.url, fake.api_key)
+            running = await top_rows(redis_server.url, fake.api_key)
             assert set(running) == {"(service)", "night"}
             assert running["(service)"]["waiting"] is None
             assert running["(service)"]["in_flight"] + running["(service)"]["succeeded"] == 3
@@ -74,7 +59,7 @@ async def test_a_service_and_a_batch_on_one_key_record_into_one_ledger(
                 assert done.status_code == 200, done.text
             out, err = await batch.communicate()
             assert batch.returncode == 0, (out + err).decode(errors="replace")
-        ended = await top(redis_server.url, fake.api_key)
+        ended = await top_rows(redis_server.url, fake.api_key)
     assert ended["night"] | {"name": "-"} == {
         "name": "-",
         "waiting": 0,

@@ -85,3 +85,27 @@ def test_the_library_imports_no_opentelemetry() -> None:
         "assert not [m for m in sys.modules if m.startswith('opentelemetry')]\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+async def test_the_spend_of_a_capped_client_is_counted_in_usd_by_model() -> None:
+    """With a spend cap, each task that succeeded adds its estimated price to
+    sora_async.spend; a failed one adds nothing, as the fake bills it nothing."""
+    reader = InMemoryMetricReader()
+    async with (
+        FakeApixo(generation_time=fixed(60.0), balance=1e6) as fake,
+        sa.SoraClient(
+            api_key=fake.api_key,
+            base_url=fake.url,
+            spend_cap=100.0,
+            prices={"sora-2-pro": sa.Price(2.5)},
+        ) as client,
+    ):
+        sora_async.otel.instrument(client, meter_provider=MeterProvider([reader]))
+        requests = [sa.TextToVideo(prompt=f"spend {i}") for i in range(3)]
+        requests.append(sa.TextToVideo(prompt="spend [fail:BOOM]"))
+        outcomes = [o async for o in client.generate_many(requests)]
+        spent, held, _ = await client.spend()
+        found = points(reader)
+    assert sum(o.ok for o in outcomes) == 3
+    assert (spent, held) == (7.5, 0.0)
+    assert total(found, "sora_async.spend", model="sora-2-pro") == 7.5

@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from sora_async.testing import FakeApixo, lognormal
 
@@ -81,3 +82,21 @@ async def start_worker(
         stderr=asyncio.subprocess.PIPE,
         env=None if env is None else os.environ | env,
     )
+
+
+async def top(redis_url: str, api_key: str) -> dict[str, Any]:
+    """Return what ``sora-async top --json`` prints of the key on ``redis_url``."""
+    command = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "sora_async", "top", "--json", "--redis-url", redis_url),
+        *("--api-key", api_key, "--time-scale", str(SCALE)),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    printed, _ = await command.communicate()
+    assert command.returncode == 0, printed
+    found: dict[str, Any] = json.loads(printed)
+    return found
+
+
+async def top_rows(redis_url: str, api_key: str) -> dict[str, dict[str, Any]]:
+    """Return ``sora-async top --json``'s rows of the ledger, by name."""
+    return {row["name"]: row for row in (await top(redis_url, api_key))["work"]}

@@ -114,6 +114,7 @@ class FakeApixo:
         chaos_delay: float = 75.0,
         chaos_faults: Collection[FaultKind] | None = None,
         network_delay: float = 0.0,
+        prices: Mapping[str, float] | None = None,
     ) -> None:
         """Configure the fake; nothing listens until :meth:`start`.
 
@@ -128,6 +129,10 @@ class FakeApixo:
             failure_rate, fail_code: share of tasks that end ``failed``, and their code.
             seed: seeds generation times, failures and task ids.
             balance, price_per_second: USD; a create costs price x seconds (12 official).
+            prices: USD per task by model: a task of a model named here is billed
+                that price if it succeeds, nothing if it fails (the provider bills
+                failed tasks nothing), and a create is refused for credits when the
+                balance is short of it.
             epoch_ms: wire time (ms) at start; later times add loop-time elapsed.
             model_limits: ``{model: (requests, concurrent_tasks)}`` for models whose limits
                 differ from ``requests`` / ``concurrent_tasks`` (added to
@@ -202,6 +207,7 @@ class FakeApixo:
         self.stats = Stats()
         self._period = period
         self._balance = float(balance)
+        self.prices: dict[str, float] = dict(prices or {})
         self._rng = random.Random(seed)
         self._ids = random.Random(f"task-ids-{seed}")
         self._clock = Clock(epoch_ms)
@@ -516,6 +522,8 @@ class FakeApixo:
             return envelope(self.violation_error_code, message)
         # An image costs as one second of video: the fake's prices are only relative.
         cost = self.price_per_second * (spec.images if spec.kind == "image" else spec.duration)
+        if model in self.prices:
+            cost = self.prices[model]
         if self._balance + 1e-9 < cost:
             return envelope(self.credits_error_code, "Insufficient credits")
         if self._window(model).slots_taken(self._clock.now()) >= self.limits_of(model)[1]:
@@ -530,6 +538,8 @@ class FakeApixo:
         fail_code = marked.group(1) if marked else (self.fail_code if unlucky else None)
         if model == "veo-3-1-extend" and not self._extends_veo(spec.input.get("taskId")):
             fail_code = "TASKID_ERROR"  # the page: an unknown or non-veo-3-1 taskId fails
+        if model in self.prices and fail_code is not None:
+            cost = 0.0  # billed on success only: its end is decided now
         task_id = self._new_task_id()
         record = TaskRecord.plan(
             task_id, model, spec, now, cost, generation, self.pending_time, fail_code, self._clock
