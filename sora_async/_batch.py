@@ -451,12 +451,16 @@ class _Runner:
 
 
 class _SpendWatch:
-    """A capped run's spend: estimated by its budget, measured by the key's balance."""
+    """A capped run's spend: estimated by its budget, measured by the key's balance
+    (read at the start, every ``every`` seconds, and at the end). When the balance
+    falls faster than the estimate, it warns once and the rest of the run reserves
+    each create at the measured price (the estimate times their ratio)."""
 
     def __init__(self, client: SoraClient, spent: float, balance: float | None) -> None:
         self.client = client
         self.spent = spent
         self.balance = balance
+        self.warned = False
 
     @classmethod
     async def start(cls, client: SoraClient) -> _SpendWatch | None:
@@ -465,21 +469,45 @@ class _SpendWatch:
         spent, _, _ = await client.spend()
         return cls(client, spent, await _balance_or_none(client))
 
-    async def end(self) -> tuple[float | None, float | None]:
-        spent, _, _ = await self.client.spend()
+    async def every(self, seconds: float) -> None:
+        """Compare the estimate with the balance every ``seconds``, forever."""
+        while True:
+            await anyio.sleep(seconds)
+            await self.measure()
+
+    async def measure(self) -> tuple[float, float | None]:
+        """Return the run's estimated and measured spend so far, and correct the prices
+        when the balance fell more than the estimate."""
+        spent, held, _ = await self.client.spend()
         estimated = spent - self.spent
         balance = await _balance_or_none(self.client)
-        measured = None
-        if balance is not None and self.balance is not None:
-            measured = round(self.balance - balance, 6)
+        if balance is None or self.balance is None:
+            return estimated, None
+        measured = round(self.balance - balance, 6)
+        # The provider may bill a task when it is made or when it ends: the tasks in
+        # flight may be in the balance already.
+        bound = estimated + held
+        if measured > bound * 1.01 + 0.01 and bound > 0:
+            ratio = measured / bound
+            if not self.warned:
+                self.warned = True
+                logger.warning(
+                    "the balance fell by $%.2f, above the estimate of $%.2f (tasks in "
+                    "flight included): the prices are low for this key (give them with "
+                    "prices= or --prices); the rest of the run reserves each create at "
+                    "%.2f times its estimate",
+                    measured,
+                    bound,
+                    ratio,
+                )
+            self.client.price_factor = max(self.client.price_factor, ratio)
+            if self.client.budget is not None:  # the cap counts what the balance says
+                await self.client.budget.add_spent(measured - bound)
+        return estimated, measured
+
+    async def end(self) -> tuple[float | None, float | None]:
+        estimated, measured = await self.measure()
         logger.info("batch spend: estimated $%.2f, measured $%s", estimated, measured)
-        if measured is not None and measured > estimated * 1.01 + 0.01:
-            logger.warning(
-                "the balance fell by $%.2f, above the estimate of $%.2f: the prices are "
-                "low for this key (give them with prices= or --prices)",
-                measured,
-                estimated,
-            )
         return estimated, measured
 
 
@@ -646,6 +674,7 @@ async def run_batch(
     redis_url: str | None = None,
     batch: str | None = None,
     host: str | None = None,
+    balance_every: float = 300.0,
 ) -> BatchReport:
     """Generate every request of ``source`` into folder ``out``, durably.
 
@@ -683,6 +712,11 @@ async def run_batch(
     The client's ``store`` records each task under the batch's name (a batch not
     shared is named so too), so that a service and batches on one
     :class:`RedisStore` are one ledger: ``sora-async top`` counts both.
+
+    With a client's spend cap, the key's balance is read at the start, every
+    ``balance_every`` seconds and at the end: the report gives the estimated and the
+    measured spend, and a balance falling faster than the estimate is warned of once
+    and corrects the rest of the run's reservations.
 
     ``shard=(K, N)`` takes only the K-th of N shares of the file (by a hash of each
     id), for several hosts sharing one file and one key (with a RedisGovernor); its
@@ -754,7 +788,11 @@ async def run_batch(
         runner.shared = shared
         runner.batch = batch or digest[:16]
         watch = await _SpendWatch.start(client)
-        await runner.run(resubmit_uncertain, retry_failed, stop)
+        async with anyio.create_task_group() as balance_reads:
+            if watch is not None:
+                balance_reads.start_soon(watch.every, balance_every)
+            await runner.run(resubmit_uncertain, retry_failed, stop)
+            balance_reads.cancel_scope.cancel()
         if watch is not None:
             spend = await watch.end()
         if shared is not None and not (runner.stopping or runner.outage or runner.stop_creates):

@@ -54,6 +54,9 @@ class Budget(Protocol):
     async def add_spent(self, usd: float) -> None:
         """Count ``usd`` as spent (tasks paid before this budget was opened)."""
 
+    def seen(self) -> tuple[float, float]:
+        """Return the spend and the reservations as last known (no request)."""
+
     async def aclose(self) -> None:
         """Release what the budget holds open."""
 
@@ -93,21 +96,26 @@ class LocalBudget:
         """Count ``usd`` as spent (tasks paid before this budget was opened)."""
         self.spent += usd
 
+    def seen(self) -> tuple[float, float]:
+        """Return the spend and the reservations now."""
+        return self.spent, sum(self._held.values())
+
     async def aclose(self) -> None:
         """Nothing to close."""
 
 
-# KEYS: spent, held, scopes. ARGV: token, usd, cap, scope. Returns {1 or 0, spent + held
-# before}.
+# KEYS: spent, held, scopes. ARGV: token, usd, cap, scope. Returns {1 or 0, the spend,
+# the reservations before this one}.
 _RESERVE = """
 redis.call('HSET', KEYS[3], ARGV[4], '1')
 local spent = tonumber(redis.call('GET', KEYS[1]) or '0')
-for _, usd in ipairs(redis.call('HVALS', KEYS[2])) do spent = spent + tonumber(usd) end
-if spent + tonumber(ARGV[2]) > tonumber(ARGV[3]) + 1e-9 then
-    return {0, tostring(spent)}
+local held = 0
+for _, usd in ipairs(redis.call('HVALS', KEYS[2])) do held = held + tonumber(usd) end
+if spent + held + tonumber(ARGV[2]) > tonumber(ARGV[3]) + 1e-9 then
+    return {0, tostring(spent), tostring(held)}
 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-return {1, tostring(spent)}
+return {1, tostring(spent), tostring(held + tonumber(ARGV[2]))}
 """
 
 # KEYS: held. ARGV: token, task id.
@@ -166,6 +174,7 @@ class RedisBudget:
         self._redis: Any = None
         self._rng = random.Random()
         self._scripts: dict[str, Any] = {}
+        self._seen = (0.0, 0.0)
 
     def _client(self) -> Any:
         if self._redis is None:
@@ -191,13 +200,14 @@ class RedisBudget:
 
     async def reserve(self, token: str, usd: float) -> None:
         """Reserve ``usd`` under ``token``, or raise BudgetExceededError."""
-        granted, held = await self._run(
+        granted, spent, held = await self._run(
             "reserve",
             [self._spent, self._held, self._scopes],
             [token, repr(usd), repr(self.cap), self.scope],
         )
+        self._seen = (float(spent), float(held))
         if not int(granted):
-            raise BudgetExceededError(self.cap, float(held), usd)
+            raise BudgetExceededError(self.cap, float(spent) + float(held), usd)
 
     async def bind(self, token: str, task_id: str) -> None:
         """Move ``token``'s reservation to the task its create made."""
@@ -219,12 +229,19 @@ class RedisBudget:
             held = await redis.hvals(self._held)
             return float(spent or 0), sum(float(usd) for usd in held)
 
-        return await patiently(
+        self._seen = await patiently(
             read, url=self._governor.url, timeout=self._governor.redis_timeout, rng=self._rng
         )
+        return self._seen
 
     async def add_spent(self, usd: float) -> None:
-        """Count ``usd`` as spent: nothing to do, the key's spend lives on Redis."""
+        """Nothing: the spend on Redis is every process's, and each counts its own
+        tasks there (a rerun's paid tasks are there already)."""
+
+    def seen(self) -> tuple[float, float]:
+        """Return the spend and the reservations as last read from Redis (every
+        process's), at the last reserve or figures."""
+        return self._seen
 
     async def aclose(self) -> None:
         """Close the connection pool."""

@@ -206,6 +206,9 @@ class SoraClient:
             price_of=self._high_price,
         )
         self.prices: dict[str, Price] = dict(prices or {})
+        # Measured over estimated spend (a batch's balance reads raise it): each
+        # create reserves its high estimate times this.
+        self.price_factor = 1.0
         self.keep_balance = (
             None if keep_balance is None else check_cap(keep_balance, "keep_balance")
         )
@@ -240,11 +243,15 @@ class SoraClient:
         Slots, window use, rate factor and 429s come from each model's governor (for a
         :class:`RedisGovernor`, the key's, summed over every process, as last read);
         tasks in flight, learned generation times, polls per finished task and
-        callback loss from each model's scheduler.
+        callback loss from each model's scheduler; with a ``spend_cap``, the spend,
+        the estimates held by tasks in flight and the cap.
         """
         lanes = self._lanes.all()
         parts = [model_snapshot(lane.model, lane.governor, lane.scheduler) for lane in lanes]
-        return snapshot_of(self.model, parts)
+        budget = self._creator.budget
+        if budget is None:
+            return snapshot_of(self.model, parts)
+        return snapshot_of(self.model, parts, (*budget.seen(), budget.cap))
 
     def _record(self, recorder: Recorder | None) -> None:
         """Send request and task events to ``recorder`` (see :mod:`sora_async.otel`)."""
@@ -332,7 +339,7 @@ class SoraClient:
                 f"model {model!r} has no known price, and a spend cap needs one: give it "
                 "with SoraClient(prices={...}) or the CLI's --prices FILE",
             )
-        return found.high
+        return found.high * self.price_factor
 
     async def _open_budget(self) -> None:
         """With ``keep_balance``, lower the cap to what the balance leaves above it."""

@@ -60,6 +60,11 @@ class Snapshot(ModelSnapshot, frozen=True, kw_only=True):
     """
 
     models: dict[str, ModelSnapshot]
+    #: With a spend cap (USD): the spend of tasks that succeeded, the estimates held by
+    #: tasks in flight (for a budget on Redis, every process's, as last read), the cap.
+    spent_usd: float = 0.0
+    held_usd: float = 0.0
+    spend_cap: float | None = None
 
 
 def model_snapshot(model: str, governor: Governor, scheduler: PollScheduler) -> ModelSnapshot:
@@ -84,9 +89,15 @@ def model_snapshot(model: str, governor: Governor, scheduler: PollScheduler) -> 
     )
 
 
-def snapshot_of(default: str, parts: Sequence[ModelSnapshot]) -> Snapshot:
-    """Combine the models' figures into one snapshot headed by the ``default`` model's."""
+def snapshot_of(
+    default: str,
+    parts: Sequence[ModelSnapshot],
+    spend: tuple[float, float, float | None] = (0.0, 0.0, None),
+) -> Snapshot:
+    """Combine the models' figures into one snapshot headed by the ``default`` model's,
+    with the spend cap's figures (spent, held, cap)."""
     models = {part.model: part for part in parts}
     head = models[default]
     fields = {name: getattr(head, name) for name in head.__struct_fields__}
-    return Snapshot(**fields, models=models)
+    spent, held, cap = spend
+    return Snapshot(**fields, models=models, spent_usd=spent, held_usd=held, spend_cap=cap)

@@ -97,6 +97,8 @@ async def test_a_create_past_the_cap_is_refused_before_any_request() -> None:
         with pytest.raises(sa.TaskFailedError):
             await client.wait(failing)
         assert await client.spend() == (pytest.approx(VIDEO_USD), 0.0, 2 * VIDEO_USD)
+        seen = client.snapshot()
+        assert (seen.spent_usd, seen.held_usd, seen.spend_cap) == (VIDEO_USD, 0.0, 2 * VIDEO_USD)
         await client.wait(await client.submit(sa.TextToVideo(prompt="four", duration=10)))
     assert fake.stats.creates == 3
     assert fake.balance == pytest.approx(1000.0 - 2 * VIDEO_USD)  # the failed one is free
@@ -261,3 +263,23 @@ async def test_keep_balance_stops_creates_before_the_balance_falls_below_it() ->
             await client.wait(task_id)
     assert fake.stats.creates == 3
     assert fake.balance == pytest.approx(10.0 - 3 * VIDEO_USD)
+
+
+async def test_a_balance_falling_faster_than_the_estimate_corrects_the_rest_of_the_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The client's price is half what the fake bills: the balance read a minute in
+    shows it, the client warns once, counts the measured spend against the cap and
+    reserves twice the estimate from then on; the fake billed no more than the cap."""
+    prompts = write_videos(tmp_path / "prompts.jsonl", 40)
+    async with FakeApixo(
+        generation_time=fixed(120.0), balance=1000.0, prices={"sora-2-pro": 2 * VIDEO_USD}
+    ) as fake:
+        async with capped(fake, 20 * VIDEO_USD) as client:
+            with pytest.raises(sa.BudgetExceededError):
+                await sa.run_batch(client, prompts, tmp_path / "out", balance_every=60.0)
+            assert client.price_factor == pytest.approx(2.0)
+        assert fake.stats.creates == 10
+        assert 1000.0 - fake.balance <= 20 * VIDEO_USD + 1e-9
+    warnings = [r for r in caplog.records if "the balance fell by" in r.getMessage()]
+    assert len(warnings) == 1
