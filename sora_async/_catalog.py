@@ -20,6 +20,7 @@ import msgspec
 
 from ._errors import InputError
 from ._models import ImageToVideo, Limits, TextToVideo, check_http_url
+from ._pricing import Price
 
 __all__ = [
     "MODELS",
@@ -387,7 +388,8 @@ class ModelInfo:
     """One model of the catalogue: its id, result kind, typed inputs and limits.
 
     ``limits_documented`` is False where the model's page states no figure and the
-    Sora 2 Pro figures stand in as a cautious default. ``mean_seconds`` is the
+    Sora 2 Pro figures stand in as a cautious default. ``price`` is the page's (None
+    where it states none: Sora 2 Pro's pages do not). ``mean_seconds`` is the
     prior of its generation time (the scheduler learns the real one).
     """
 
@@ -398,6 +400,8 @@ class ModelInfo:
     mean_seconds: float
     limits: Limits = _SORA_LIMITS
     limits_documented: bool = False
+    #: As its page states it (None: the page states none; give it with prices=).
+    price: Price | None = None
 
 
 _ROWS: Final = (
@@ -409,14 +413,52 @@ _ROWS: Final = (
         180.0,
         limits_documented=True,
     ),
-    ModelInfo("sora-2", "video", (Sora2,), "prompt, mode, duration, aspect_ratio", 180.0),
-    ModelInfo("veo-3-1", "video", (Veo31,), "prompt, mode, generation_type, image_urls", 120.0),
+    ModelInfo(
+        "sora-2",
+        "video",
+        (Sora2,),
+        "prompt, mode, duration, aspect_ratio",
+        180.0,
+        price=Price(0.10, 0.15),  # its page: $0.10-0.15 a video
+    ),
+    ModelInfo(
+        "veo-3-1",
+        "video",
+        (Veo31,),
+        "prompt, mode, generation_type, image_urls",
+        120.0,
+        # Its page: $0.20 a video in fast mode, $1.50 in quality mode.
+        price=Price(0.20, 1.50, rates={"fast": (0.20, 0.20), "quality": (1.50, 1.50)}),
+    ),
     ModelInfo("veo-3-1-extend", "video", (Veo31Extend,), "task_id, prompt, mode, seed", 120.0),
     ModelInfo(
         "kling-2-5-turbo-pro", "video", (Kling25TurboPro,), "prompt, duration, cfg_scale", 120.0
     ),
-    ModelInfo("wan-2-5", "video", (Wan25,), "prompt, resolution, duration, image_urls", 180.0),
-    ModelInfo("nano-banana", "image", (NanoBanana,), "prompt, aspect_ratio, image_urls", 15.0),
+    ModelInfo(
+        "wan-2-5",
+        "video",
+        (Wan25,),
+        "prompt, resolution, duration, image_urls",
+        180.0,
+        # Its page: $0.08 a second at 720p (the default), $0.13 at 1080p; 5 s by default.
+        price=Price(
+            0.08,
+            0.13,
+            unit="second",
+            by="resolution",
+            rates={"720p": (0.08, 0.08), "1080p": (0.13, 0.13)},
+            default="720p",
+            seconds=5,
+        ),
+    ),
+    ModelInfo(
+        "nano-banana",
+        "image",
+        (NanoBanana,),
+        "prompt, aspect_ratio, image_urls",
+        15.0,
+        price=Price(0.03, unit="image"),  # its page: $0.03 an image
+    ),
     ModelInfo("nano-banana-2", "image", (NanoBanana2,), "prompt, resolution, image_urls", 30.0),
     ModelInfo(
         "ltx-2-19b",

@@ -571,12 +571,21 @@ def _work_table(rows: list[WorkRow]) -> Table:
     return table
 
 
-def _spend_table(spend: dict[str, tuple[float, float]]) -> Table:
-    """Render the spend caps' budgets on the key: spent and held by tasks in flight."""
-    table = Table("budget", "spent (USD)", "held by tasks in flight (USD)", title_justify="left")
-    table.title = "spend under a cap (estimated)"
+def _spend_table(spend: dict[str, tuple[float, float]], rates: dict[str, float | None]) -> Table:
+    """Render the spend caps' budgets on the key: spent, held by tasks in flight, and
+    the rate of spend since the last refresh (USD an hour)."""
+    table = Table(
+        "budget",
+        "spent (USD)",
+        "held by tasks in flight (USD)",
+        "rate (USD/h)",
+        title="spend under a cap (estimated)",
+        title_justify="left",
+    )
     for scope, (spent, held) in sorted(spend.items()):
-        table.add_row(scope or "(key)", f"{spent:,.2f}", f"{held:,.2f}")
+        rate = rates.get(scope)
+        shown = "-" if rate is None else f"{rate:,.2f}"
+        table.add_row(scope or "(key)", f"{spent:,.2f}", f"{held:,.2f}", shown)
     return table
 
 
@@ -627,10 +636,19 @@ def top(
         fail(str(exc), as_json=as_json, field=exc.field)
     watched = f"{model} on {redis_url.rsplit('@', 1)[-1]}"
 
+    last_spend: dict[str, tuple[float, float]] = {}  # scope: (loop time, spent)
+
     async def read() -> Group:
         await governor.refresh()
         rows = await work_rows(await store.counts(), redis_url)
         spend = await spend_on(redis_url, governor.key_prefix)
+        now = asyncio.get_running_loop().time()
+        rates: dict[str, float | None] = {}
+        for scope, (spent, _) in spend.items():
+            before = last_spend.get(scope)
+            elapsed = now - before[0] if before else 0.0
+            rates[scope] = (spent - before[1]) / elapsed * 3600 if before and elapsed else None
+            last_spend[scope] = (now, spent)
         if as_json:
             emit(
                 True,
@@ -651,7 +669,7 @@ def top(
             )
         tables = [_key_table(governor, watched), _work_table(rows)]
         if spend:
-            tables.append(_spend_table(spend))
+            tables.append(_spend_table(spend, rates))
         return Group(*tables)
 
     async def watch() -> None:

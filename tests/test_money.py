@@ -169,6 +169,16 @@ def test_estimates_follow_the_pages_and_the_users_prices() -> None:
     mine = sa.estimate(sa.TextToVideo(prompt="kite"), {"sora-2-pro": sa.Price(1.0, 1.5)})
     assert mine is not None
     assert (mine.low, mine.high) == (1.0, 1.5)
+    # Wan 2.5 by the second and by resolution, 5 s and 720p unless the request says.
+    wan = sa.estimate(sa.Wan25(prompt="kite"))
+    assert wan is not None
+    assert (wan.low, wan.high) == (0.40, 0.40)
+    wan_hd = sa.estimate(sa.Wan25(prompt="kite", resolution="1080p", duration=10))
+    assert wan_hd is not None
+    assert wan_hd.high == pytest.approx(1.30)
+    assert sa.MODELS["veo-3-1"].price == sa.Price(
+        0.20, 1.50, rates={"fast": (0.20, 0.20), "quality": (1.50, 1.50)}
+    )
     per_second = {"sora-2-pro": sa.Price(0.1, unit="second")}
     twelve = sa.estimate(sa.TextToVideo(prompt="kite", duration=12), per_second)
     assert twelve is not None
@@ -182,7 +192,11 @@ def test_estimates_follow_the_pages_and_the_users_prices() -> None:
         ('{"sora-2-pro": -1}', "prices.sora-2-pro.low"),
         ('{"sora-2-pro": {"low": 2, "high": 1}}', "prices.sora-2-pro.high"),
         ('{"sora-2-pro": {"low": 1, "per": "video"}}', "prices.sora-2-pro"),
-        ('{"veo-3-1": {"low": 1, "modes": {"fast": 1}}}', "prices.veo-3-1.modes"),
+        ('{"veo-3-1": {"low": 1, "rates": {"fast": 1}}}', "prices.veo-3-1.rates"),
+        (
+            '{"veo-3-1": {"low": 1, "rates": {"fast": [1, 2]}, "default": "slow"}}',
+            "prices.veo-3-1.default",
+        ),
         ("not json", "prices"),
     ],
 )
