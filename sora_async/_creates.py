@@ -187,7 +187,10 @@ class Creator:
 
     async def _settle(self, key: str | None, *, paid: bool) -> None:
         if key is not None and self.budget is not None:
-            await self.budget.settle(key, paid)
+            try:
+                await self.budget.settle(key, paid)
+            except SoraError as exc:  # held on: the cap stays on the safe side
+                logger.error("spend cap: a create's reservation was not given back: %s", exc)
 
     async def _settle_end(self, budget: Budget, task_id: str, model: str, paid: bool) -> None:
         usd = await budget.settle(task_id, paid)
@@ -195,9 +198,14 @@ class Creator:
             self.recorder.spent(model, usd)
 
     async def bind(self, token: str, task_id: str, model: str) -> None:
-        """Move a create's reservation to its task, settled when the task ends."""
+        """Move a create's reservation to its task, settled when the task ends. A
+        failure leaves it held under the create's token (never lose the task id)."""
         assert self.budget is not None
-        await self.budget.bind(token, task_id)
+        try:
+            await self.budget.bind(token, task_id)
+        except SoraError as exc:
+            logger.error("spend cap: task %s keeps its reservation for good: %s", task_id, exc)
+            return
         self.settle_at_end(task_id, model)
 
     def settle_at_end(self, task_id: str, model: str) -> None:

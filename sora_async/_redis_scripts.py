@@ -266,6 +266,11 @@ for i = 12, #ARGV, 5 do
     local rec = cjson.decode(raw)
     if rec.o == owner then
       mine.s = rec.s
+      -- This renewal's view was taken before it was sent: a create granted meanwhile
+      -- marked the slot sent (and a bind named its task) in Redis. Never undo either,
+      -- or a death now would free a slot whose create may have made a task.
+      if (rec.w or 1) > mine.w then mine.w = rec.w or 1 end
+      if mine.t == '' and rec.t and rec.t ~= '' then mine.t = rec.t; mine.m = rec.m end
       redis.call('HSET', KEYS[2], token, cjson.encode(mine))
     else
       table.insert(lost, token)  -- adopted by another process while our lease had lapsed

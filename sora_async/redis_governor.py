@@ -24,7 +24,7 @@ import random
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
 import msgspec
@@ -787,7 +787,8 @@ class RedisGovernor:
                 await asyncio.sleep(self._reconnect_pause(attempt))
             finally:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    # cast: redis-py types aclose from 8.2 on, not before
+                    await cast(Any, pubsub).aclose()
 
     def _take(self, data: object, news: TaskNews) -> None:
         try:

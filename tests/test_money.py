@@ -137,7 +137,8 @@ async def test_three_hosts_on_one_redis_share_one_cap(
                 prompts,
                 tmp_path / f"out-{n}",
                 None,
-                *("--host", f"m{n}", "--max-spend", str(12 * video_usd), "--prices", str(prices)),
+                *("--host", f"m{n}", "--batch", "capped"),  # its own batch on the session's Redis
+                *("--max-spend", str(12 * video_usd), "--prices", str(prices)),
             )
             for n in range(3)
         ]

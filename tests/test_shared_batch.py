@@ -79,13 +79,17 @@ async def test_hosts_pull_one_batch_a_killed_one_is_covered_and_a_late_one_joins
     prompts = write_prompts(tmp_path, 60)
     outs = [tmp_path / f"out-{n}" for n in range(4)]
     hosts = [
-        await start_worker(service, redis_server.url, prompts, outs[n], None, "--host", f"h{n}")
+        await start_worker(
+            service, redis_server.url, prompts, outs[n], None, "--host", f"h{n}", "--batch", "kill"
+        )
         for n in range(3)
     ]
     await until(lambda: service.stats.creates >= 15)
     hosts[0].send_signal(signal.SIGKILL)
     await until(lambda: service.stats.creates >= 30)
-    late = await start_worker(service, redis_server.url, prompts, outs[3], None, "--host", "h3")
+    late = await start_worker(
+        service, redis_server.url, prompts, outs[3], None, "--host", "h3", "--batch", "kill"
+    )
     results = [await host.communicate() for host in (*hosts[1:], late)]
     logs = "\n".join((out + err).decode(errors="replace") for out, err in results)
     print(logs)  # shown when the test fails
@@ -99,8 +103,9 @@ async def test_hosts_pull_one_batch_a_killed_one_is_covered_and_a_late_one_joins
     assert len(uncertain) <= 1, logs
     assert codes[0] == -signal.SIGKILL
     assert sorted(codes[1:]) == ([0, 0, 0] if not uncertain else [0, 0, 1]), logs
-    # Known defect, not yet explained: on a loaded machine some runs have met up to three
-    # concurrency 429s on creates (each retried: nothing lost, nothing paid twice).
+    # On loaded machines some runs met up to three concurrency 429s on creates (each
+    # retried: nothing lost, nothing paid twice). One cause is fixed (a renewal undid a
+    # slot's sent mark just before the kill); the bound stays until runs show none.
     assert stats.rate_limited == stats.concurrency_limited <= 3, (stats.rate_limited_by_kind, logs)
     assert stats.max_requests_in_window <= 60
     assert stats.max_concurrent_tasks <= 10
