@@ -325,6 +325,9 @@ class SoraClient:
         await self._transport.close()
         await self._ledger.close()
         if self._creator.budget is not None:
+            # Ends already learned reach the budget before its connection closes.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._creator.settled(), 10.0)
             await self._creator.budget.aclose()
 
     # --- money ----------------------------------------------------------------------------
