@@ -473,7 +473,10 @@ class _SpendWatch:
         """Compare the estimate with the balance every ``seconds``, forever."""
         while True:
             await anyio.sleep(seconds)
-            await self.measure()
+            try:
+                await self.measure()
+            except SoraError as exc:  # a reading missed: the run goes on, the cap holds
+                logger.warning("spend: the balance and the estimate were not compared: %s", exc)
 
     async def measure(self) -> tuple[float, float | None]:
         """Return the run's estimated and measured spend so far, and correct the prices
@@ -788,12 +791,17 @@ async def run_batch(
         runner.shared = shared
         runner.batch = batch or digest[:16]
         watch = await _SpendWatch.start(client)
-        async with anyio.create_task_group() as balance_reads:
-            if watch is not None:
-                balance_reads.start_soon(watch.every, balance_every)
+        if watch is None:
             await runner.run(resubmit_uncertain, retry_failed, stop)
-            balance_reads.cancel_scope.cancel()
-        if watch is not None:
+        else:
+            # Its own task, not a task group: the run's errors leave as themselves.
+            reads = asyncio.get_running_loop().create_task(watch.every(balance_every))
+            try:
+                await runner.run(resubmit_uncertain, retry_failed, stop)
+            finally:
+                reads.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reads
             spend = await watch.end()
         if shared is not None and not (runner.stopping or runner.outage or runner.stop_creates):
             # The whole batch is done: each host writes its manifest, every host's items.

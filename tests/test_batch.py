@@ -494,3 +494,16 @@ async def test_a_batch_ended_while_its_create_waits_leaves_the_item_queued(
         assert again.ok
         assert fake.stats.creates_per_prompt == {f"prompt {i}": 1 for i in range(3)}
         assert fake.stats.rate_limited == (wait == "429")
+
+
+async def test_a_wrong_key_stops_a_batch_with_authentication_error_itself(tmp_path: Path) -> None:
+    """A key the service refuses: run_batch raises sa.AuthenticationError (not an
+    exception group), after one create; every item stays queued for a rerun."""
+    source = write_prompts(tmp_path / "p.jsonl", 5)
+    async with FakeApixo() as fake:
+        async with sa.SoraClient(api_key="not-the-key", base_url=fake.url) as client:
+            with pytest.raises(sa.AuthenticationError):
+                await sa.run_batch(client, source, tmp_path / "out")
+        assert fake.stats.unauthorized == 1  # one create refused, nothing sent after it
+        assert fake.stats.creates == 0
+    assert {row["state"] for row in manifest(tmp_path / "out")} == {"queued"}
