@@ -7,6 +7,7 @@ items that no host has taken yet, counted from its queue.
 
 from __future__ import annotations
 
+import random
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ import redis.asyncio as aioredis
 from ._budget import spend_by_scope
 from ._store import Counts, RecordState
 from ._work_queue import WorkQueue
+from .redis_governor import patiently
 
 __all__ = ["WorkRow", "spend_on", "work_rows"]
 
@@ -80,6 +82,12 @@ async def spend_on(redis_url: str, key_prefix: str) -> dict[str, tuple[float, fl
     """Return the spend caps' budgets of a key: spent and held, by scope."""
     connection = aioredis.from_url(redis_url, socket_connect_timeout=2.0, socket_timeout=5.0)
     try:
-        return await spend_by_scope(connection, key_prefix)
+        # As every read of top: an outage waits up to 5 s, then RedisUnavailableError.
+        return await patiently(
+            lambda: spend_by_scope(connection, key_prefix),
+            url=redis_url,
+            timeout=5.0,
+            rng=random.Random(),
+        )
     finally:
         await connection.aclose()
