@@ -19,7 +19,15 @@ from typing import Any, Protocol
 
 from ._errors import BudgetExceededError, InputError
 
-__all__ = ["Budget", "LocalBudget", "RedisBudget", "check_cap", "spend_by_scope", "spend_keys"]
+__all__ = [
+    "Budget",
+    "LocalBudget",
+    "RedisBudget",
+    "budget_for",
+    "check_cap",
+    "spend_by_scope",
+    "spend_keys",
+]
 
 # Sums in USD are compared with this slack, so that float rounding never refuses a
 # create that fits the cap exactly.
@@ -248,3 +256,18 @@ class RedisBudget:
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
+
+
+def budget_for(
+    governor: object, cap: float | None, scope: str, keep_balance: float | None
+) -> Budget | None:
+    """Return the budget a spend cap (or a balance to keep) asks for: one on Redis for
+    every process of the key when the governor is shared through Redis."""
+    if cap is None and keep_balance is None:
+        return None
+    usd = float("inf") if cap is None else check_cap(cap)
+    if not isinstance(scope, str):
+        raise InputError("spend_scope", "must be a string")
+    if getattr(governor, "key_prefix", None) is not None:
+        return RedisBudget(governor, usd, scope)
+    return LocalBudget(usd)

@@ -22,7 +22,7 @@ from typing import Any, Literal, overload
 import anyio
 import anyio.abc
 
-from ._budget import Budget, LocalBudget, RedisBudget, check_cap
+from ._budget import Budget, budget_for, check_cap
 from ._callback_tokens import callback_url_with_token, new_token
 from ._catalog import (
     RawInput,
@@ -202,7 +202,7 @@ class SoraClient:
             self._models,
             on_uncertain=on_uncertain,
             uncertain_hold=uncertain_hold,
-            budget=_budget_for(default_governor, spend_cap, spend_scope, keep_balance),
+            budget=budget_for(default_governor, spend_cap, spend_scope, keep_balance),
             price_of=self._high_price,
         )
         self.prices: dict[str, Price] = dict(prices or {})
@@ -657,18 +657,3 @@ class SoraClient:
             prepare=self._prepare,
             run=run,
         )
-
-
-def _budget_for(
-    governor: Governor, cap: float | None, scope: str, keep_balance: float | None
-) -> Budget | None:
-    """Return the budget a spend cap (or a balance to keep) asks for: one on Redis for
-    every process of the key when the governor is shared through Redis."""
-    if cap is None and keep_balance is None:
-        return None
-    usd = float("inf") if cap is None else check_cap(cap)
-    if not isinstance(scope, str):
-        raise InputError("spend_scope", "must be a string")
-    if getattr(governor, "key_prefix", None) is not None:
-        return RedisBudget(governor, usd, scope)
-    return LocalBudget(usd)
