@@ -54,8 +54,9 @@ from ._errors import (
     TransportError,
     unwrap_sora_errors,
 )
-from ._journal import ItemState, Journal, JournalRow, manifest_line, read_rows
+from ._journal import ItemState, Journal, manifest_line, read_rows
 from ._models import Video
+from ._store import TaskRecord
 
 if TYPE_CHECKING:
     from ._batch_shared import SharedItems
@@ -135,7 +136,7 @@ class BatchReport:
         return self.counts.get(ItemState.DOWNLOADED.value, 0) == sum(self.counts.values())
 
     @property
-    def rows(self) -> list[JournalRow]:
+    def rows(self) -> list[TaskRecord]:
         """Return every item's row, in file order, read from the journal (all of them
         in memory: for a large batch, read the manifest a line at a time instead)."""
         return list(read_rows(self.journal, self.generation))
@@ -181,7 +182,7 @@ class _Runner:
         self.batch = ""  # the name its tasks are recorded under in the client's store
         self.group: anyio.abc.TaskGroup | None = None  # where follows run
 
-    async def set(self, row: JournalRow, state: ItemState, **changes: Any) -> None:
+    async def set(self, row: TaskRecord, state: ItemState, **changes: Any) -> None:
         self.counts[row.state.value] -= 1
         self.counts[state.value] += 1
         await self.journal.update(row, state, **changes)
@@ -189,7 +190,7 @@ class _Runner:
             await self.shared.moved(row)
         self.report()
 
-    async def forget(self, row: JournalRow) -> None:
+    async def forget(self, row: TaskRecord) -> None:
         """Drop a shared batch's item from this host (another host takes it)."""
         self.counts[row.state.value] -= 1
         await self.journal.forget(row.id)
@@ -275,7 +276,7 @@ class _Runner:
             if not await self.create(row, group):
                 return
 
-    async def rows_in(self, state: ItemState) -> AsyncIterator[JournalRow]:
+    async def rows_in(self, state: ItemState) -> AsyncIterator[TaskRecord]:
         """Yield this run's rows that were in ``state`` when their page was read, in
         file order, a page at a time; queued ones also as the file is read."""
         after = -1
@@ -322,7 +323,7 @@ class _Runner:
         await self.quiet.wait()
         scope.cancel()
 
-    async def create(self, row: JournalRow, group: anyio.abc.TaskGroup) -> bool:
+    async def create(self, row: TaskRecord, group: anyio.abc.TaskGroup) -> bool:
         """Create the item's task; return False when no more creates should be tried."""
         if self.stop_creates is not None or self.outage is not None:
             return False
@@ -376,7 +377,7 @@ class _Runner:
 
     async def _create(
         self,
-        row: JournalRow,
+        row: TaskRecord,
         group: anyio.abc.TaskGroup,
         mark: Callable[[], Awaitable[None]],
         unmark: Callable[[], Awaitable[None]],
@@ -415,7 +416,7 @@ class _Runner:
         group.start_soon(self.follow, row)
         return True
 
-    async def follow(self, row: JournalRow) -> None:
+    async def follow(self, row: TaskRecord) -> None:
         assert row.task_id is not None
         try:
             video = await self.client.wait(row.task_id)
@@ -438,7 +439,7 @@ class _Runner:
         await self.set(row, ItemState.SUCCEEDED, result_urls=list(video.urls), seconds=seconds)
         await self.fetch(row)
 
-    async def fetch(self, row: JournalRow) -> None:
+    async def fetch(self, row: TaskRecord) -> None:
         assert row.task_id is not None
         video = Video(task_id=row.task_id, urls=tuple(row.result_urls))
         try:
@@ -457,7 +458,7 @@ def batch_name_of(
     return name or _digest(Path(source), defaults, None)[:16]
 
 
-def _row_request(row: JournalRow) -> Request:
+def _row_request(row: TaskRecord) -> Request:
     return request_from(json.loads(row.request), BatchDefaults())
 
 

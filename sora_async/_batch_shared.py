@@ -23,7 +23,8 @@ import anyio
 
 from ._batch_file import BatchDefaults, BatchItem, read_items, request_from
 from ._errors import InputError
-from ._journal import ItemState, Journal, JournalRow, manifest_line
+from ._journal import ItemState, Journal, item_record, manifest_line
+from ._store import TaskRecord
 from ._work_queue import Entry, WorkQueue
 
 if TYPE_CHECKING:
@@ -125,10 +126,10 @@ class SharedItems:
             task_id = await self.queue.task_of(item.id)
         if task_id is None:
             reason = f"host {entry.begun_by} stopped while its create was on the wire"
-            row = JournalRow(item.id, item.line, item.request_json, ItemState.UNCERTAIN)
+            row = item_record(item.id, item.line, item.request_json, ItemState.UNCERTAIN)
             row.error = reason
         else:
-            row = JournalRow(item.id, item.line, item.request_json, ItemState.RUNNING, task_id)
+            row = item_record(item.id, item.line, item.request_json, ItemState.RUNNING, task_id)
         await self.journal.enter(item, self.generation, row)
         runner.counts[row.state.value] += 1
         await self.moved(row)
@@ -138,7 +139,7 @@ class SharedItems:
             # the governor handed the dead host's task to.
             await runner.follow(row)
 
-    async def begin(self, row: JournalRow) -> bool:
+    async def begin(self, row: TaskRecord) -> bool:
         """Begin ``row``'s item on Redis just before its create; False: not ours."""
         entry = self.held.get(row.id)
         if entry is not None and await self.queue.begin(entry):
@@ -146,12 +147,12 @@ class SharedItems:
         self.held.pop(row.id, None)
         return False
 
-    async def created(self, row: JournalRow) -> None:
+    async def created(self, row: TaskRecord) -> None:
         """Tell other hosts which task ``row``'s create made."""
         assert row.task_id is not None
         await self.queue.created(row.id, row.task_id)
 
-    async def moved(self, row: JournalRow) -> None:
+    async def moved(self, row: TaskRecord) -> None:
         """An item ended here (or is left for a later run): its result is recorded for
         the batch's manifest, and it is done on the queue."""
         if row.state in _FINISHED or (row.state is ItemState.SUCCEEDED and row.error):
@@ -160,7 +161,7 @@ class SharedItems:
                 await self.queue.record(row.id, manifest_line(row, host=self.queue.consumer))
                 await self.queue.done(entry)
 
-    def release(self, row: JournalRow) -> None:
+    def release(self, row: TaskRecord) -> None:
         """Stop holding ``row``'s item (not sent, a passing fault): after one lease it
         goes to the next host that asks, this one included."""
         self.held.pop(row.id, None)
@@ -179,7 +180,7 @@ async def write_batch_manifest(queue: WorkQueue, path: Path) -> int:
     with partial.open("w", encoding="utf-8") as file:
         async for entry, result in queue.results():
             if result is None:
-                row = JournalRow(entry.item_id, entry.line, entry.request, ItemState.QUEUED)
+                row = item_record(entry.item_id, entry.line, entry.request, ItemState.QUEUED)
                 result = manifest_line(row, host=None)
             file.write(result)
             count += 1

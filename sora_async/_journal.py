@@ -15,15 +15,14 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ._batch_file import BatchItem, BatchLineError, repeated_id, shared_file
 from ._sqlite import SQLiteFile
-from ._store import RecordState
+from ._store import RecordState, TaskRecord
 
-__all__ = ["ItemState", "Journal", "JournalRow", "manifest_line", "read_rows"]
+__all__ = ["ItemState", "Journal", "item_record", "manifest_line", "read_rows"]
 
 
 # A batch item is a task record: one state machine for every task, whoever made it.
@@ -66,36 +65,47 @@ _COLUMNS = (
 )
 
 
-@dataclass
-class JournalRow:
-    """One batch item as the journal holds it."""
+def item_record(
+    item_id: str,
+    line: int,
+    request: str,
+    state: ItemState,
+    task_id: str | None = None,
+    *,
+    batch: str = "",
+) -> TaskRecord:
+    """Return a batch item's task record (``request``: its request's JSON). A journal
+    keeps no fingerprint or model of its own: the request names its model."""
+    return TaskRecord(
+        key=item_id,
+        fingerprint="",
+        model="",
+        request=request,
+        batch=batch,
+        state=state,
+        task_id=task_id,
+        line=line,
+    )
 
-    id: str
-    line: int
-    request: str  # the request's JSON
-    state: ItemState
-    task_id: str | None = None
-    result_urls: list[str] = field(default_factory=list)
-    files: list[str] = field(default_factory=list)
-    error: str | None = None
-    attempts: int = 0
-    seconds: float | None = None
 
-    @classmethod
-    def from_sql(cls, row: tuple[Any, ...]) -> JournalRow:
-        """Build a row from a SELECT of _COLUMNS."""
-        return cls(
-            id=row[0],
-            line=row[1],
-            request=row[2],
-            state=ItemState(row[3]),
-            task_id=row[4],
-            result_urls=json.loads(row[5]) if row[5] else [],
-            files=json.loads(row[6]) if row[6] else [],
-            error=row[7],
-            attempts=row[8],
-            seconds=row[9],
-        )
+def _record_of(row: tuple[Any, ...]) -> TaskRecord:
+    """Build a record from a SELECT of _COLUMNS."""
+    return TaskRecord(
+        key=row[0],
+        fingerprint="",
+        model="",
+        request=row[2],
+        state=ItemState(row[3]),
+        task_id=row[4],
+        result_urls=json.loads(row[5]) if row[5] else [],
+        error=row[7],
+        created_at=row[10],
+        updated_at=row[11],
+        line=row[1],
+        files=json.loads(row[6]) if row[6] else [],
+        attempts=row[8],
+        seconds=row[9],
+    )
 
 
 def _migrate(connection: sqlite3.Connection) -> None:
@@ -192,7 +202,7 @@ class Journal:
 
         return await self._file.transaction(add)
 
-    async def enter(self, item: BatchItem, gen: int, row: JournalRow) -> None:
+    async def enter(self, item: BatchItem, gen: int, row: TaskRecord) -> None:
         """Enter one item already begun elsewhere, in ``row``'s state and task, at once
         (never seen queued, so never created here)."""
         now = time.time()
@@ -218,7 +228,7 @@ class Journal:
 
     async def page(
         self, gen: int, state: ItemState, after_line: int, limit: int
-    ) -> list[JournalRow]:
+    ) -> list[TaskRecord]:
         """Return up to ``limit`` rows of generation ``gen`` in ``state``, after
         ``after_line``, in file order."""
         found = await self._run(
@@ -226,7 +236,7 @@ class Journal:
             "ORDER BY line LIMIT ?",
             (gen, state.value, after_line, limit),
         )
-        return [JournalRow.from_sql(row) for row in found]
+        return [_record_of(row) for row in found]
 
     async def move(
         self, gen: int, states: tuple[ItemState, ...], to: ItemState, **changes: Any
@@ -255,7 +265,7 @@ class Journal:
         """Drop ``item_id``'s row (an item of a shared batch that another host takes)."""
         await self._run("DELETE FROM items WHERE id = ?", (item_id,))
 
-    async def update(self, row: JournalRow, state: ItemState, **changes: Any) -> None:
+    async def update(self, row: TaskRecord, state: ItemState, **changes: Any) -> None:
         """Move ``row`` to ``state`` with ``changes`` (task_id, result_urls, files, ...)."""
         row.state = state
         for name, value in changes.items():
@@ -282,7 +292,7 @@ class Journal:
         self._file.close()
 
 
-def read_rows(path: Path, gen: int, *, page: int = 5000) -> Iterator[JournalRow]:
+def read_rows(path: Path, gen: int, *, page: int = 5000) -> Iterator[TaskRecord]:
     """Yield the rows of generation ``gen`` in file order, from a read-only connection
     of this thread (the journal's own may be busy in its thread), a page at a time."""
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
@@ -295,14 +305,14 @@ def read_rows(path: Path, gen: int, *, page: int = 5000) -> Iterator[JournalRow]
             if not found:
                 return
             for row in found:
-                yield JournalRow.from_sql(row)
+                yield _record_of(row)
             after = found[-1][1]
 
 
 _LINE_BREAKS = {ord(c): f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"}
 
 
-def manifest_line(row: JournalRow, **more: Any) -> str:
+def manifest_line(row: TaskRecord, **more: Any) -> str:
     """Return the manifest's line for ``row`` (with ``more`` fields), newline included."""
     request = json.loads(row.request)
     entry = {

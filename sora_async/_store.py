@@ -70,8 +70,9 @@ class RecordState(str, enum.Enum):
 
 @dataclass
 class TaskRecord:
-    """One task as the store holds it. ``key`` is the caller's idempotency key, or
-    one the client made up."""
+    """One task as the ledger holds it, whoever made it: a client's store and a
+    batch's journal keep this same record. ``key`` is the caller's idempotency key,
+    one the client made up, or a batch item's id."""
 
     key: str
     fingerprint: str  # of the model and the input: the same key must come with the same
@@ -86,6 +87,17 @@ class TaskRecord:
     error: str | None = None
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
+    # A batch item's: its line in the batch's file, the files its results were saved
+    # to, the creates tried for it, and its task's generation time in seconds.
+    line: int = 0
+    files: list[str] = field(default_factory=list)
+    attempts: int = 0
+    seconds: float | None = None
+
+    @property
+    def id(self) -> str:
+        """Return a batch item's id: its record's ``key``."""
+        return self.key
 
 
 #: How many records stand in each state (by its value), by batch ("" for the rest).

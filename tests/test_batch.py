@@ -135,6 +135,9 @@ async def test_rerun_skips_finished_and_adopts_running(tmp_path: Path) -> None:
         async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
             report = await sa.run_batch(client, source, out)
         for row in report.rows:
+            # A batch's row is the one task record that the client's stores keep too.
+            assert isinstance(row, sa.TaskRecord)
+            assert row.key == row.id
             assert Path(row.files[0]).read_bytes() == await fake_file(fake, str(row.task_id))
         stats = fake.stats
     assert report.ok
