@@ -1,12 +1,12 @@
-"""End-to-end figures of a durable batch (journal, downloads, manifest).
+"""A durable batch at 1k to 1M items: CPU per item, peak memory, first request, resume.
 
-- Virtual time: a batch at the real limits (lognormal generations, mean 180 s):
-  makespan against its lower bound (sum of generation times / 10).
-- Real time: a 10,000-item batch with the limits lifted and instant generations:
-  CPU per item (client, journal, downloads and the fake service, all in this one
-  process), and in a second run the peak of traced Python memory.
+Each size runs in a fresh process (its peak RSS is its own), against the fake service
+in a process of its own with the limits lifted and instant generations, so that the
+figures are the client's: the file read into the journal, creates, polls, downloads,
+journal writes and the manifest. Then the finished batch is run again (a no-op
+resume) in another fresh process.
 
-    python benchmarks/batch.py [--virtual-items 1000] [--real-items 10000]
+    python benchmarks/batch_scale.py [--sizes 1000,10000,100000,1000000]
 """
 
 from __future__ import annotations
@@ -14,116 +14,131 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import resource
+import subprocess
+import sys
 import tempfile
 import time
-import tracemalloc
 from pathlib import Path
 from typing import Any
-
-import looptime
-
-import sora_async as sa
-from sora_async.testing import FakeApixo, fixed, lognormal
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def write_prompts(path: Path, count: int) -> Path:
-    path.write_text(
-        "".join(
-            json.dumps({"id": f"item-{i}", "prompt": f"prompt {i}"}) + "\n" for i in range(count)
-        )
-    )
-    return path
+def write_prompts(path: Path, count: int) -> None:
+    with path.open("w") as file:
+        for i in range(count):
+            file.write(json.dumps({"id": f"item-{i}", "prompt": f"prompt {i}"}) + "\n")
 
 
-async def virtual_makespan(items: int, folder: Path) -> dict[str, Any]:
-    source = write_prompts(folder / "virtual.jsonl", items)
-    loop = asyncio.get_running_loop()
-    async with FakeApixo(generation_time=lognormal(180.0, 0.4), balance=1e12, seed=7) as fake:
-        async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
-            started = loop.time()
-            report = await sa.run_batch(client, source, folder / "virtual")
-            makespan = loop.time() - started
-        assert report.ok
-        bound = sum(t.complete_at - t.created_at for t in fake.tasks.values()) / 10
-        stats = fake.stats
+async def run_once(source: Path, out: Path, url: str) -> dict[str, Any]:
+    """Run the batch (in this fresh process); return what it cost."""
+    import sora_async as sa
+
+    limits = sa.Limits(requests=10**9, period=1.0, concurrent_tasks=100)
+    first: list[float] = []
+    start = time.perf_counter()
+
+    def progress(seen: sa.BatchProgress) -> None:
+        if not first and any(seen.counts.get(s) for s in ("submitting", "running")):
+            first.append(time.perf_counter() - start)
+
+    async with sa.SoraClient(
+        api_key="test-key",
+        base_url=url,
+        limits=limits,
+        governor=sa.LocalGovernor(limits, jitter_margin=0.0),
+        poll_policy=sa.PollPolicy(prior_mean=0.01, min_interval=0.0, min_hazard=0.0),
+    ) as client:
+        cpu = time.process_time()
+        start = time.perf_counter()
+        report = await sa.run_batch(client, source, out, on_progress=progress)
+        cpu = time.process_time() - cpu
+        wall = time.perf_counter() - start
+    assert report.ok, report.counts
     return {
-        "items": items,
-        "makespan_s": makespan,
-        "lower_bound_s": bound,
-        "ratio": makespan / bound,
-        "429s": stats.rate_limited,
-        "max_in_window": stats.max_requests_in_window,
+        "cpu_s": cpu,
+        "wall_s": wall,
+        "first_request_s": first[0] if first else None,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "downloaded": report.counts.get("downloaded", 0),
     }
 
 
-async def real_cost(items: int, folder: Path, *, trace: bool) -> dict[str, Any]:
-    """Run a lifted batch; with ``trace``, measure peak memory (tracemalloc slows it)."""
-    source = write_prompts(folder / "real.jsonl", items)
-    limits = sa.Limits(requests=10**9, period=1.0, concurrent_tasks=100)
-    async with FakeApixo(
-        requests=10**9,
-        concurrent_tasks=10**9,
-        generation_time=fixed(0.0),
-        pending_time=0.0,
-        balance=1e15,
-    ) as fake:
-        async with sa.SoraClient(
-            api_key=fake.api_key,
-            base_url=fake.url,
-            limits=limits,
-            governor=sa.LocalGovernor(limits, jitter_margin=0.0),
-            poll_policy=sa.PollPolicy(prior_mean=0.01, min_interval=0.0, min_hazard=0.0),
-        ) as client:
-            if trace:
-                tracemalloc.start()
-            cpu, wall = time.process_time(), time.perf_counter()
-            report = await sa.run_batch(client, source, folder / ("traced" if trace else "real"))
-            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-            peak = tracemalloc.get_traced_memory()[1] if trace else 0
-            tracemalloc.stop()
-        assert report.ok
-        requests = fake.stats.requests
+def child(source: Path, out: Path, url: str) -> dict[str, Any]:
+    found = subprocess.run(
+        [sys.executable, __file__, "--child", str(source), str(out), url],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    result: dict[str, Any] = json.loads(found.stdout.strip().splitlines()[-1])
+    return result
+
+
+def measure(size: int, scratch: Path) -> dict[str, Any]:
+    source = scratch / f"prompts-{size}.jsonl"
+    out = scratch / f"out-{size}"
+    write_prompts(source, size)
+    fake = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "sora_async.testing", "--port", "0"),
+            *("--requests", str(10**9), "--period", "1", "--concurrent-tasks", str(10**9)),
+            *("--generation", "fixed:0", "--pending-time", "0", "--balance", "1e15"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert fake.stdout is not None
+        url = fake.stdout.readline().strip().partition("=")[2]
+        run = child(source, out, url)
+        manifest = out / "manifest.jsonl"
+        written = manifest.stat().st_mtime_ns
+        resume = child(source, out, url)
+        rewritten = manifest.stat().st_mtime_ns != written
+    finally:
+        fake.terminate()
+        fake.wait()
     return {
-        "items": items,
-        "cpu_ms_per_item": cpu / items * 1e3,
-        "wall_s": wall,
-        "peak_memory_mb": peak / 2**20,
-        "requests_per_item": requests / items,
+        "items": size,
+        "cpu_ms_per_item": run["cpu_s"] / size * 1e3,
+        "wall_s": run["wall_s"],
+        "first_request_s": run["first_request_s"],
+        "peak_rss_mb": run["peak_rss_mb"],
+        "resume_s": resume["wall_s"],
+        "resume_peak_rss_mb": resume["peak_rss_mb"],
+        "manifest_rewritten": rewritten,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--virtual-items", type=int, default=1000)
-    parser.add_argument("--real-items", type=int, default=10_000)
+    parser.add_argument("--sizes", default="1000,10000,100000,1000000")
+    parser.add_argument("--child", nargs=3, metavar=("SOURCE", "OUT", "URL"))
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as scratch:
-        loop = looptime.new_event_loop()
-        try:
-            virtual = loop.run_until_complete(virtual_makespan(args.virtual_items, Path(scratch)))
-        finally:
-            loop.close()
-        real = asyncio.run(real_cost(args.real_items, Path(scratch), trace=False))
-        traced = asyncio.run(real_cost(args.real_items, Path(scratch), trace=True))
-        real["peak_memory_mb"] = traced["peak_memory_mb"]
-    print("| measure | value |\n|---|---|")
-    print(
-        f"| makespan of {virtual['items']:,} videos at the real limits (virtual time) "
-        f"| {virtual['makespan_s']:.0f} s = {virtual['ratio']:.3f} x the lower bound "
-        f"({virtual['lower_bound_s']:.0f} s), {virtual['429s']} 429s |"
-    )
-    print(
-        f"| CPU per item, {real['items']:,}-item batch, limits lifted (real time) "
-        f"| {real['cpu_ms_per_item']:.2f} ms ({real['requests_per_item']:.1f} requests, "
-        f"journal, download, manifest) |"
-    )
-    print(f"| peak memory, {real['items']:,}-item batch | {real['peak_memory_mb']:.1f} MB |")
+    if args.child:
+        source, out, url = args.child
+        print(json.dumps(asyncio.run(run_once(Path(source), Path(out), url))))
+        return
+    rows = []
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as scratch:
+        for size in (int(text) for text in args.sizes.split(",")):
+            rows.append(measure(size, Path(scratch)))
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    print("| items | CPU per item | wall | first request | peak RSS | no-op resume | its RSS |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        rewritten = " (manifest rewritten)" if row["manifest_rewritten"] else ""
+        print(
+            f"| {row['items']:,} | {row['cpu_ms_per_item']:.2f} ms | {row['wall_s']:.1f} s "
+            f"| {row['first_request_s']:.2f} s | {row['peak_rss_mb']:.0f} MB "
+            f"| {row['resume_s']:.2f} s{rewritten} "
+            f"| {row['resume_peak_rss_mb']:.0f} MB |"
+        )
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "batch.json").write_text(
-        json.dumps({"virtual": virtual, "real": real}, indent=2) + "\n"
-    )
+    (RESULTS / "batch_scale.json").write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":

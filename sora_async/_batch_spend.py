@@ -72,7 +72,7 @@ class SpendWatch:
                     bound,
                     ratio,
                 )
-            self.client.price_factor = max(self.client.price_factor, ratio)
+            self.client.spending.price_factor = max(self.client.spending.price_factor, ratio)
             if self.client.budget is not None:  # the cap counts what the balance says
                 await self.client.budget.add_spent(measured - bound)
         return estimated, measured
@@ -101,7 +101,7 @@ async def paid_before(client: SoraClient, book: Journal, generation: int, page: 
         while rows := await book.page(generation, state, after, page):
             for row in rows:
                 request = request_from(json.loads(row.request), BatchDefaults())
-                found = estimate(request, client.prices or None, model=client.model)
+                found = estimate(request, client.spending.prices or None, model=client.model)
                 total += found.high if found is not None else 0.0
             after = rows[-1].line
     return total

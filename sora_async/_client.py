@@ -6,60 +6,33 @@ import asyncio
 import contextlib
 import logging
 import os
-import secrets
-from collections.abc import (
-    AsyncIterable,
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Iterable,
-    Mapping,
-)
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, overload
+from typing import Literal, overload
 
 import anyio
 import anyio.abc
 
-from ._budget import Budget, budget_for, check_cap
-from ._callback_tokens import callback_url_with_token, new_token
-from ._catalog import (
-    RawInput,
-    Request,
-    VideoInput,
-    check_model_id,
-    limits_for,
-    model_of,
-)
+from ._background import Background
+from ._bodies import Bodies
+from ._budget import Budget
+from ._catalog import Request, VideoInput, check_model_id, limits_for
 from ._creates import Creator, TaskModels
 from ._download import DEFAULT_MAX_DOWNLOAD_BYTES, Downloader
-from ._errors import (
-    ClientClosedError,
-    InputError,
-    TaskTimeoutError,
-    unwrap_sora_errors,
-)
+from ._errors import ClientClosedError, InputError, TaskTimeoutError
 from ._fanout import Outcome, fan_out
 from ._governor import Governor, LocalGovernor
 from ._lanes import Lanes
 from ._ledger import Hooks, Ledger, Recorded
-from ._models import (
-    CreateRequest,
-    Limits,
-    Result,
-    TaskStatus,
-    Video,
-)
-from ._prices import Price, estimate
+from ._models import CreateRequest, Limits, Result, TaskStatus, Video
+from ._prices import Price
 from ._recorder import Recorder
 from ._scheduler import PollPolicy, PollScheduler
 from ._settings import check_settings
 from ._snapshot import Snapshot, model_snapshot, snapshot_of
-from ._store import (
-    TaskStore,
-    check_idempotency_key,
-)
+from ._spending import Spending
+from ._store import TaskStore, check_idempotency_key
 from ._transport import RetryPolicy, Transport
 from ._waits import Waits, check_task_id, check_timeout
 
@@ -97,7 +70,8 @@ class SoraClient:
     With a :class:`RedisGovernor` the cap is one budget for every process and host
     of the key that names the same ``spend_scope``. ``keep_balance`` (USD) reads
     the balance when the client is entered (one request) and lowers the cap so
-    that the balance stays above it.
+    that the balance stays above it. ``client.spending`` holds the cap's budget, the
+    prices and ``price_factor`` (the measured over the estimated spend).
     Raises :class:`InputError` for a bad configuration (no key, unknown provider).
 
     Example::
@@ -153,11 +127,8 @@ class SoraClient:
         )
         self.store = store
         self.callback_url = callback_url
-        # A per-client secret in the callback URL's query lets the receiver tell the
-        # provider's callbacks from forged ones (the provider signs nothing).
-        if callback_url is not None and callback_secret is None:
-            callback_secret = secrets.token_urlsafe(32)
-        self.callback_secret = callback_secret or None
+        self._bodies = Bodies(model, provider, callback_url, callback_secret)
+        self.callback_secret = self._bodies.callback_secret
         self.confirm_callbacks = confirm_callbacks
         self.base_url = base_url or os.environ.get("APIXO_BASE_URL") or DEFAULT_BASE_URL
         self.model = model
@@ -186,14 +157,13 @@ class SoraClient:
             governor_for=self._lanes.governor_for,
             retry=retry if retry is not None else RetryPolicy(),
         )
-        self._state: Literal["new", "open", "closed"] = "new"
+        self._background = Background()
         # The model of each task this client created (status and wait need it).
         self._models = TaskModels()
         self.download_concurrency = download_concurrency
         self.max_download_bytes = max_download_bytes
         self._downloader: Downloader | None = None
-        self._host: asyncio.Task[None] | None = None
-        self._task_group: anyio.abc.TaskGroup | None = None
+        self.spending = Spending(default_governor, prices, spend_cap, spend_scope, keep_balance)
         self._waits = Waits(self._transport, self._lanes, self._ledger, self._models, model)
         self._creator = Creator(
             self._transport,
@@ -202,15 +172,8 @@ class SoraClient:
             self._models,
             on_uncertain=on_uncertain,
             uncertain_hold=uncertain_hold,
-            budget=budget_for(default_governor, spend_cap, spend_scope, keep_balance),
-            price_of=self._high_price,
-        )
-        self.prices: dict[str, Price] = dict(prices or {})
-        # Measured over estimated spend (a batch's balance reads raise it): each
-        # create reserves its high estimate times this.
-        self.price_factor = 1.0
-        self.keep_balance = (
-            None if keep_balance is None else check_cap(keep_balance, "keep_balance")
+            budget=self.spending.budget,
+            price_of=self.spending.high_price,
         )
         self._lanes.on_adopted = self._adopted
 
@@ -273,7 +236,7 @@ class SoraClient:
     # --- life cycle ---------------------------------------------------------------------
 
     async def __aenter__(self) -> SoraClient:
-        if self._state != "new":
+        if self._background.state != "new":
             raise ClientClosedError("a SoraClient can be entered once; create a new one")
         await self._ledger.open()
         await self._transport.open()
@@ -282,30 +245,18 @@ class SoraClient:
             concurrency=self.download_concurrency,
             max_bytes=self.max_download_bytes,
         )
-        ready = asyncio.Event()
-        # The background work lives in a task group hosted by one task the client
-        # owns, so the client may be entered and left from different tasks (pytest
-        # fixtures, server lifespans) and is cancelled and awaited on exit.
-        self._host = asyncio.get_running_loop().create_task(
-            self._host_background(ready), name="sora-async background"
+        await self._background.start(
+            lambda group: group.start_soon(self._creator.pool.run),
+            self._ledger.start,
+            self._lanes.start,
         )
-        await ready.wait()
-        self._state = "open"
         try:
-            await self._open_budget()
+            await self.spending.keep(self.balance)
             await self._ledger.adopt_recorded(self._waits.adopt)
         except BaseException as exc:
             await self.__aexit__(type(exc), exc, exc.__traceback__)
             raise
         return self
-
-    async def _host_background(self, ready: asyncio.Event) -> None:
-        async with anyio.create_task_group() as group:
-            self._task_group = group
-            group.start_soon(self._creator.pool.run)
-            self._ledger.start(group)
-            self._lanes.start(group)
-            ready.set()
 
     async def __aexit__(
         self,
@@ -313,14 +264,9 @@ class SoraClient:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._state = "closed"
+        self._background.state = "closed"
         await self._ledger.settle()  # ends already learned reach the store before it closes
-        if self._host is not None:
-            self._host.cancel()
-            # Background work that failed (its task group wrapped the error) raises the
-            # SoraError itself here, not an exception group.
-            with contextlib.suppress(asyncio.CancelledError), unwrap_sora_errors():
-                await self._host
+        await self._background.stop()
         await self._lanes.aclose()
         await self._transport.close()
         await self._ledger.close()
@@ -331,27 +277,6 @@ class SoraClient:
             await self._creator.budget.aclose()
 
     # --- money ----------------------------------------------------------------------------
-
-    def _high_price(self, model: str, payload: Any) -> float:
-        """Return the high estimate of one create (InputError for an unpriced model)."""
-        request = RawInput(model=model, input=payload) if isinstance(payload, dict) else payload
-        found = estimate(request, self.prices or None, model=model)
-        if found is None:
-            raise InputError(
-                "prices",
-                f"model {model!r} has no known price, and a spend cap needs one: give it "
-                "with SoraClient(prices={...}) or the CLI's --prices FILE",
-            )
-        return found.high * self.price_factor
-
-    async def _open_budget(self) -> None:
-        """With ``keep_balance``, lower the cap to what the balance leaves above it."""
-        budget = self._creator.budget
-        if budget is None or self.keep_balance is None:
-            return
-        spent, _ = await budget.figures()
-        left = await self.balance() - self.keep_balance
-        budget.cap = max(0.0, min(budget.cap, spent + left))
 
     @property
     def budget(self) -> Budget | None:
@@ -375,49 +300,18 @@ class SoraClient:
         self._creator.settle_at_end(task_id, model)
 
     def _check_open(self) -> anyio.abc.TaskGroup:
-        if self._state != "open" or self._task_group is None or self._host is None:
-            raise ClientClosedError(
-                "this SoraClient is not open: use it inside 'async with SoraClient(...)'"
-            )
-        if self._host.done():
-            raise ClientClosedError("the client's background work stopped") from (
-                self._host.exception() if not self._host.cancelled() else None
-            )
-        return self._task_group
+        return self._background.check_open()
 
     # --- single tasks ---------------------------------------------------------------------
 
     def model_for(self, request: Request) -> str:
         """Return the model ``request`` goes to: its own, or the client's ``model`` for
         Sora 2 Pro's TextToVideo / ImageToVideo. Raises InputError for anything else."""
-        return model_of(request, self.model)
+        return self._bodies.model_for(request)
 
     def create_request(self, request: Request) -> CreateRequest:
         """Return the create body for ``request`` (validated; no request is sent)."""
-        self.model_for(request)
-        data: Any = request.input if isinstance(request, RawInput) else request
-        if self.callback_url is None:
-            return CreateRequest(
-                input=data,
-                request_type="async",
-                provider=self.provider,  # type: ignore[arg-type]
-            )
-        return CreateRequest(
-            input=data,
-            request_type="callback",
-            callback_url=self._callback_endpoint(),
-            provider=self.provider,  # type: ignore[arg-type]
-        )
-
-    def _prepare(self, request: Request) -> tuple[str, CreateRequest]:
-        return self.model_for(request), self.create_request(request)
-
-    def _callback_endpoint(self) -> str:
-        assert self.callback_url is not None
-        if self.callback_secret is None:
-            return self.callback_url
-        # A token of its own per create: a claim of a task's end must carry its token.
-        return callback_url_with_token(self.callback_url, new_token(self.callback_secret))
+        return self._bodies.body(request)
 
     async def submit(
         self,
@@ -453,7 +347,7 @@ class SoraClient:
         the create's own task: a caller who stopped waiting may still hear of them.
         """
         self._check_open()
-        prepared = self._prepare(request)
+        prepared = self._bodies.prepare(request)
         if idempotency_key is not None:
             check_idempotency_key(idempotency_key)
         if not isinstance(batch, str) or len(batch) > 200:
@@ -654,6 +548,6 @@ class SoraClient:
             self._check_open(),
             requests,
             governor_for=lambda prepared: self._lanes.get(prepared[0]).governor,
-            prepare=self._prepare,
+            prepare=self._bodies.prepare,
             run=run,
         )

@@ -293,7 +293,7 @@ async def test_a_balance_falling_faster_than_the_estimate_corrects_the_rest_of_t
         async with capped(fake, 20 * VIDEO_USD) as client:
             with pytest.raises(sa.BudgetExceededError):
                 await sa.run_batch(client, prompts, tmp_path / "out", balance_every=60.0)
-            assert client.price_factor == pytest.approx(2.0)
+            assert client.spending.price_factor == pytest.approx(2.0)
         assert fake.stats.creates == 10
         assert 1000.0 - fake.balance <= 20 * VIDEO_USD + 1e-9
     warnings = [r for r in caplog.records if "the balance fell by" in r.getMessage()]

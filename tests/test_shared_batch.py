@@ -61,7 +61,7 @@ async def assert_each_item_once_though_one_host_was_gone(
     # A create stopped between its slot and its send finds its slot given away when it
     # goes on (no check can close that gap): the service refuses it, once, and it is
     # sent again later. The window is never overrun.
-    assert stats.rate_limited == stats.concurrency_limited <= 2
+    assert stats.rate_limited == stats.concurrency_limited <= 2, logs
     assert stats.max_requests_in_window <= 60
     assert set(stats.creates_per_prompt.values()) == {1}
     assert len(stats.creates_per_prompt) >= count - len(uncertain)
