@@ -6,7 +6,7 @@ figures are the client's: the file read into the journal, creates, polls, downlo
 journal writes and the manifest. Then the finished batch is run again (a no-op
 resume) in another fresh process.
 
-    python benchmarks/batch_scale.py [--sizes 1000,10000,100000,1000000]
+    python benchmarks/batch.py [--sizes 1000,10000,100000,1000000]
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def main() -> None:
             f"| {row['resume_peak_rss_mb']:.0f} MB |"
         )
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "batch_scale.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (RESULTS / "batch.json").write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":

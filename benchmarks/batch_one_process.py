@@ -6,7 +6,7 @@
   CPU per item (client, journal, downloads and the fake service, all in this one
   process), and in a second run the peak of traced Python memory.
 
-    python benchmarks/batch.py [--virtual-items 1000] [--real-items 10000]
+    python benchmarks/batch_one_process.py [--virtual-items 1000] [--real-items 10000]
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def main() -> None:
     )
     print(f"| peak memory, {real['items']:,}-item batch | {real['peak_memory_mb']:.1f} MB |")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "batch.json").write_text(
+    (RESULTS / "batch_one_process.json").write_text(
         json.dumps({"virtual": virtual, "real": real}, indent=2) + "\n"
     )
 
