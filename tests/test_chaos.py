@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 import sora_async as sa
-from benchmarks.batch import write_prompts
+from benchmarks.batch_one_process import write_prompts
 from sora_async.testing import FakeApixo, Fault, fixed, lognormal
 from sora_async.testing._damage import STATUS_DAMAGES
 from sora_async.testing._media import build_mp4

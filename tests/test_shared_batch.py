@@ -56,7 +56,11 @@ async def assert_each_item_once_though_one_host_was_gone(
     # is then uncertain (never created again), as in a single host's batch.
     rows = [json.loads(line) for line in (outs[1] / "manifest.jsonl").read_text().splitlines()]
     uncertain = {row["id"] for row in rows if row["state"] == "uncertain"}
-    assert [host.returncode for host in hosts] == ([0, 0] if not uncertain else [1, 1]), logs
+    # A host exits 1 when an item it took ends uncertain, else 0.
+    codes = [host.returncode for host in hosts]
+    expected_codes = {0, 1} if uncertain else {0}
+    assert set(codes) <= expected_codes, logs
+    assert (1 in codes) == bool(uncertain), logs
     assert len(uncertain) <= 1
     # A create stopped between its slot and its send finds its slot given away when it
     # goes on (no check can close that gap): the service refuses it, once, and it is
