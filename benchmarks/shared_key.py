@@ -125,9 +125,9 @@ class TimedLocalGovernor(sa.LocalGovernor):
         self.permits = _Timings()
         self.scripts = _Timings()
 
-    async def request(self, kind: RequestKind) -> None:
+    async def request(self, kind: RequestKind, priority: sa.Priority = "normal") -> None:
         with self.permits.timing(kind):
-            await super().request(kind)
+            await super().request(kind, priority)
 
 
 class TimedRedisGovernor(RedisGovernor):
@@ -148,9 +148,9 @@ class TimedRedisGovernor(RedisGovernor):
         self.permits = _Timings()
         self.scripts = _Timings()
 
-    async def request(self, kind: RequestKind) -> None:
+    async def request(self, kind: RequestKind, priority: sa.Priority = "normal") -> None:
         with self.permits.timing(kind):
-            await super().request(kind)
+            await super().request(kind, priority)
 
     async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
         with self.scripts.timing(name):

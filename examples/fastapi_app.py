@@ -682,6 +682,8 @@ def create_app(
                 task_id = await client.submit(
                     request,
                     idempotency_key=idempotency_key,
+                    # A user waits at a screen: before any batch's creates on the key.
+                    priority="interactive",
                     before_create=sending,
                     after_no_task=no_task,
                 )

@@ -66,6 +66,7 @@ from ._models import (
     VideoRequest,
 )
 from ._prices import Estimate, Price, estimate, load_prices
+from ._priority import PRIORITIES, Priority
 from ._scheduler import PollPolicy
 from ._snapshot import ModelSnapshot, Snapshot
 from ._store import MemoryStore, RecordState, SQLiteStore, TaskRecord, TaskStore
@@ -79,6 +80,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MODELS",
+    "PRIORITIES",
     "APIError",
     "AuthenticationError",
     "BatchDefaults",
@@ -110,6 +112,7 @@ __all__ = [
     "PermissionDeniedError",
     "PollPolicy",
     "Price",
+    "Priority",
     "ProtocolError",
     "RateLimitError",
     "RawInput",

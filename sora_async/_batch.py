@@ -56,6 +56,7 @@ from ._errors import (
 )
 from ._journal import ItemState, Journal, manifest_line, read_rows
 from ._models import Video
+from ._priority import Priority, rank_of
 from ._store import TaskRecord
 
 if TYPE_CHECKING:
@@ -180,6 +181,7 @@ class _Runner:
         self._next_report = 0.0
         self.shared: SharedItems | None = None  # this host's part of a shared batch
         self.batch = ""  # the name its tasks are recorded under in the client's store
+        self.priority: Priority = "batch"
         self.group: anyio.abc.TaskGroup | None = None  # where follows run
 
     async def set(self, row: TaskRecord, state: ItemState, **changes: Any) -> None:
@@ -385,7 +387,11 @@ class _Runner:
         request = _row_request(row)
         try:
             task_id = await self.client.submit(
-                request, batch=self.batch, before_create=mark, after_no_task=unmark
+                request,
+                batch=self.batch,
+                priority=self.priority,
+                before_create=mark,
+                after_no_task=unmark,
             )
         except SubmitUncertainError as exc:
             await self.set(row, ItemState.UNCERTAIN, error=str(exc))
@@ -591,6 +597,7 @@ async def run_batch(
     batch: str | None = None,
     host: str | None = None,
     balance_every: float = 300.0,
+    priority: Priority = "batch",
 ) -> BatchReport:
     """Generate every request of ``source`` into folder ``out``, durably.
 
@@ -634,12 +641,17 @@ async def run_batch(
     measured spend, and a balance falling faster than the estimate is warned of once
     and corrects the rest of the run's reservations.
 
+    ``priority``: the batch's creates wait for slots behind every higher priority's
+    (default "batch", the lowest: a service's "interactive" requests on the same
+    client go first; see :data:`sa.Priority`).
+
     ``shard=(K, N)`` takes only the K-th of N shares of the file (by a hash of each
     id), for several hosts sharing one file and one key (with a RedisGovernor); its
     journal and manifest are named for the shard, so shards may share a folder.
     No longer needed with ``redis_url``, which it excludes.
     """
     started = time.monotonic()
+    rank_of(priority)
     path = Path(source)
     suffix = ""
     if shard is not None:
@@ -703,6 +715,7 @@ async def run_batch(
         runner = _Runner(client, book, folder, generation, on_progress, reader)
         runner.shared = shared
         runner.batch = batch or digest[:16]
+        runner.priority = priority
         watch = await SpendWatch.start(client)
         if watch is None:
             await runner.run(resubmit_uncertain, retry_failed, stop)

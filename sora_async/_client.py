@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -27,6 +28,7 @@ from ._lanes import Lanes
 from ._ledger import Hooks, Ledger, Recorded
 from ._models import CreateRequest, Limits, Result, TaskStatus, Video
 from ._prices import Price
+from ._priority import Priority, rank_of
 from ._recorder import Recorder
 from ._scheduler import PollPolicy, PollScheduler
 from ._settings import check_settings
@@ -319,6 +321,7 @@ class SoraClient:
         *,
         idempotency_key: str | None = None,
         batch: str = "",
+        priority: Priority = "normal",
         before_create: Callable[[], Awaitable[None]] | None = None,
         after_no_task: Callable[[], Awaitable[None]] | None = None,
     ) -> str:
@@ -338,6 +341,8 @@ class SoraClient:
         whose create may have made a task nobody can name raises SubmitUncertainError.
         ``batch``: the batch the task belongs to, as the ``store`` records it (its
         ``counts`` and ``sora-async top`` count tasks by batch; "" is the rest).
+        ``priority`` ("interactive", "normal" or "batch"): waiting creates are served
+        highest first, first come first served within one (see :data:`sa.Priority`).
         ``before_create`` is awaited once the request permit is granted, just before
         the create is sent, again before each retry's send (a journal writes its row
         ``submitting`` there); an error it raises stops the create unsent, frees the
@@ -352,6 +357,7 @@ class SoraClient:
             check_idempotency_key(idempotency_key)
         if not isinstance(batch, str) or len(batch) > 200:
             raise InputError("batch", "must be a string of at most 200 characters")
+        rank_of(priority)
         hooks = None
         if before_create is not None or after_no_task is not None:
             hooks = Hooks(before_create, after_no_task)
@@ -364,11 +370,11 @@ class SoraClient:
                 batch,
                 prepared,
                 hooks,
-                self._create,
-                governor.acquire_slot,
+                functools.partial(self._create, priority=priority),
+                functools.partial(governor.acquire_slot, priority),
             )
-        await governor.acquire_slot()
-        return await self._create(prepared, hooks)
+        await governor.acquire_slot(priority)
+        return await self._create(prepared, hooks, priority=priority)
 
     async def uncertain_keys(self) -> list[str]:
         """Return the idempotency keys whose create may have made a task whose id was
@@ -405,10 +411,12 @@ class SoraClient:
         prepared: tuple[str, CreateRequest],
         hooks: Hooks | None = None,
         recorded: Recorded | None = None,
+        *,
+        priority: Priority = "normal",
     ) -> str:
         """Create a task with a slot already taken (see Creator.create)."""
         self._check_open()
-        return await self._creator.create(prepared, hooks, recorded)
+        return await self._creator.create(prepared, hooks, recorded, priority)
 
     async def status(
         self, task_id: str, *, model: str | None = None, timeout: float | None = None
@@ -450,6 +458,7 @@ class SoraClient:
         *,
         timeout: float | None = None,
         idempotency_key: str | None = None,
+        priority: Priority = "normal",
     ) -> Video: ...
 
     @overload
@@ -459,6 +468,7 @@ class SoraClient:
         *,
         timeout: float | None = None,
         idempotency_key: str | None = None,
+        priority: Priority = "normal",
     ) -> Result: ...
 
     async def generate(
@@ -467,6 +477,7 @@ class SoraClient:
         *,
         timeout: float | None = None,
         idempotency_key: str | None = None,
+        priority: Priority = "normal",
     ) -> Result:
         """Submit ``request`` to its model, wait for it and return its result: a
         :class:`Video` for a video model (see submit and wait).
@@ -478,16 +489,16 @@ class SoraClient:
         end, and a task it makes is tracked and its id logged: never made twice; with
         an ``idempotency_key``, a later call with the same key finds it). Without
         ``timeout``, the create is unbounded and the wait takes the client's
-        ``wait_timeout``.
+        ``wait_timeout``. ``priority`` is as in :meth:`submit`.
         """
         if timeout is None:
-            task_id = await self.submit(request, idempotency_key=idempotency_key)
+            task_id = await self.submit(request, idempotency_key=idempotency_key, priority=priority)
             return await self.wait(task_id)
         check_timeout(timeout)
         model = self.model_for(request)
         deadline = asyncio.get_running_loop().time() + timeout
         with anyio.move_on_after(timeout) as scope:
-            task_id = await self.submit(request, idempotency_key=idempotency_key)
+            task_id = await self.submit(request, idempotency_key=idempotency_key, priority=priority)
         if scope.cancelled_caught:
             raise TaskTimeoutError(None, timeout)
         return await self._waits.wait_until(task_id, model, deadline, timeout)
@@ -528,6 +539,7 @@ class SoraClient:
         requests: Iterable[Request] | AsyncIterable[Request],
         *,
         timeout: float | None = None,
+        priority: Priority = "normal",
     ) -> AsyncIterator[Outcome]:
         """Generate every request, yielding an Outcome as each finishes.
 
@@ -537,11 +549,12 @@ class SoraClient:
         ``redis_timeout``) stop everything at once and are raised (tasks already made
         stay tracked); InsufficientCreditsError stops new creates, lets in-flight
         tasks finish (their outcomes are yielded), then is raised.
-        ``timeout`` bounds each wait, as in wait().
+        ``timeout`` bounds each wait, as in wait(); ``priority`` is as in submit().
         """
+        rank_of(priority)
 
         async def run(prepared: tuple[str, CreateRequest]) -> Result:
-            task_id = await self._create(prepared)
+            task_id = await self._create(prepared, priority=priority)
             return await self.wait(task_id, timeout=timeout)
 
         return fan_out(
@@ -550,4 +563,5 @@ class SoraClient:
             governor_for=lambda prepared: self._lanes.get(prepared[0]).governor,
             prepare=self._bodies.prepare,
             run=run,
+            priority=priority,
         )

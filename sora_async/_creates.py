@@ -21,6 +21,7 @@ from ._lanes import Lanes
 from ._ledger import Hooks, Ledger, NotSent, Recorded, note
 from ._models import CreateRequest, TaskState, TaskStatus
 from ._pool import TaskPool
+from ._priority import Priority
 from ._recorder import Recorder
 from ._store import RecordState
 from ._transport import Transport
@@ -82,6 +83,7 @@ class Creator:
         prepared: tuple[str, CreateRequest],
         hooks: Hooks | None = None,
         recorded: Recorded | None = None,
+        priority: Priority = "normal",
     ) -> str:
         """Create a task with a slot already taken; the slot is accounted for either way.
 
@@ -95,7 +97,7 @@ class Creator:
             self._ledger.creating(recorded[1].key, created)
             hooks = hooks if hooks is not None else Hooks(None, None)
             hooks.recorded = recorded
-        self._pool.start_soon(self._create_detached, prepared, created, recorded, hooks)
+        self._pool.start_soon(self._create_detached, prepared, created, recorded, hooks, priority)
         try:
             if recorded is None:
                 # Nobody else awaits this future, so no shield: a caller cancelled
@@ -112,6 +114,7 @@ class Creator:
         created: asyncio.Future[str],
         recorded: Recorded | None,
         hooks: Hooks | None,
+        priority: Priority,
     ) -> None:
         model, body = prepared
         lane = self._lanes.get(model)
@@ -131,7 +134,9 @@ class Creator:
                     # The record turns submitting in hooks.sending(): once the permit
                     # is granted, just before the send, never while a slot, a permit
                     # or a back-off is awaited.
-                    task_id = await self._transport.create(model, body, hooks=hooks)
+                    task_id = await self._transport.create(
+                        model, body, hooks=hooks, priority=priority
+                    )
                 except NotSent as stopped:
                     lane.governor.release_slot()
                     await self._settle(reservation, paid=False)
@@ -145,7 +150,7 @@ class Creator:
                         await note(recorded, RecordState.UNCERTAIN, error=str(exc))
                         raise
                     logger.warning("create uncertain; resubmitting (on_uncertain='resubmit')")
-                    await lane.governor.acquire_slot()
+                    await lane.governor.acquire_slot(priority)
                     continue
                 except SoraError as exc:
                     lane.governor.release_slot()

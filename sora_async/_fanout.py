@@ -22,6 +22,7 @@ from ._errors import (
 )
 from ._governor import Governor
 from ._models import Result
+from ._priority import Priority
 
 Prepared = TypeVar("Prepared")
 # With several models, how many requests may wait for slots per model while the
@@ -56,6 +57,7 @@ async def fan_out(
     governor_for: Callable[[Prepared], Governor],
     prepare: Callable[[Any], Prepared],
     run: Callable[[Prepared], Awaitable[Result]],
+    priority: Priority = "normal",
 ) -> AsyncIterator[Outcome]:
     """Yield an Outcome per request as each finishes.
 
@@ -115,7 +117,7 @@ async def fan_out(
         while queue:
             request, body = queue[0]
             try:
-                await governor.acquire_slot()
+                await governor.acquire_slot(priority)
             except SoraError as exc:  # no slot for anyone (Redis unreachable)
                 stop_all(exc)
                 return

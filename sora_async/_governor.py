@@ -20,6 +20,7 @@ import anyio
 
 from ._errors import InputError
 from ._models import Limits, TaskStatus
+from ._priority import Priority, SlotLine, rank_of
 
 __all__ = [
     "SLOT_REFUSAL_WINDOW",
@@ -122,8 +123,9 @@ class Governor(Protocol):
     #: to a live one (a client's store then leaves their adoption to it).
     adopts_orphans: bool
 
-    async def request(self, kind: RequestKind) -> None:
-        """Wait until one request may be sent, and spend it."""
+    async def request(self, kind: RequestKind, priority: Priority = "normal") -> None:
+        """Wait until one request may be sent, and spend it (a create's ``priority``
+        orders it among the creates waiting for a permit)."""
 
     def rate_limited(self, kind: RequestKind, retry_after: float | None) -> None:
         """Report a 429 for a request of ``kind``: pause everyone and shrink."""
@@ -134,8 +136,9 @@ class Governor(Protocol):
     def request_took(self, seconds: float) -> None:
         """Report how long a sent request took to be answered (or to fail)."""
 
-    async def acquire_slot(self) -> None:
-        """Wait, first come first served, for a task slot."""
+    async def acquire_slot(self, priority: Priority = "normal") -> None:
+        """Wait for a task slot: highest ``priority`` first, first come first served
+        within one (see :mod:`sora_async._priority` for the reserve and starvation)."""
 
     def bind_slot(self, task_id: str, model: str) -> None:
         """Record that a slot taken by this process is now held by task ``task_id``."""
@@ -214,19 +217,21 @@ class RemembersGrants(Protocol):
 class _Ticket:
     """A place in the request queue: by priority, then first come, first served."""
 
-    __slots__ = ("order", "priority", "waker")
+    __slots__ = ("order", "priority", "rank", "waker")
 
-    def __init__(self, priority: int, order: int) -> None:
-        self.priority = priority
+    def __init__(self, priority: int, rank: int, order: int) -> None:
+        self.priority = priority  # of the request's kind
+        self.rank = rank  # of the create's priority
         self.order = order
         self.waker: asyncio.Future[None] | None = None
 
     def __lt__(self, other: _Ticket) -> bool:
-        return (self.priority, self.order) < (other.priority, other.order)
+        return (self.priority, self.rank, self.order) < (other.priority, other.rank, other.order)
 
 
 class RequestQueue:
-    """The requests of one process in line: by priority (creates first), then first come.
+    """The requests of one process in line: by kind (creates first), a create's
+    priority, then first come.
 
     Only the head of the line tries for a permit; whoever is first after it leaves
     tries next. A governor supplies ``attempt``: spend a permit and return 0, or
@@ -241,11 +246,14 @@ class RequestQueue:
         return len(self._line)
 
     async def serve(
-        self, kind: RequestKind, attempt: Callable[[RequestKind], Awaitable[float]]
+        self,
+        kind: RequestKind,
+        attempt: Callable[[RequestKind], Awaitable[float]],
+        rank: int = 1,
     ) -> None:
         """Wait for the head of the line, then until ``attempt`` grants a permit."""
         loop = asyncio.get_running_loop()
-        ticket = _Ticket(_PRIORITY[kind], next(self._order))
+        ticket = _Ticket(_PRIORITY[kind], rank, next(self._order))
         heapq.heappush(self._line, ticket)
         try:
             while True:
@@ -490,6 +498,9 @@ class LocalGovernor:
         backoff_cap: float = 60.0,
         probe_after: int = 10,
         seed: int | None = None,
+        reserved: int = 0,
+        lend_after: float | None = 600.0,
+        starve_after: float = 600.0,
     ) -> None:
         self.limits = limits if limits is not None else Limits()
         if jitter_margin < 0:
@@ -505,6 +516,9 @@ class LocalGovernor:
             "backoff_cap": backoff_cap,
             "probe_after": probe_after,
             "seed": seed,
+            "reserved": reserved,
+            "lend_after": lend_after,
+            "starve_after": starve_after,
         }
         # The send log keeps what the widest window needs; each grant weighs the margin
         # in force then.
@@ -531,7 +545,12 @@ class LocalGovernor:
         self._slot_limit = self.limits.concurrent_tasks
         self._in_use = 0
         self._bound = 0  # slots held by tasks (the rest: creates on their way)
-        self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        if reserved >= self.limits.concurrent_tasks:
+            raise InputError("reserved", "must be below limits.concurrent_tasks")
+        self._slot_line = SlotLine(
+            reserved=reserved, lend_after=lend_after, starve_after=starve_after
+        )
+        self._lend_timer: asyncio.TimerHandle | None = None
         self._timers: set[asyncio.TimerHandle] = set()
         self._creates = CreatePause()
 
@@ -552,14 +571,14 @@ class LocalGovernor:
         """Return how many 429s were reported since the governor was made."""
         return self._rate_limited_seen
 
-    async def request(self, kind: RequestKind) -> None:
+    async def request(self, kind: RequestKind, priority: Priority = "normal") -> None:
         """Wait until one request of ``kind`` may be sent, and spend it."""
         if kind == "create":
             await self._creates.wait()
         # Nobody in line: the request is at its head, so try at once without a place
         # in the line (the usual case below the limits, and the cheapest).
         if self._queue or self._spend(kind) > 0:
-            await self._queue.serve(kind, self._try_send)
+            await self._queue.serve(kind, self._try_send, rank_of(priority))
 
     async def _try_send(self, kind: RequestKind) -> float:
         return self._spend(kind)
@@ -717,24 +736,47 @@ class LocalGovernor:
     @property
     def slot_waiters(self) -> int:
         """Return how many creates wait for a task slot now."""
-        return sum(1 for waiter in self._slot_waiters if not waiter.done())
+        return sum(self._slot_line.waiting().values())
 
-    async def acquire_slot(self) -> None:
-        """Wait, first come first served, for a task slot."""
-        if self._in_use < self._slot_limit and not self._slot_waiters:
+    def slot_waiters_by_priority(self) -> dict[Priority, int]:
+        """Return how many creates wait for a task slot now, by priority."""
+        return self._slot_line.waiting()
+
+    async def acquire_slot(self, priority: Priority = "normal") -> None:
+        """Wait for a task slot: highest ``priority`` first, first come first served
+        within one. Creates below ``interactive`` leave the last ``reserved`` slots
+        free (lent to them after ``lend_after`` quiet seconds), and a create that
+        waited ``starve_after`` seconds is served with the interactive ones."""
+        rank = rank_of(priority)
+        now = asyncio.get_running_loop().time()
+        line = self._slot_line
+        if rank == 0:
+            self._saw_interactive(now)
+        if not line and line.has_room(rank, self._in_use, self._slot_limit, now):
             self._in_use += 1
             return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._slot_waiters.append(waiter)
+        waiter = line.join(rank, now)
         try:
-            await waiter
+            await waiter.future
         except BaseException:
-            if waiter.done() and not waiter.cancelled():
+            if waiter.future.done() and not waiter.future.cancelled():
                 # The slot was handed to us just as we were cancelled: pass it on.
                 self.release_slot()
-            elif waiter in self._slot_waiters:  # a hand-on may have dropped it already
-                self._slot_waiters.remove(waiter)
+            else:
+                line.leave(waiter)
             raise
+
+    def _saw_interactive(self, now: float) -> None:
+        """An interactive create came: the reserve is back, until lent again."""
+        line = self._slot_line
+        line.last_interactive = now
+        if self._lend_timer is not None:
+            self._lend_timer.cancel()
+            self._lend_timer = None
+        lend_at = line.lent_until()
+        if lend_at != float("inf"):
+            # When the reserve is lent, the creates it held back take it.
+            self._lend_timer = asyncio.get_running_loop().call_at(lend_at, self._hand_on_slots)
 
     def bind_slot(self, task_id: str, model: str) -> None:
         """Count a slot as held by a task (a slot is a count here)."""
@@ -764,11 +806,13 @@ class LocalGovernor:
         self._timers.add(handle)
 
     def _hand_on_slots(self) -> None:
-        while self._slot_waiters and self._in_use < self._slot_limit:
-            waiter = self._slot_waiters.popleft()
-            if not waiter.done():
-                self._in_use += 1
-                waiter.set_result(None)
+        now = asyncio.get_running_loop().time()
+        while self._in_use < self._slot_limit:
+            waiter = self._slot_line.next_up(self._in_use, self._slot_limit, now)
+            if waiter is None:
+                return
+            self._in_use += 1
+            waiter.future.set_result(None)
 
     def for_model(self, model: str, limits: Limits) -> LocalGovernor:
         """Return a LocalGovernor for ``model``'s own ``limits`` with this one's settings
@@ -795,3 +839,5 @@ class LocalGovernor:
         for handle in self._timers:
             handle.cancel()
         self._timers.clear()
+        if self._lend_timer is not None:
+            self._lend_timer.cancel()

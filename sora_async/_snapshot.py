@@ -44,6 +44,8 @@ class ModelSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     generation_p90: float
     #: Estimated share of task ends that no callback announces (1.0 without callbacks).
     callback_loss: float
+    #: Creates waiting for a task slot now, by priority (a governor in this process).
+    slot_waiters_by_priority: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class Snapshot(ModelSnapshot, frozen=True, kw_only=True):
@@ -70,6 +72,7 @@ class Snapshot(ModelSnapshot, frozen=True, kw_only=True):
 def model_snapshot(model: str, governor: Governor, scheduler: PollScheduler) -> ModelSnapshot:
     """Read one model's figures from its governor and scheduler."""
     finished = scheduler.settled
+    by_priority = getattr(governor, "slot_waiters_by_priority", None)
     return ModelSnapshot(
         model=model,
         slots_in_use=governor.slots_in_use,
@@ -86,6 +89,7 @@ def model_snapshot(model: str, governor: Governor, scheduler: PollScheduler) -> 
         generation_mean=scheduler.times.mean,
         generation_p90=scheduler.times.age_at_survival(0.1),
         callback_loss=scheduler.callback_loss,
+        slot_waiters_by_priority=dict(by_priority()) if by_priority is not None else {},
     )
 
 

@@ -30,6 +30,7 @@ from ._errors import (
 )
 from ._governor import Governor, RequestKind
 from ._models import CreatedTask, CreateRequest, TaskStatus, decode_envelope, decode_status
+from ._priority import Priority
 from ._recorder import Recorder
 
 __all__ = ["CreateHooks", "RetryPolicy", "Transport"]
@@ -177,31 +178,45 @@ class Transport:
     # --- the three calls --------------------------------------------------------------
 
     async def create(
-        self, model: str, request: CreateRequest, *, hooks: CreateHooks | None = None
+        self,
+        model: str,
+        request: CreateRequest,
+        *,
+        hooks: CreateHooks | None = None,
+        priority: Priority = "normal",
     ) -> str:
         """Create a task and return its id.
 
         Retried only where the service certainly made no task (refused connection,
         429, 503). Raises SubmitUncertainError where it may have made one.
         ``hooks`` hear of each attempt: ``sending()`` between its permit and its send,
-        ``no_task()`` after an answer that proved it made no task.
+        ``no_task()`` after an answer that proved it made no task. ``priority`` orders
+        the create among those waiting for a permit.
         """
         body = _encoder.encode(request)
         url = f"{self._base_url}/generateTask/{model}"
         started = asyncio.get_running_loop().time()
         try:
-            return await self._create_once(model, url, body, hooks, False)
+            return await self._create_once(model, url, body, hooks, priority, False)
         except _Retry as retry:
             failed = retry
         return await self._with_retries(
-            "create", failed, started, self._create_once, model, url, body, hooks
+            "create", failed, started, self._create_once, model, url, body, hooks, priority
         )
 
     async def _create_once(
-        self, model: str, url: str, body: bytes, hooks: CreateHooks | None, prepaid: bool
+        self,
+        model: str,
+        url: str,
+        body: bytes,
+        hooks: CreateHooks | None,
+        priority: Priority,
+        prepaid: bool,
     ) -> str:
         try:
-            raw = await self._send("create", model, "POST", url, body=body, hooks=hooks)
+            raw = await self._send(
+                "create", model, "POST", url, body=body, hooks=hooks, priority=priority
+            )
         except _Retry as retry:
             cause = retry.cause
             if not (
@@ -316,6 +331,7 @@ class Transport:
         params: dict[str, str] | None = None,
         prepaid: bool = False,
         hooks: CreateHooks | None = None,
+        priority: Priority = "normal",
     ) -> bytes:
         """Send one attempt and return the envelope's raw ``data``.
 
@@ -328,10 +344,10 @@ class Transport:
         waited = 0.0
         if self._key_refused is None and not prepaid:
             if recorder is None:
-                await governor.request(kind)
+                await governor.request(kind, priority)
             else:
                 asked = asyncio.get_running_loop().time()
-                await governor.request(kind)
+                await governor.request(kind, priority)
                 waited = asyncio.get_running_loop().time() - asked
         if self._key_refused is not None:
             raise self._key_refused

@@ -46,6 +46,7 @@ from ._governor import Governor
 from ._journal import ItemState
 from ._models import Limits
 from ._prices import load_prices
+from ._priority import PRIORITIES, Priority
 from ._snapshot import Snapshot
 
 if TYPE_CHECKING:  # Redis is an extra: _top is imported by `top` alone
@@ -323,6 +324,13 @@ def _advice(report: BatchReport) -> str:
     help="Check every line and print the estimate (items, cost, time); send nothing.",
 )
 @click.option("--balance", "show_balance", is_flag=True, help="With --dry-run: read the balance.")
+@click.option(
+    "--priority",
+    type=click.Choice(PRIORITIES),
+    default="batch",
+    show_default=True,
+    help="The creates' priority on the key: higher ones (a service's) go first.",
+)
 @_common
 def batch(
     file: Path,
@@ -338,6 +346,7 @@ def batch(
     prices_file: Path | None,
     dry_run: bool,
     show_balance: bool,
+    priority: Priority,
     **kwargs: Any,
 ) -> None:
     """Generate every prompt of FILE (JSONL, or one prompt a line) into the output folder.
@@ -403,6 +412,7 @@ def batch(
                 redis_url=shared_url,
                 batch=batch_name,
                 host=host,
+                priority=priority,
             )
         code = stop.exit_code if report.stopped else 0 if report.ok else 1
         advice = _advice(report)

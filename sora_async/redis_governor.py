@@ -43,6 +43,7 @@ from ._governor import (
     TaskNews,
 )
 from ._models import Limits, TaskStatus
+from ._priority import Priority
 from ._redis_scripts import ACQUIRE, APPLY, RATE_INCREASE, READ, RENEW, REQUEST
 
 __all__ = ["RedisGovernor"]
@@ -329,8 +330,10 @@ class RedisGovernor:
         """Return how many creates of all processes waited for a slot, as last read."""
         return self._slot_waiters
 
-    async def request(self, kind: RequestKind) -> None:
-        """Wait until one request of ``kind`` may be sent by this process, and spend it."""
+    async def request(self, kind: RequestKind, priority: Priority = "normal") -> None:
+        """Wait until one request of ``kind`` may be sent by this process, and spend it.
+        (``priority`` is not yet carried across processes: creates are served first
+        come, first served.)"""
         if kind == "create":
             await self._creates.wait()
             while self._slots_owed:
@@ -478,8 +481,9 @@ class RedisGovernor:
         """Return how many slots this process holds."""
         return len(self._mine)
 
-    async def acquire_slot(self) -> None:
-        """Wait, first come first served across every process, for a task slot."""
+    async def acquire_slot(self, priority: Priority = "normal") -> None:
+        """Wait, first come first served across every process, for a task slot
+        (``priority`` is not yet carried across processes)."""
         ticket = f"{self.owner}:t{next(self._members)}"
         granted = False
         try:
