@@ -66,6 +66,10 @@ variable named):
 ``APIXO_UNCERTAIN_HOLD``       seconds a slot stays taken after an uncertain create (600)
 ``APIXO_ON_UNCERTAIN``         ``raise`` (never pay twice) or ``resubmit`` (raise)
 ``APIXO_MAX_DOWNLOAD_BYTES``   largest result file accepted (2 GiB)
+``APIXO_RESERVED_SLOTS``       slots kept from lower priorities (a batch on the same
+                               key) for the app's requests, which are interactive
+                               (1; ``0`` for none); lent to them after 600 s with
+                               no request
 =============================  ======================================================
 
 The app's own settings, checked at start like the client's:
@@ -212,6 +216,16 @@ def _number(name: str, *, whole: bool = False) -> Any:
     return value
 
 
+def _count(name: str, *, default: int) -> int:
+    """Return environment variable ``name`` as a whole number, 0 or more (unset: default)."""
+    raw = (os.environ.get(name) or "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit():
+        raise sa.InputError(name, f"must be a whole number, 0 or more, got {raw!r}")
+    return int(raw)
+
+
 def _flag(name: str) -> bool:
     """Return environment variable ``name`` as a yes / no (unset: no)."""
     raw = (os.environ.get(name) or "0").strip().lower()
@@ -238,6 +252,8 @@ def client_from_env() -> sa.SoraClient:
     redis_url = os.environ.get("SORA_ASYNC_REDIS_URL") or None
     store_path = os.environ.get("SORA_ASYNC_STORE") or None
     governor: sa.Governor | None = None
+    # The app's requests are interactive: a batch on the same key leaves them a slot.
+    reserved = _count("APIXO_RESERVED_SLOTS", default=1)
     accept_loss = _flag("SORA_ASYNC_STORE_ACCEPT_LOSS")
     store: sa.TaskStore | None = (
         sa.SQLiteStore(store_path, accept_loss=accept_loss) if store_path else None
@@ -252,7 +268,9 @@ def client_from_env() -> sa.SoraClient:
             raise ValueError("APIXO_CALLBACK_SECRET is required with SORA_ASYNC_REDIS_URL")
         # One budget for every worker: each may use all of the key's limits, and one
         # record of every task, so that an idempotency key holds on any worker.
-        governor = sa.RedisGovernor(redis_url, limits=limits)
+        governor = sa.RedisGovernor(
+            redis_url, limits=limits, reserved=min(reserved, limits.concurrent_tasks - 1)
+        )
         store = sa.RedisStore(redis_url)
     else:
         workers = _number("APIXO_WORKERS", whole=True) or 1
@@ -263,6 +281,7 @@ def client_from_env() -> sa.SoraClient:
         )
         if callback_url is not None and secret is None and workers > 1:
             logger.warning("APIXO_CALLBACK_SECRET is unset: each worker will refuse the others'")
+        governor = sa.LocalGovernor(limits, reserved=min(reserved, limits.concurrent_tasks - 1))
     retry = sa.RetryPolicy(
         **_given(timeout=_number("APIXO_REQUEST_TIMEOUT"), deadline=_number("APIXO_RETRY_DEADLINE"))
     )

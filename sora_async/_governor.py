@@ -20,7 +20,7 @@ import anyio
 
 from ._errors import InputError
 from ._models import Limits, TaskStatus
-from ._priority import Priority, SlotLine, rank_of
+from ._priority import Priority, SlotLine, check_rules, rank_of
 
 __all__ = [
     "SLOT_REFUSAL_WINDOW",
@@ -478,6 +478,11 @@ class LocalGovernor:
     429 every request pauses (``Retry-After``, else exponential back-off with jitter)
     and the rate and slot count shrink (multiplicative decrease), then probe back up
     with successes (additive increase).
+    Creates wait for a slot by their priority (``"interactive"``, ``"normal"``,
+    ``"batch"``), then first come, first served: creates below interactive leave the
+    last ``reserved`` slots free, lent to them once no interactive create came for
+    ``lend_after`` seconds (None: never), and a create that waited ``starve_after``
+    seconds is served with the interactive ones (see :mod:`sora_async._priority`).
 
     Example::
 
@@ -545,8 +550,9 @@ class LocalGovernor:
         self._slot_limit = self.limits.concurrent_tasks
         self._in_use = 0
         self._bound = 0  # slots held by tasks (the rest: creates on their way)
-        if reserved >= self.limits.concurrent_tasks:
-            raise InputError("reserved", "must be below limits.concurrent_tasks")
+        reserved, lend_after, starve_after = check_rules(
+            reserved, lend_after, starve_after, self.limits.concurrent_tasks
+        )
         self._slot_line = SlotLine(
             reserved=reserved, lend_after=lend_after, starve_after=starve_after
         )
@@ -823,7 +829,9 @@ class LocalGovernor:
             veo = governor.for_model("veo-3-1", sa.MODELS["veo-3-1"].limits)
         """
         reserve = min(self._reserve, limits.requests - 1)
-        return LocalGovernor(limits, create_reserve=reserve, **self._settings)
+        settings = dict(self._settings)
+        settings["reserved"] = min(settings["reserved"], limits.concurrent_tasks - 1)
+        return LocalGovernor(limits, create_reserve=reserve, **settings)
 
     def share(
         self, status: TaskStatus, *, trusted: bool, nonce: str | None = None, seen: bool = False

@@ -23,7 +23,7 @@ from typing import Final, Literal, get_args
 
 from ._errors import InputError
 
-__all__ = ["PRIORITIES", "Priority", "SlotLine", "rank_of"]
+__all__ = ["PRIORITIES", "Priority", "SlotLine", "check_rules", "rank_of", "served_as"]
 
 Priority = Literal["interactive", "normal", "batch"]
 #: The priorities, highest first.
@@ -49,20 +49,41 @@ class _Waiter:
         self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
 
+def check_rules(
+    reserved: object, lend_after: object, starve_after: object, slots: int
+) -> tuple[int, float | None, float]:
+    """Return a governor's priority settings, or raise InputError naming the bad one."""
+    if isinstance(reserved, bool) or not isinstance(reserved, int) or reserved < 0:
+        rule = f"must be a whole number of slots, 0 or more; got {reserved!r}"
+        raise InputError("reserved", rule)
+    if reserved >= slots:
+        raise InputError("reserved", f"must be below limits.concurrent_tasks ({slots})")
+    if lend_after is not None and not _seconds(lend_after, zero=True):
+        raise InputError("lend_after", "must be None (never lend) or seconds, 0 or more")
+    if not _seconds(starve_after, zero=False):
+        raise InputError("starve_after", "must be a positive number of seconds")
+    lend = None if lend_after is None else float(lend_after)  # type: ignore[arg-type]
+    return reserved, lend, float(starve_after)  # type: ignore[arg-type]
+
+
+def _seconds(value: object, *, zero: bool) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return value >= 0 if zero else value > 0
+
+
+def served_as(rank: int, since: float, now: float, starve_after: float) -> int:
+    """Return the rank a create of ``rank`` waiting since ``since`` is served at: the
+    highest once it waited ``starve_after`` seconds."""
+    return 0 if now - since >= starve_after else rank
+
+
 class SlotLine:
     """Creates waiting for a task slot in one process (see the module's docstring)."""
 
     def __init__(
         self, *, reserved: int = 0, lend_after: float | None = 600.0, starve_after: float = 600.0
     ) -> None:
-        if isinstance(reserved, bool) or not isinstance(reserved, int) or reserved < 0:
-            raise InputError(
-                "reserved", f"must be a whole number of slots, 0 or more; got {reserved!r}"
-            )
-        if lend_after is not None and not lend_after >= 0:
-            raise InputError("lend_after", "must be None (never lend) or seconds, 0 or more")
-        if not starve_after > 0:
-            raise InputError("starve_after", "must be a positive number of seconds")
         self.reserved = reserved
         self.lend_after = lend_after
         self.starve_after = starve_after
@@ -114,7 +135,7 @@ class SlotLine:
         if not heads:
             return None
         # Served as interactive: the interactive head and any head that waited too long.
-        first = [w for w in heads if w.rank == 0 or now - w.since >= self.starve_after]
+        first = [w for w in heads if served_as(w.rank, w.since, now, self.starve_after) == 0]
         best = min(first, key=lambda w: w.order) if first else heads[0]
         rank = 0 if first else best.rank
         if not self.has_room(rank, in_use, limit, now):

@@ -123,8 +123,16 @@ return {1, '0', epoch, num(factor), n + 1, num(now)}
 """
 )
 
-# KEYS: slots, tickets, owners, seq, slot_limit, epoch, pause, recover
-# ARGV: epoch, owner, ticket, nominal, round_ms
+# KEYS: slots, tickets, owners, seq, slot_limit, epoch, pause, recover, interactive
+#       (a hash: Redis's time of the last interactive create, and the reserve and the
+#       lending time of the process that made it)
+# ARGV: epoch, owner, ticket, nominal, round_ms, rank (0 highest: the ticket's priority,
+#       0 too once it waited long enough), interactive (1 for a user's create),
+#       reserved (slots below rank 0 may not take), lend_ms (after this long with no
+#       interactive create the reserve is lent; negative: never). The reserve is the
+#       interactive side's setting: the batch's processes need none.
+# A ticket's score is its rank's class plus its order of arrival on the key, so the
+# line is by priority, then first come first served.
 ACQUIRE = (
     PRELUDE
     + """
@@ -143,13 +151,27 @@ for i = 1, #all, 2 do
     elseif next_free < 0 or rec.f < next_free then next_free = rec.f end
   end
 end
-if not redis.call('ZSCORE', KEYS[2], ARGV[3]) then
-  redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[4]), ARGV[3])
+local class = tonumber(ARGV[6]) * 1e12
+local score = redis.call('ZSCORE', KEYS[2], ARGV[3])
+if not score then
+  redis.call('ZADD', KEYS[2], num(class + redis.call('INCR', KEYS[4])), ARGV[3])
+elseif tonumber(score) >= class + 1e12 then
+  -- it waited long enough: served with the interactive ones, in order of arrival
+  redis.call('ZADD', KEYS[2], num(class + tonumber(score) % 1e12), ARGV[3])
+end
+if ARGV[7] == '1' then
+  redis.call('HSET', KEYS[9], 'at', num(now), 'reserved', ARGV[8], 'lend', ARGV[9])
+end
+local reserve = 0
+if ARGV[6] ~= '0' then
+  local seen = redis.call('HMGET', KEYS[9], 'at', 'reserved', 'lend')
+  local at, kept, lend = tonumber(seen[1]), tonumber(seen[2]), tonumber(seen[3])
+  if at and kept and lend and (lend < 0 or now - at < lend) then reserve = kept end
 end
 local rank = redis.call('ZRANK', KEYS[2], ARGV[3])
 local used = redis.call('HLEN', KEYS[1])
 local limit = getnum(KEYS[5], tonumber(ARGV[4]))
-if rank < limit - used then
+if rank < limit - used - reserve then
   redis.call('ZREM', KEYS[2], ARGV[3])
   redis.call('HSET', KEYS[1], ARGV[3],
              cjson.encode({o = ARGV[2], t = '', m = '', s = now, f = 0, w = 0}))

@@ -43,7 +43,7 @@ from ._governor import (
     TaskNews,
 )
 from ._models import Limits, TaskStatus
-from ._priority import Priority
+from ._priority import PRIORITIES, Priority, check_rules, rank_of, served_as
 from ._redis_scripts import ACQUIRE, APPLY, RATE_INCREASE, READ, RENEW, REQUEST
 
 __all__ = ["RedisGovernor"]
@@ -89,7 +89,10 @@ class RedisGovernor:
     across processes, and may not take the last ``create_reserve`` places of a
     window, which stay for creates and callback confirmations. A 429 seen by any
     process pauses all of them and shrinks a shared rate factor (AIMD). Slots: a
-    lease semaphore with first-come-first-served tickets. Each slot records the
+    lease semaphore whose tickets are served by priority, then first come first
+    served, across every process (``reserved``, ``lend_after`` and ``starve_after``
+    as in :class:`LocalGovernor`; the reserve is the interactive side's setting,
+    written to the key with its creates). Each slot records the
     task that holds it; when a process dies its tasks are adopted by a live
     process, polled to their end, and only then freed.
     When Redis cannot be reached nothing is sent: work waits up to ``redis_timeout``
@@ -129,9 +132,13 @@ class RedisGovernor:
         trust_empty_redis: bool = False,
         reregister_round: float = 1.0,
         seed: int | None = None,
+        reserved: int = 0,
+        lend_after: float | None = 600.0,
+        starve_after: float = 600.0,
     ) -> None:
         self.url, key = redis_url_and_key(url, api_key)
         self.limits = limits if limits is not None else Limits()
+        self._rules = check_rules(reserved, lend_after, starve_after, self.limits.concurrent_tasks)
         if jitter_margin < 0:
             raise InputError("jitter_margin", "must be zero or more seconds")
         if not 0 <= create_reserve < self.limits.requests:
@@ -166,6 +173,8 @@ class RedisGovernor:
             "trust_empty_redis": trust_empty_redis,
             "reregister_round": reregister_round,
             "seed": seed,
+            "lend_after": lend_after,
+            "starve_after": starve_after,
         }
         self._window = self.limits.period + jitter_margin
         self._spacing = self._window / (self.limits.requests - 1)
@@ -186,6 +195,7 @@ class RedisGovernor:
         self._queue = RequestQueue()
         self._creates = CreatePause()
         self._members = itertools.count()
+        self._waiting_by_rank = [0] * len(PRIORITIES)  # this process's slot waiters
         self._not_before = 0.0  # a 429 seen here pauses this process at once
         # The key's figures as last read from Redis.
         self._rate_factor = 1.0
@@ -223,6 +233,7 @@ class RedisGovernor:
             model=model,
             limits=limits,
             create_reserve=min(self._reserve, limits.requests - 1),
+            reserved=min(self._rules[0], limits.concurrent_tasks - 1),
             **self._settings,
         )
 
@@ -331,9 +342,8 @@ class RedisGovernor:
         return self._slot_waiters
 
     async def request(self, kind: RequestKind, priority: Priority = "normal") -> None:
-        """Wait until one request of ``kind`` may be sent by this process, and spend it.
-        (``priority`` is not yet carried across processes: creates are served first
-        come, first served.)"""
+        """Wait until one request of ``kind`` may be sent by this process, and spend it
+        (a create's ``priority`` orders it among this process's creates waiting)."""
         if kind == "create":
             await self._creates.wait()
             while self._slots_owed:
@@ -345,7 +355,9 @@ class RedisGovernor:
         try:
             while True:
                 try:
-                    await self._queue.serve(kind, lambda kind: self._try_send(kind, ticket))
+                    await self._queue.serve(
+                        kind, lambda kind: self._try_send(kind, ticket), rank_of(priority)
+                    )
                     return
                 except _SlotLost:
                     await self.acquire_slot()
@@ -481,11 +493,24 @@ class RedisGovernor:
         """Return how many slots this process holds."""
         return len(self._mine)
 
+    def slot_waiters_by_priority(self) -> dict[Priority, int]:
+        """Return how many creates of this process wait for a task slot, by priority."""
+        return {name: self._waiting_by_rank[rank] for rank, name in enumerate(PRIORITIES)}
+
     async def acquire_slot(self, priority: Priority = "normal") -> None:
-        """Wait, first come first served across every process, for a task slot
-        (``priority`` is not yet carried across processes)."""
+        """Wait for a task slot, across every process of the key: highest ``priority``
+        first, first come first served within one. Creates below ``interactive`` leave
+        the last ``reserved`` slots free while any process saw an interactive create
+        in the last ``lend_after`` seconds, and a create that waited ``starve_after``
+        seconds is served with the interactive ones."""
+        rank = rank_of(priority)
+        reserved, lend_after, starve_after = self._rules
+        lend_ms = -1.0 if lend_after is None else lend_after * 1000
+        loop = asyncio.get_running_loop()
+        since = loop.time()
         ticket = f"{self.owner}:t{next(self._members)}"
         granted = False
+        self._waiting_by_rank[rank] += 1
         try:
             while True:
                 await self._wait_registered()
@@ -501,6 +526,7 @@ class RedisGovernor:
                         self._key("epoch"),
                         self._key("pause"),
                         self._key("recover"),
+                        self._key("interactive"),
                     ],
                     [
                         self._known_epoch,
@@ -508,6 +534,10 @@ class RedisGovernor:
                         ticket,
                         self.limits.concurrent_tasks,
                         self.reregister_round * 1000,
+                        served_as(rank, since, loop.time(), starve_after),
+                        "1" if rank == 0 else "0",
+                        reserved,
+                        lend_ms,
                     ],
                 )
                 self._note_epoch(epoch)
@@ -529,6 +559,7 @@ class RedisGovernor:
                     await freed.wait()
                 await asyncio.sleep(self._random.uniform(0, 0.005))
         finally:
+            self._waiting_by_rank[rank] -= 1
             if not granted:
                 self._send("cancel", ticket)
 

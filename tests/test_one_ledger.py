@@ -4,12 +4,13 @@ recording their tasks in the key's RedisStore, and ``sora-async top`` counting b
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from typing import Any
 
 import pytest
 
-from sora_async.testing import RedisServer
+from sora_async.testing import FakeApixo, RedisServer, fixed
 from tests.processes import app_env, app_process, free_port
 from tests.workers import SCALE, scaled_fake, start_worker, top_rows, until, write_prompts
 
@@ -75,4 +76,71 @@ async def test_a_service_and_a_batch_on_one_key_record_into_one_ledger(
     assert stats.max_requests_in_window <= 60
     assert stats.max_concurrent_tasks <= 10
     assert stats.creates == 23
+    assert set(stats.creates_per_prompt.values()) == {1}
+
+
+async def in_flight(redis_url: str, api_key: str) -> int:
+    """Return the tasks in flight on the key's ledger, every batch and the service."""
+    return sum(row["in_flight"] for row in (await top_rows(redis_url, api_key)).values())
+
+
+async def test_the_service_requests_overtake_a_running_batch_on_the_same_key(
+    redis_server: RedisServer, tmp_path: Any
+) -> None:
+    """A batch of 24 fills the key's 10 slots (videos of 8 s); the FastAPI example's
+    requests are interactive with a reserve of one slot: the first takes the next slot
+    that frees ahead of the batch's waiting creates, and from then on the batch leaves a
+    slot free, so the next requests start at once, one create per prompt, no 429."""
+    fake = FakeApixo(
+        api_key=secrets.token_hex(8),
+        period=60.0 / SCALE,
+        generation_time=fixed(8.0),
+        pending_time=0.05,
+        balance=1e9,
+    )
+    async with fake:
+        port = free_port()
+        env = app_env(
+            fake.url,
+            fake.api_key,
+            f"http://127.0.0.1:{port}",
+            SORA_ASYNC_REDIS_URL=redis_server.url,
+            APIXO_LIMITS=f"60/{60.0 / SCALE}/10",
+        )
+        async with app_process(env, port=port) as app, app.http() as http:
+            batch = await start_worker(
+                fake,
+                redis_server.url,
+                write_prompts(tmp_path, 24),
+                tmp_path / "out",
+                None,
+                "--batch",
+                "overtaken",
+            )
+            await until(lambda: fake.stats.creates >= 10)  # the batch holds every slot
+            loop = asyncio.get_running_loop()
+            waits = []
+            for n in range(4):
+                if n:
+                    # Wait for the reserve to be whole: a video ended, and the batch,
+                    # whose next create waits for a slot, left that one free.
+                    while (await in_flight(redis_server.url, fake.api_key)) > 9:  # noqa: ASYNC110 - another process
+                        await asyncio.sleep(0.2)
+                asked = loop.time()
+                answer = await http.post("/videos", json={"prompt": f"user {n}"})
+                assert answer.status_code == 200, answer.text
+                waits.append(loop.time() - asked)
+                running = await top_rows(redis_server.url, fake.api_key)
+                assert running["overtaken"]["in_flight"] <= 9  # a slot stays the users'
+            out, err = await batch.communicate()
+            assert batch.returncode == 0, (out + err).decode(errors="replace")
+    # The first user waited for a batch video to end (the first ten end together,
+    # 8 s after their creates); the others found the reserved slot free, although
+    # the batch had a create waiting for a slot all along.
+    assert waits[0] < 8.0 + 1.0, waits
+    assert max(waits[1:]) < 1.0, waits
+    stats = fake.stats
+    assert stats.rate_limited == 0
+    assert stats.max_concurrent_tasks <= 10
+    assert stats.creates == 28
     assert set(stats.creates_per_prompt.values()) == {1}
