@@ -12,6 +12,7 @@ import collections
 import heapq
 import itertools
 import logging
+import math
 import random
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -756,12 +757,16 @@ class LocalGovernor:
         rank = rank_of(priority)
         now = asyncio.get_running_loop().time()
         line = self._slot_line
-        if rank == 0:
+        if rank == 0 or line.last_interactive == -math.inf:
+            # The reserve holds from the first slot taken, as if a user had just come,
+            # then from each interactive create.
             self._saw_interactive(now)
         if not line and line.has_room(rank, self._in_use, self._slot_limit, now):
             self._in_use += 1
             return
         waiter = line.join(rank, now)
+        # Those waiting may be held back by the reserve while this create may take it.
+        self._hand_on_slots()
         try:
             await waiter.future
         except BaseException:

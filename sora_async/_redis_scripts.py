@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ACQUIRE", "APPLY", "RATE_INCREASE", "READ", "RENEW", "REQUEST"]
+__all__ = ["ACQUIRE", "ANNOUNCE", "APPLY", "RATE_INCREASE", "READ", "RENEW", "REQUEST"]
 
 # AIMD, as in LocalGovernor: cut 30% per 429, win back 2.5% per `probe_after` successes.
 RATE_DECREASE = 0.7
@@ -353,6 +353,17 @@ if freed then redis.call('PUBLISH', ARGV[6], '{"kind":"freed"}') end
 local in_window = redis.call('ZCOUNT', KEYS[7], num(now - tonumber(ARGV[7])), '+inf')
 return {epoch, lost, adopted, redis.call('HLEN', KEYS[2]),
         getnum(KEYS[9], tonumber(ARGV[8])), num(getnum(KEYS[8], 1)), in_window}
+"""
+)
+
+# A process that reserves slots for interactive creates says so when it starts, as if
+# one had just come: the reserve holds from then on, not from its first user.
+# KEYS: interactive; ARGV: reserved, lend_ms
+ANNOUNCE = (
+    PRELUDE
+    + """
+local at = tonumber(redis.call('HGET', KEYS[1], 'at') or '0')
+redis.call('HSET', KEYS[1], 'at', num(math.max(at, now)), 'reserved', ARGV[1], 'lend', ARGV[2])
 """
 )
 

@@ -44,7 +44,7 @@ from ._governor import (
 )
 from ._models import Limits, TaskStatus
 from ._priority import PRIORITIES, Priority, check_rules, rank_of, served_as
-from ._redis_scripts import ACQUIRE, APPLY, RATE_INCREASE, READ, RENEW, REQUEST
+from ._redis_scripts import ACQUIRE, ANNOUNCE, APPLY, RATE_INCREASE, READ, RENEW, REQUEST
 
 __all__ = ["RedisGovernor"]
 
@@ -196,6 +196,7 @@ class RedisGovernor:
         self._creates = CreatePause()
         self._members = itertools.count()
         self._waiting_by_rank = [0] * len(PRIORITIES)  # this process's slot waiters
+        self._announced = False  # its reserve, written to the key once registered
         self._not_before = 0.0  # a 429 seen here pauses this process at once
         # The key's figures as last read from Redis.
         self._rate_factor = 1.0
@@ -264,6 +265,7 @@ class RedisGovernor:
                 ("apply", APPLY),
                 ("renew", RENEW),
                 ("read", READ),
+                ("announce", ANNOUNCE),
             ):
                 self._scripts[name] = self._redis.register_script(lua)
         return self._redis
@@ -770,6 +772,12 @@ class RedisGovernor:
         self._epoch = epoch
         self._renewed_at = self._watched_at = now
         self._registered.set()
+        if self._rules[0] and not self._announced:
+            # The reserve holds from this process's start, not from its first user.
+            reserved, lend_after, _ = self._rules
+            lend_ms = -1.0 if lend_after is None else lend_after * 1000
+            await self._script("announce", [self._key("interactive")], [reserved, lend_ms])
+            self._announced = True
         for token in lost:
             gone = self._mine.pop(token) if token in self._mine else None
             if gone is not None and not gone.task_id and gone.free_at is None:
