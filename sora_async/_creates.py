@@ -124,7 +124,7 @@ class Creator:
         try:
             reservation = await self._reserve(model, body)
         except SoraError as exc:
-            lane.governor.release_slot()
+            lane.governor.release_slot(priority=priority)
             if not created.cancelled():
                 created.set_exception(exc)
             return
@@ -138,14 +138,14 @@ class Creator:
                         model, body, hooks=hooks, priority=priority
                     )
                 except NotSent as stopped:
-                    lane.governor.release_slot()
+                    lane.governor.release_slot(priority=priority)
                     await self._settle(reservation, paid=False)
                     if not created.cancelled():
                         created.set_exception(stopped.error)
                     return
                 except SubmitUncertainError as exc:
                     # The task may exist and hold a slot on the server for a while.
-                    lane.governor.release_slot_later(self.uncertain_hold)
+                    lane.governor.release_slot_later(self.uncertain_hold, priority)
                     if not resubmit:
                         await note(recorded, RecordState.UNCERTAIN, error=str(exc))
                         raise
@@ -153,14 +153,14 @@ class Creator:
                     await lane.governor.acquire_slot(priority)
                     continue
                 except SoraError as exc:
-                    lane.governor.release_slot()
+                    lane.governor.release_slot(priority=priority)
                     await self._settle(reservation, paid=False)  # no task: nothing billed
                     await note(recorded, RecordState.REFUSED, error=str(exc))
                     raise
                 except BaseException:
-                    lane.governor.release_slot()
+                    lane.governor.release_slot(priority=priority)
                     raise
-                lane.governor.bind_slot(task_id, model)
+                lane.governor.bind_slot(task_id, model, priority)
                 nonce = nonce_in(body.callback_url)
                 lane.scheduler.track(task_id, model, holds_slot=True, nonce=nonce)
                 if reservation is not None:

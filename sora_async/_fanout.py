@@ -122,7 +122,7 @@ async def fan_out(
                 stop_all(exc)
                 return
             if fatal:
-                governor.release_slot()
+                governor.release_slot(priority=priority)
                 queue.clear()
             else:
                 queue.popleft()

@@ -21,7 +21,7 @@ import anyio
 
 from ._errors import InputError
 from ._models import Limits, TaskStatus
-from ._priority import Priority, SlotLine, check_rules, rank_of
+from ._priority import PRIORITIES, Priority, SlotLine, check_rules, rank_of
 
 __all__ = [
     "SLOT_REFUSAL_WINDOW",
@@ -141,13 +141,15 @@ class Governor(Protocol):
         """Wait for a task slot: highest ``priority`` first, first come first served
         within one (see :mod:`sora_async._priority` for the reserve and starvation)."""
 
-    def bind_slot(self, task_id: str, model: str) -> None:
-        """Record that a slot taken by this process is now held by task ``task_id``."""
+    def bind_slot(self, task_id: str, model: str, priority: Priority = "normal") -> None:
+        """Record that a slot taken by this process (at ``priority``) is now held by
+        task ``task_id``."""
 
-    def release_slot(self, task_id: str | None = None) -> None:
-        """Give back the slot of ``task_id`` (it ended), or a slot with no task yet."""
+    def release_slot(self, task_id: str | None = None, priority: Priority = "normal") -> None:
+        """Give back the slot of ``task_id`` (it ended), or a slot with no task yet
+        taken at ``priority``."""
 
-    def release_slot_later(self, delay: float) -> None:
+    def release_slot_later(self, delay: float, priority: Priority = "normal") -> None:
         """Give back a slot with no task after ``delay`` seconds (an uncertain create)."""
 
     def share(
@@ -558,6 +560,8 @@ class LocalGovernor:
             reserved=reserved, lend_after=lend_after, starve_after=starve_after
         )
         self._lend_timer: asyncio.TimerHandle | None = None
+        self._held_by_rank = [0] * len(PRIORITIES)  # slots taken, by priority
+        self._rank_of_task: dict[str, int] = {}
         self._timers: set[asyncio.TimerHandle] = set()
         self._creates = CreatePause()
 
@@ -749,6 +753,10 @@ class LocalGovernor:
         """Return how many creates wait for a task slot now, by priority."""
         return self._slot_line.waiting()
 
+    def slots_by_priority(self) -> dict[Priority, int]:
+        """Return how many task slots are taken now, by the priority they were taken at."""
+        return dict(zip(PRIORITIES, self._held_by_rank, strict=True))
+
     async def acquire_slot(self, priority: Priority = "normal") -> None:
         """Wait for a task slot: highest ``priority`` first, first come first served
         within one. Creates below ``interactive`` leave the last ``reserved`` slots
@@ -763,6 +771,7 @@ class LocalGovernor:
             self._saw_interactive(now)
         if not line and line.has_room(rank, self._in_use, self._slot_limit, now):
             self._in_use += 1
+            self._held_by_rank[rank] += 1
             return
         waiter = line.join(rank, now)
         # Those waiting may be held back by the reserve while this create may take it.
@@ -772,7 +781,7 @@ class LocalGovernor:
         except BaseException:
             if waiter.future.done() and not waiter.future.cancelled():
                 # The slot was handed to us just as we were cancelled: pass it on.
-                self.release_slot()
+                self.release_slot(priority=priority)
             else:
                 line.leave(waiter)
             raise
@@ -789,29 +798,33 @@ class LocalGovernor:
             # When the reserve is lent, the creates it held back take it.
             self._lend_timer = asyncio.get_running_loop().call_at(lend_at, self._hand_on_slots)
 
-    def bind_slot(self, task_id: str, model: str) -> None:
+    def bind_slot(self, task_id: str, model: str, priority: Priority = "normal") -> None:
         """Count a slot as held by a task (a slot is a count here)."""
         self._bound += 1
+        self._rank_of_task[task_id] = rank_of(priority)
 
-    def release_slot(self, task_id: str | None = None) -> None:
-        """Give back a slot and hand it to the longest waiter."""
+    def release_slot(self, task_id: str | None = None, priority: Priority = "normal") -> None:
+        """Give back a slot and hand it to the first waiter in line."""
         if self._in_use <= 0:
             raise RuntimeError("release_slot() called with no slot taken")
         self._in_use -= 1
+        rank = self._rank_of_task.pop(task_id, None) if task_id is not None else None
+        rank = rank_of(priority) if rank is None else rank
+        self._held_by_rank[rank] = max(0, self._held_by_rank[rank] - 1)
         if task_id is not None and self._bound > 0:
             self._bound -= 1
         self._backoff.slot_freed()
         self._creates.wake()  # a create refused for slots may find this one
         self._hand_on_slots()
 
-    def release_slot_later(self, delay: float) -> None:
+    def release_slot_later(self, delay: float, priority: Priority = "normal") -> None:
         """Give back a slot after ``delay`` seconds."""
         loop = asyncio.get_running_loop()
         handle: asyncio.TimerHandle
 
         def fire() -> None:
             self._timers.discard(handle)
-            self.release_slot()
+            self.release_slot(priority=priority)
 
         handle = loop.call_later(delay, fire)
         self._timers.add(handle)
@@ -823,6 +836,7 @@ class LocalGovernor:
             if waiter is None:
                 return
             self._in_use += 1
+            self._held_by_rank[waiter.rank] += 1
             waiter.future.set_result(None)
 
     def for_model(self, model: str, limits: Limits) -> LocalGovernor:

@@ -129,8 +129,9 @@ return {1, '0', epoch, num(factor), n + 1, num(now)}
 # ARGV: epoch, owner, ticket, nominal, round_ms, rank (0 highest: the ticket's priority,
 #       0 too once it waited long enough), interactive (1 for a user's create),
 #       reserved (slots below rank 0 may not take), lend_ms (after this long with no
-#       interactive create the reserve is lent; negative: never). The reserve is the
-#       interactive side's setting: the batch's processes need none.
+#       interactive create the reserve is lent; negative: never), priority (the rank
+#       the slot is taken at, kept in its record). The reserve is the interactive
+#       side's setting: the batch's processes need none.
 # A ticket's score is its rank's class plus its order of arrival on the key, so the
 # line is by priority, then first come first served.
 ACQUIRE = (
@@ -174,7 +175,8 @@ local limit = getnum(KEYS[5], tonumber(ARGV[4]))
 if rank < limit - used - reserve then
   redis.call('ZREM', KEYS[2], ARGV[3])
   redis.call('HSET', KEYS[1], ARGV[3],
-             cjson.encode({o = ARGV[2], t = '', m = '', s = now, f = 0, w = 0}))
+             cjson.encode({o = ARGV[2], t = '', m = '', s = now, f = 0, w = 0,
+                           p = tonumber(ARGV[10])}))
   return {1, '0', epoch, used + 1}
 end
 if next_free > 0 then return {0, num(next_free - now), epoch, used} end
@@ -254,8 +256,8 @@ return {num(getnum(KEYS[4], 1)), getnum(KEYS[5], tonumber(ARGV[3])), redis.call(
 # KEYS: owners, slots, tickets, epoch, pause, recover, grants, factor, slot_limit
 # ARGV: epoch, owner, lease_ms, window_ms, hold_ms, channel, period_ms, nominal, readd,
 #       round_ms, this process's grants of the last window (JSON: [[time_ms, member]...]),
-#       then groups of five for each slot this process holds: token, task, model, hold_ms,
-#       sent (1 if a create was granted on it)
+#       then groups of six for each slot this process holds: token, task, model, hold_ms,
+#       sent (1 if a create was granted on it), priority (its rank)
 # A process is taken for dead one lease after its lease ran out: after a Redis restart
 # that kept the data, live processes renew within that grace, and keep their tasks.
 # After a restart that lost it, each writes back its slots and the grants of its last
@@ -277,12 +279,12 @@ if data_lost then
   redis.call('PEXPIRE', KEYS[7], math.ceil(window) + 1000)
 end
 local lost = {}
-for i = 12, #ARGV, 5 do
+for i = 12, #ARGV, 6 do
   local token = ARGV[i]
   local raw = redis.call('HGET', KEYS[2], token)
   local held = tonumber(ARGV[i + 3])
   local mine = {o = owner, t = ARGV[i + 1], m = ARGV[i + 2], s = now, f = 0,
-                w = tonumber(ARGV[i + 4])}
+                w = tonumber(ARGV[i + 4]), p = tonumber(ARGV[i + 5])}
   if held > 0 then mine.f = now + held end
   if raw then
     local rec = cjson.decode(raw)
@@ -370,11 +372,23 @@ redis.call('HSET', KEYS[1], 'at', num(math.max(at, now)), 'reserved', ARGV[1], '
 # Read the key's figures, writing nothing (an operator's view: sora-async top).
 # KEYS: grants, slots, tickets, factor, slot_limit, limited
 # ARGV: period_ms, nominal slots
+# Also the waiting creates and the slots taken by priority (ranks 0, 1, 2; a slot
+# recorded by an older version counts as normal).
 READ = (
     PRELUDE
     + """
+local waiting = {}
+for rank = 0, 2 do
+  local top = rank == 2 and '+inf' or ('(' .. num((rank + 1) * 1e12))
+  waiting[rank + 1] = redis.call('ZCOUNT', KEYS[3], num(rank * 1e12), top)
+end
+local slots = {0, 0, 0}
+for _, raw in ipairs(redis.call('HVALS', KEYS[2])) do
+  local rank = cjson.decode(raw).p or 1
+  slots[rank + 1] = slots[rank + 1] + 1
+end
 return {redis.call('ZCOUNT', KEYS[1], '(' .. num(now - tonumber(ARGV[1])), '+inf'),
         redis.call('HLEN', KEYS[2]), redis.call('ZCARD', KEYS[3]), num(getnum(KEYS[4], 1)),
-        getnum(KEYS[5], tonumber(ARGV[2])), getnum(KEYS[6], 0)}
+        getnum(KEYS[5], tonumber(ARGV[2])), getnum(KEYS[6], 0), waiting, slots}
 """
 )

@@ -44,8 +44,10 @@ class ModelSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     generation_p90: float
     #: Estimated share of task ends that no callback announces (1.0 without callbacks).
     callback_loss: float
-    #: Creates waiting for a task slot now, by priority (a governor in this process).
+    #: This process's creates waiting for a task slot now, and its slots taken, by
+    #: priority ("interactive", "normal", "batch").
     slot_waiters_by_priority: dict[str, int] = msgspec.field(default_factory=dict)
+    slots_by_priority: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class Snapshot(ModelSnapshot, frozen=True, kw_only=True):
@@ -72,7 +74,9 @@ class Snapshot(ModelSnapshot, frozen=True, kw_only=True):
 def model_snapshot(model: str, governor: Governor, scheduler: PollScheduler) -> ModelSnapshot:
     """Read one model's figures from its governor and scheduler."""
     finished = scheduler.settled
+    # Not in the Governor protocol: a governor of a user's own may not know them.
     by_priority = getattr(governor, "slot_waiters_by_priority", None)
+    held_by = getattr(governor, "slots_by_priority", None)
     return ModelSnapshot(
         model=model,
         slots_in_use=governor.slots_in_use,
@@ -90,6 +94,7 @@ def model_snapshot(model: str, governor: Governor, scheduler: PollScheduler) -> 
         generation_p90=scheduler.times.age_at_survival(0.1),
         callback_loss=scheduler.callback_loss,
         slot_waiters_by_priority=dict(by_priority()) if by_priority is not None else {},
+        slots_by_priority=dict(held_by()) if held_by is not None else {},
     )
 
 

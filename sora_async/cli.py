@@ -553,6 +553,13 @@ def _key_table(governor: Governor, watched: str) -> Table:
     table = Table("figure", "value", title=watched, title_justify="left")
     table.add_row("task slots", f"{governor.slots_in_use} / {governor.slot_limit}")
     table.add_row("creates waiting for a slot", str(governor.slot_waiters))
+    by_priority = getattr(governor, "key_by_priority", None)
+    if by_priority is not None:
+        waiting, slots = by_priority()
+        for priority in PRIORITIES:
+            table.add_row(
+                f"  {priority}: slots, waiting", f"{slots[priority]}, {waiting[priority]}"
+            )
     limit = governor.limits.requests
     table.add_row("requests in the window", f"{governor.requests_in_window()} / {limit}")
     table.add_row("rate factor", f"{governor.rate_factor:.2f}")
@@ -671,6 +678,8 @@ def top(
                 request_limit=limits.requests,
                 rate_factor=governor.rate_factor,
                 rate_limited=governor.rate_limited_seen,
+                slots_by_priority=governor.key_by_priority()[1],
+                waiting_by_priority=governor.key_by_priority()[0],
                 work=[row.as_json() for row in rows],
                 spend={
                     scope: {"spent_usd": spent, "held_usd": held}

@@ -149,6 +149,35 @@ def _gauge(
     return observe
 
 
+# Per priority: the same figures, one observation per model and priority.
+_PRIORITY_GAUGES: tuple[tuple[str, str, str, Callable[[ModelSnapshot], dict[str, int]]], ...] = (
+    (
+        "sora_async.slots.usage.by_priority",
+        "{slot}",
+        "Task slots taken, by the priority they were taken at",
+        lambda s: s.slots_by_priority,
+    ),
+    (
+        "sora_async.slots.waiters.by_priority",
+        "{request}",
+        "Creates waiting for a slot, by priority",
+        lambda s: s.slot_waiters_by_priority,
+    ),
+)
+
+
+def _priority_gauge(
+    client: SoraClient, read: Callable[[ModelSnapshot], dict[str, int]]
+) -> Callable[[metrics.CallbackOptions], Iterable[metrics.Observation]]:
+    def observe(options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        for model, figures in client.snapshot().models.items():
+            for priority, value in read(figures).items():
+                attributes = {"sora_async.model": model, "sora_async.priority": priority}
+                yield metrics.Observation(value, attributes)
+
+    return observe
+
+
 def instrument(client: SoraClient, *, meter_provider: metrics.MeterProvider | None = None) -> None:
     """Record ``client``'s requests, tasks and governor figures as OpenTelemetry metrics.
 
@@ -161,4 +190,8 @@ def instrument(client: SoraClient, *, meter_provider: metrics.MeterProvider | No
     for name, unit, description, read in _GAUGES:
         meter.create_observable_gauge(
             name, callbacks=[_gauge(client, read)], unit=unit, description=description
+        )
+    for name, unit, description, by in _PRIORITY_GAUGES:
+        meter.create_observable_gauge(
+            name, callbacks=[_priority_gauge(client, by)], unit=unit, description=description
         )

@@ -70,6 +70,7 @@ class _Slot:
     # A create was granted a permit on it: its bytes may have left. Only such a slot is
     # held as uncertain when this process dies; the others are freed at once.
     sent: bool = False
+    rank: int = 1  # the priority it was taken at
 
 
 class _SlotLost(Exception):
@@ -197,6 +198,9 @@ class RedisGovernor:
         self._members = itertools.count()
         self._waiting_by_rank = [0] * len(PRIORITIES)  # this process's slot waiters
         self._announced = False  # its reserve, written to the key once registered
+        # The key's waiting creates and slots by priority, as refresh() last read them.
+        self._key_waiting: dict[Priority, int] = dict.fromkeys(PRIORITIES, 0)
+        self._key_slots: dict[Priority, int] = dict.fromkeys(PRIORITIES, 0)
         self._not_before = 0.0  # a 429 seen here pauses this process at once
         # The key's figures as last read from Redis.
         self._rate_factor = 1.0
@@ -303,7 +307,7 @@ class RedisGovernor:
         otherwise as last read while requesting; an operator's view calls this to
         watch a key without using it. Raises :class:`RedisUnavailableError`.
         """
-        in_window, used, waiting, factor, slot_limit, limited = await self._script(
+        in_window, used, waiting, factor, slot_limit, limited, by_rank, slots = await self._script(
             "read",
             [
                 self._key("grants"),
@@ -321,6 +325,8 @@ class RedisGovernor:
         self._rate_factor = float(factor)
         self._slot_limit = int(slot_limit)
         self._rate_limited_seen = int(limited)
+        self._key_waiting = dict(zip(PRIORITIES, map(int, by_rank), strict=True))
+        self._key_slots = dict(zip(PRIORITIES, map(int, slots), strict=True))
 
     # --- request budget -----------------------------------------------------------------
 
@@ -497,7 +503,20 @@ class RedisGovernor:
 
     def slot_waiters_by_priority(self) -> dict[Priority, int]:
         """Return how many creates of this process wait for a task slot, by priority."""
-        return {name: self._waiting_by_rank[rank] for rank, name in enumerate(PRIORITIES)}
+        return dict(zip(PRIORITIES, self._waiting_by_rank, strict=True))
+
+    def slots_by_priority(self) -> dict[Priority, int]:
+        """Return how many task slots this process holds, by the priority they were
+        taken at (``key_by_priority`` gives every process's, as ``refresh`` read it)."""
+        held = [0] * len(PRIORITIES)
+        for slot in self._mine.values():
+            held[slot.rank] += 1
+        return dict(zip(PRIORITIES, held, strict=True))
+
+    def key_by_priority(self) -> tuple[dict[Priority, int], dict[Priority, int]]:
+        """Return the key's creates waiting for a slot and its slots taken, each by
+        priority, over every process, as ``refresh`` last read them."""
+        return self._key_waiting, self._key_slots
 
     async def acquire_slot(self, priority: Priority = "normal") -> None:
         """Wait for a task slot, across every process of the key: highest ``priority``
@@ -540,6 +559,7 @@ class RedisGovernor:
                         "1" if rank == 0 else "0",
                         reserved,
                         lend_ms,
+                        rank,
                     ],
                 )
                 self._note_epoch(epoch)
@@ -547,7 +567,7 @@ class RedisGovernor:
                     self._slots_in_use = int(used)
                 if int(result) == 1:
                     granted = True
-                    self._mine[ticket] = _Slot()
+                    self._mine[ticket] = _Slot(rank=rank)
                     return
                 if int(result) == -1:
                     # Our lease lapsed (a long pause, a partition): re-register first.
@@ -577,15 +597,15 @@ class RedisGovernor:
             f"within {self.redis_timeout + self.lease:g} s"
         )
 
-    def bind_slot(self, task_id: str, model: str) -> None:
+    def bind_slot(self, task_id: str, model: str, priority: Priority = "normal") -> None:
         """Record that a slot of this process is held by ``task_id`` (adopted if we die)."""
-        token = self._unbound(sent=True)
+        token = self._unbound(sent=True, rank=rank_of(priority))
         if token is not None:
             slot = self._mine[token]
             slot.task_id, slot.model = task_id, model
             self._send("bind", token, task_id, model)
 
-    def release_slot(self, task_id: str | None = None) -> None:
+    def release_slot(self, task_id: str | None = None, priority: Priority = "normal") -> None:
         """Give back the slot of ``task_id`` (or, with None, one with no task) to every
         process. A task whose slot this process no longer holds (adopted by another while
         our lease had lapsed) frees nothing: never a slot that another task or create holds.
@@ -593,7 +613,8 @@ class RedisGovernor:
         # With no task: a create that failed or never went; of the slots with no task,
         # one never marked sent goes first, so those marked stay at least as many as the
         # creates whose bytes may be out (a dead process's marked slots are held).
-        token = self._unbound(sent=False) if task_id is None else self._find(task_id)
+        rank = rank_of(priority)
+        token = self._unbound(sent=False, rank=rank) if task_id is None else self._find(task_id)
         if token is None:
             return
         del self._mine[token]
@@ -601,9 +622,9 @@ class RedisGovernor:
         self._backoff.slot_freed()
         self._creates.wake()  # a create refused for slots may find this one
 
-    def release_slot_later(self, delay: float) -> None:
+    def release_slot_later(self, delay: float, priority: Priority = "normal") -> None:
         """Hold a slot with no task for ``delay`` seconds (an uncertain create), then free it."""
-        token = self._unbound(sent=True)
+        token = self._unbound(sent=True, rank=rank_of(priority))
         if token is None:
             return
         self._mine[token].free_at = asyncio.get_running_loop().time() + delay
@@ -615,15 +636,18 @@ class RedisGovernor:
                 return token
         return None
 
-    def _unbound(self, *, sent: bool) -> str | None:
-        """Return a slot of ours with no task and no hold, one marked ``sent`` if any."""
-        other = None
+    def _unbound(self, *, sent: bool, rank: int = 1) -> str | None:
+        """Return a slot of ours with no task and no hold: one marked ``sent`` if any,
+        of priority ``rank`` first (so the slots by priority stay true)."""
+        best, best_score = None, -1
         for token, slot in self._mine.items():
             if not slot.task_id and slot.free_at is None:
-                if slot.sent == sent:
+                score = 2 * (slot.sent == sent) + (slot.rank == rank)
+                if score == 3:
                     return token
-                other = other or token
-        return other
+                if score > best_score:
+                    best, best_score = token, score
+        return best
 
     # --- news between processes -----------------------------------------------------------
 
@@ -732,7 +756,7 @@ class RedisGovernor:
                 if hold_ms <= 0:
                     del self._mine[token]  # Redis frees it by its own clock
                     continue
-            held += [token, slot.task_id, slot.model, f"{hold_ms:.3f}", int(slot.sent)]
+            held += [token, slot.task_id, slot.model, f"{hold_ms:.3f}", int(slot.sent), slot.rank]
         grants = json.dumps([[at, member] for at, member in self._grants])
         epoch, lost, adopted, used, slot_limit, factor, in_window = await self._script(
             "renew",

@@ -12,7 +12,7 @@ import pytest
 
 from sora_async.testing import FakeApixo, RedisServer, fixed
 from tests.processes import app_env, app_process, free_port
-from tests.workers import SCALE, scaled_fake, start_worker, top_rows, until, write_prompts
+from tests.workers import SCALE, scaled_fake, start_worker, top, top_rows, until, write_prompts
 
 pytestmark = [pytest.mark.looptime(False), pytest.mark.timeout(120)]
 
@@ -130,8 +130,11 @@ async def test_the_service_requests_overtake_a_running_batch_on_the_same_key(
                 answer = await http.post("/videos", json={"prompt": f"user {n}"})
                 assert answer.status_code == 200, answer.text
                 waits.append(loop.time() - asked)
-                running = await top_rows(redis_server.url, fake.api_key)
+                figures = await top(redis_server.url, fake.api_key)
+                running = {row["name"]: row for row in figures["work"]}
                 assert running["overtaken"]["in_flight"] <= 9  # a slot stays the users'
+                assert figures["slots_by_priority"]["batch"] <= 9
+                assert figures["slots_by_priority"]["interactive"] >= 1
             out, err = await batch.communicate()
             assert batch.returncode == 0, (out + err).decode(errors="replace")
     # The first user waited for a batch video to end (the first ten end together,

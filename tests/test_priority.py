@@ -7,9 +7,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 import sora_async as sa
+import sora_async.otel
 from sora_async.testing import FakeApixo, fixed
+from tests.test_otel import points
 
 pytestmark = pytest.mark.looptime
 
@@ -21,6 +25,8 @@ def prompt(name: str) -> sa.TextToVideo:
 async def test_an_interactive_create_takes_the_next_free_slot_before_waiting_batch_ones() -> None:
     async with FakeApixo(generation_time=fixed(100), balance=1e6) as fake:
         async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
+            reader = InMemoryMetricReader()
+            sora_async.otel.instrument(client, meter_provider=MeterProvider([reader]))
             loop = asyncio.get_running_loop()
             for n in range(10):  # the key's 10 slots, ending a second apart
                 await client.submit(prompt(f"running {n}"), priority="batch")
@@ -43,6 +49,25 @@ async def test_an_interactive_create_takes_the_next_free_slot_before_waiting_bat
                 group.create_task(create("user", "interactive"))
                 await asyncio.sleep(0.5)
                 assert client.snapshot().slot_waiters_by_priority["interactive"] == 1
+                assert client.snapshot().slots_by_priority == {
+                    "interactive": 0,
+                    "normal": 0,
+                    "batch": 10,
+                }
+                waiting = {
+                    point.attributes["sora_async.priority"]: point.value
+                    for point in points(reader)["sora_async.slots.waiters.by_priority"]
+                }
+                assert waiting == {"interactive": 1, "normal": 0, "batch": 4}
+                while "user" not in done:  # noqa: ASYNC110 - the client's own progress
+                    await asyncio.sleep(1)
+                held = client.snapshot().slots_by_priority
+                assert held == {"interactive": 1, "normal": 0, "batch": 9}
+                used = {
+                    point.attributes["sora_async.priority"]: point.value
+                    for point in points(reader)["sora_async.slots.usage.by_priority"]
+                }
+                assert used == held
         stats = fake.stats
     # The batch's creates came first, yet the first slot that freed went to the user.
     assert done["user"] < min(done[f"batch {n}"] for n in range(4))

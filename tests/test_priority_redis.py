@@ -164,6 +164,10 @@ async def test_a_reserve_set_by_the_interactive_side_holds_back_another_process_
         asked = loop.time()
         await service.acquire_slot("interactive")  # the next user starts at once
         assert loop.time() - asked < 1.0
+        await service.refresh()  # what sora-async top shows of the key
+        waiting, slots = service.key_by_priority()
+        assert slots == {"interactive": 1, "normal": 0, "batch": 2}
+        assert waiting == {"interactive": 0, "normal": 0, "batch": 1}
     finally:
         await other.say("", answer=None)
         await other.process.wait()
