@@ -58,6 +58,12 @@ _ADDED = {
 _INDEXES = (
     "CREATE INDEX IF NOT EXISTS items_stem ON items (stem)",
     "CREATE INDEX IF NOT EXISTS items_work ON items (gen, state, line)",
+    # The manifest's pages, in file order whatever the state (read_rows).
+    "CREATE INDEX IF NOT EXISTS items_line ON items (gen, line)",
+)
+_UPDATE = (
+    "UPDATE items SET state=?, task_id=?, result_urls=?, files=?, error=?, attempts=?, "
+    "seconds=?, updated_at=? WHERE id=?"
 )
 _COLUMNS = (
     "id, line, request, state, task_id, result_urls, files, error, attempts, seconds, "
@@ -118,6 +124,14 @@ def _migrate(connection: sqlite3.Connection) -> None:
             connection.execute(statement)
     for statement in _INDEXES:
         connection.execute(statement)
+    connection.execute("PRAGMA wal_autocheckpoint=0")  # see Journal.open
+
+
+_CHECKPOINT_EVERY = 256  # writing transactions between two checkpoints
+
+
+def _checkpoint(connection: sqlite3.Connection) -> None:
+    connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
 class Journal:
@@ -134,7 +148,12 @@ class Journal:
 
         Raises InputError naming the path and the reason when it cannot be opened.
         """
-        return cls(await SQLiteFile.open(path, (), field="journal", prepare=_migrate))
+        file = await SQLiteFile.open(path, (), field="journal", prepare=_migrate)
+        # Its own checkpoints, in its thread: not SQLite's, which would run in the
+        # commit of an update written inline, on the event loop.
+        file.checkpoint = _checkpoint
+        file.checkpoint_every = _CHECKPOINT_EVERY
+        return cls(file)
 
     async def _run(self, sql: str, params: Any = (), *, many: bool = False) -> list[Any]:
         return await self._file.run(sql, params, many=many)
@@ -172,13 +191,15 @@ class Journal:
                 chunk[item.id] = stems[item.stem] = item
             marks = ",".join("?" * len(items))
             ids = [item.id for item in items]
+            # By the id and stem indexes (unary +: not an index on gen, which would
+            # walk the whole generation for each chunk).
             for item_id, line in db.execute(
-                f"SELECT id, line FROM items WHERE gen = ? AND id IN ({marks})", [gen, *ids]
+                f"SELECT id, line FROM items WHERE +gen = ? AND id IN ({marks})", [gen, *ids]
             ):
                 item = chunk[item_id]
                 raise BatchLineError(source, item.line, "id", repeated_id(item, line))
             for other_id, stem, line in db.execute(
-                f"SELECT id, stem, line FROM items WHERE gen = ? AND stem IN ({marks})",
+                f"SELECT id, stem, line FROM items WHERE +gen = ? AND stem IN ({marks})",
                 [gen, *stems],
             ):
                 item = stems[stem]
@@ -270,21 +291,19 @@ class Journal:
         row.state = state
         for name, value in changes.items():
             setattr(row, name, value)
-        await self._run(
-            "UPDATE items SET state=?, task_id=?, result_urls=?, files=?, error=?, attempts=?, "
-            "seconds=?, updated_at=? WHERE id=?",
-            (
-                row.state.value,
-                row.task_id,
-                json.dumps(row.result_urls),
-                json.dumps(row.files),
-                row.error,
-                row.attempts,
-                row.seconds,
-                time.time(),
-                row.id,
-            ),
+        params = (
+            row.state.value,
+            row.task_id,
+            json.dumps(row.result_urls),
+            json.dumps(row.files),
+            row.error,
+            row.attempts,
+            row.seconds,
+            time.time(),
+            row.id,
         )
+        # One row: written inline when the journal's thread is idle (no thread hop).
+        await self._file.transaction(lambda db: db.execute(_UPDATE, params), inline=True)
 
     def close(self) -> None:
         """Close the database, after any write in flight (blocks for milliseconds, so it

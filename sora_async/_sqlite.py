@@ -37,6 +37,10 @@ class SQLiteFile:
         self.checkpoint_every = 0
         self._writes = 0
         self._changes = connection.total_changes
+        # Calls handed to the thread (counted here) and finished (counted there): equal
+        # when the thread is idle and nothing waits for it (see transaction's inline).
+        self._handed = 0
+        self._finished = 0
 
     @classmethod
     async def open(
@@ -58,7 +62,9 @@ class SQLiteFile:
 
         def connect() -> sqlite3.Connection:
             path.parent.mkdir(parents=True, exist_ok=True)
-            connection = sqlite3.connect(path, isolation_level=None)
+            # Not only this thread's: an inline transaction runs on the loop's, while
+            # this one is idle.
+            connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             try:
                 _damaged_if_unreadable(connection, path, field)
                 connection.execute("PRAGMA journal_mode=WAL")
@@ -97,11 +103,17 @@ class SQLiteFile:
 
         return await self.transaction(work)
 
-    async def transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+    async def transaction(
+        self, work: Callable[[sqlite3.Connection], T], *, inline: bool = False
+    ) -> T:
         """Run ``work`` with the connection in one transaction, in the file's thread:
-        all of its writes are kept, or none (an error rolls them back and is raised)."""
+        all of its writes are kept, or none (an error rolls them back and is raised).
 
-        def atomic() -> T:
+        ``inline``: a short ``work`` runs at once in the caller's thread instead when
+        the file's thread is idle with nothing queued (so still in call order): the
+        two thread switches of a hop cost several times what a one-row write does."""
+
+        def atomic(here: bool = False) -> T:
             # Explicitly: the connection is in autocommit mode (isolation_level=None),
             # where `with connection:` begins nothing and each row would commit alone.
             self._db.execute("BEGIN")
@@ -111,22 +123,35 @@ class SQLiteFile:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
-            self._after_write()  # outside the transaction: a checkpoint may run
+            self._after_write(inline=here)  # outside the transaction: a checkpoint may run
             return result
 
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._thread, atomic)
+            if inline and self._finished == self._handed:
+                return atomic(True)
+            return await self._in_thread(atomic)
         except (sqlite3.Error, OSError) as exc:  # a full disk, a file removed under us
             raise InputError(self.field, f"cannot write {self.path}: {exc}") from exc
 
     async def call(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work`` with the connection in the file's thread; return what it returns."""
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._thread, work, self._db)
+            return await self._in_thread(lambda: work(self._db))
         except (sqlite3.Error, OSError) as exc:
             raise InputError(self.field, f"cannot write {self.path}: {exc}") from exc
 
-    def _after_write(self) -> None:
+    async def _in_thread(self, work: Callable[[], T]) -> T:
+        def counted() -> T:
+            try:
+                return work()
+            finally:
+                self._finished += 1  # only this thread writes it
+
+        self._handed += 1  # a call cancelled before it started leaves the two unequal:
+        # inline calls then go to the thread too (safe, only slower)
+        return await asyncio.get_running_loop().run_in_executor(self._thread, counted)
+
+    def _after_write(self, *, inline: bool = False) -> None:
         """Count a transaction that changed rows; checkpoint when it is time (every
         writer of the file counts, whichever table it writes)."""
         if self.checkpoint is None or self._db.total_changes == self._changes:
@@ -135,12 +160,25 @@ class SQLiteFile:
         self._writes += 1
         if self._writes >= self.checkpoint_every:
             self._writes = 0
+            if inline:  # not on the loop: a checkpoint writes pages back and syncs
+                self._handed += 1
+                self._thread.submit(self._checkpoint, True)
+            else:
+                self._checkpoint()
+
+    def _checkpoint(self, handed: bool = False) -> None:
+        assert self.checkpoint is not None
+        try:
             self.checkpoint(self._db)
             self._changes = self._db.total_changes
+        finally:
+            if handed:
+                self._finished += 1
 
     def close(self) -> None:
         """Close the database, after any write in flight (blocks for milliseconds, so it
         also runs while its user is being cancelled)."""
+        self._handed += 1  # never inline again
         self._thread.submit(self._db.close)
         self._thread.shutdown(wait=True)
 
