@@ -31,6 +31,7 @@ from ._errors import (
 )
 from ._lanes import Lanes
 from ._models import CreateRequest, TaskState, TaskStatus
+from ._priority import ADOPTED
 from ._sends import SendMemory
 from ._store import (
     MemoryStore,
@@ -256,8 +257,8 @@ class Ledger:
                 await store.save(record)
             left = self._uncertain_hold - (time.time() - record.updated_at)
             if left > 0:
-                await lane.governor.acquire_slot()
-                lane.governor.release_slot_later(left)
+                await lane.governor.acquire_slot(ADOPTED)
+                lane.governor.release_slot_later(left, ADOPTED)
 
     def adopted_by_governor(self, task_id: str) -> None:
         """A governor handed us a dead process's task: write its end in its record."""

@@ -23,12 +23,15 @@ from typing import Final, Literal, get_args
 
 from ._errors import InputError
 
-__all__ = ["PRIORITIES", "Priority", "SlotLine", "check_rules", "rank_of", "served_as"]
+__all__ = ["ADOPTED", "PRIORITIES", "Priority", "SlotLine", "check_rules", "rank_of", "served_as"]
 
 Priority = Literal["interactive", "normal", "batch"]
 #: The priorities, highest first.
 PRIORITIES: Final[tuple[Priority, ...]] = get_args(Priority)
 _RANKS: Final[dict[str, int]] = {name: rank for rank, name in enumerate(PRIORITIES)}
+#: The priority a task made elsewhere is adopted at: it holds its slot on the service
+#: already, so it goes first, whatever the reserve.
+ADOPTED: Final[Priority] = "interactive"
 
 
 def rank_of(priority: object) -> int:

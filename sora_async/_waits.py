@@ -24,6 +24,7 @@ from ._errors import (
 from ._lanes import Lanes
 from ._ledger import Ledger
 from ._models import Result, TaskState, TaskStatus, Video
+from ._priority import ADOPTED
 from ._store import RecordState
 from ._transport import Transport
 
@@ -126,8 +127,8 @@ class Waits:
         lane = self._lanes.get(model)
         if lane.scheduler.is_tracked(task_id):
             return False
-        await lane.governor.acquire_slot()
-        lane.governor.bind_slot(task_id, model)
+        await lane.governor.acquire_slot(ADOPTED)
+        lane.governor.bind_slot(task_id, model, ADOPTED)
         self._models[task_id] = model
         lane.scheduler.track(task_id, model, holds_slot=True, adopted=True)
         return True

@@ -357,7 +357,7 @@ class RedisGovernor:
             while self._slots_owed:
                 # A create's slot was freed while our lease had lapsed: take another.
                 self._slots_owed -= 1
-                await self.acquire_slot()
+                await self.acquire_slot(priority)
         # A poll keeps one place in the key's poll line across its attempts.
         ticket = f"{self.owner}:p{next(self._members)}" if kind == "status" else ""
         try:
@@ -368,7 +368,7 @@ class RedisGovernor:
                     )
                     return
                 except _SlotLost:
-                    await self.acquire_slot()
+                    await self.acquire_slot(priority)
         except BaseException:
             if ticket:
                 # Cancelled (a caller's deadline): give its place in the key's line back
