@@ -93,7 +93,7 @@ class RedisGovernor:
     lease semaphore whose tickets are served by priority, then first come first
     served, across every process (``reserved``, ``lend_after`` and ``starve_after``
     as in :class:`LocalGovernor`; the reserve is the interactive side's setting,
-    written to the key with its creates). Each slot records the
+    written to the key when it registers and with its interactive creates). Each slot records the
     task that holds it; when a process dies its tasks are adopted by a live
     process, polled to their end, and only then freed.
     When Redis cannot be reached nothing is sent: work waits up to ``redis_timeout``
