@@ -127,7 +127,8 @@ return {1, '0', epoch, num(factor), n + 1, num(now)}
 #       (a hash: Redis's time of the last interactive create, and the reserve and the
 #       lending time of the process that made it)
 # ARGV: epoch, owner, ticket, nominal, round_ms, rank (0 highest: the ticket's priority,
-#       0 too once it waited long enough), interactive (1 for a user's create),
+#       0 too once it waited long enough), interactive (1 for a user's create in a process
+#       that reserves slots),
 #       reserved (slots below rank 0 may not take), lend_ms (after this long with no
 #       interactive create the reserve is lent; negative: never), priority (the rank
 #       the slot is taken at, kept in its record). The reserve is the interactive

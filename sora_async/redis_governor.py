@@ -556,7 +556,10 @@ class RedisGovernor:
                         self.limits.concurrent_tasks,
                         self.reregister_round * 1000,
                         served_as(rank, since, loop.time(), starve_after),
-                        "1" if rank == 0 else "0",
+                        # Only a process that reserves slots speaks for the reserve:
+                        # one that reserves none (a batch host adopting a running
+                        # task at the highest priority) leaves the service's alone.
+                        "1" if rank == 0 and reserved else "0",
                         reserved,
                         lend_ms,
                         rank,

@@ -6,9 +6,12 @@ interactive side keeps a slot from the other process's batch."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import sys
 import textwrap
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -105,19 +108,37 @@ async def other_process(redis_url: str, key: str, slots: int) -> Other:
     return Other(process)
 
 
+@contextlib.asynccontextmanager
+async def running_governor(
+    url: str, key: str, slots: int, **settings: Any
+) -> AsyncIterator[sa.RedisGovernor]:
+    """A RedisGovernor of this process on the key, its background work running."""
+    governor = sa.RedisGovernor(
+        url,
+        api_key=key,
+        limits=sa.Limits(concurrent_tasks=slots),
+        lease=3.0,
+        trust_empty_redis=True,
+        **settings,
+    )
+    run = asyncio.ensure_future(governor.run(None))  # type: ignore[arg-type]
+    try:
+        yield governor
+    finally:
+        run.cancel()
+        await governor.aclose()
+
+
 async def test_a_user_create_takes_the_next_slot_before_another_process_batch(
     redis_server: RedisServer,
 ) -> None:
     key = secrets.token_hex(8)
     other = await other_process(redis_server.url, key, slots=1)
-    governor = sa.RedisGovernor(
-        redis_server.url,
-        api_key=key,
-        limits=sa.Limits(concurrent_tasks=1),
-        lease=3.0,
-        trust_empty_redis=True,
-    )
-    run = asyncio.ensure_future(governor.run(None))  # type: ignore[arg-type]
+    async with running_governor(redis_server.url, key, slots=1) as governor:
+        await users_first(other, governor)
+
+
+async def users_first(other: Other, governor: sa.RedisGovernor) -> None:
     try:
         await other.say("hold", answer="held")  # the key's one slot
         await other.say("queue 3", answer="queued")  # three batch creates wait first
@@ -128,14 +149,12 @@ async def test_a_user_create_takes_the_next_slot_before_another_process_batch(
         await asyncio.wait_for(mine, 10)  # the user's create got the slot ...
         await asyncio.sleep(1.0)
         assert other.got() == []  # ... and no batch create of the other process did
-        governor.release_slot()
+        governor.release_slot(priority="interactive")
         await other.until("got")  # then the batch goes on
         assert len(other.got()) == 1
     finally:
         await other.say("", answer=None)
         await other.process.wait()
-        run.cancel()
-        await governor.aclose()
 
 
 async def test_a_reserve_set_by_the_interactive_side_holds_back_another_process_batch(
@@ -143,19 +162,23 @@ async def test_a_reserve_set_by_the_interactive_side_holds_back_another_process_
 ) -> None:
     key = secrets.token_hex(8)
     other = await other_process(redis_server.url, key, slots=3)
-    service = sa.RedisGovernor(
-        redis_server.url,
-        api_key=key,
-        limits=sa.Limits(concurrent_tasks=3),
-        lease=3.0,
-        trust_empty_redis=True,
-        reserved=1,
-        lend_after=600,
-    )
-    run = asyncio.ensure_future(service.run(None))  # type: ignore[arg-type]
+    async with (
+        running_governor(redis_server.url, key, 3, reserved=1, lend_after=600) as service,
+        running_governor(redis_server.url, key, 3) as reserving_nothing,
+    ):
+        await reserve_holds(other, service, reserving_nothing)
+
+
+async def reserve_holds(
+    other: Other, service: sa.RedisGovernor, reserving_nothing: sa.RedisGovernor
+) -> None:
     try:
         await service.acquire_slot("interactive")  # a user came: the reserve holds
-        service.release_slot()
+        service.release_slot(priority="interactive")
+        # A process that reserves nothing (a batch host adopting a running task takes
+        # its slot at the highest priority) leaves the service's reserve on the key.
+        await reserving_nothing.acquire_slot("interactive")
+        reserving_nothing.release_slot(priority="interactive")
         await other.say("queue 3", answer="queued")
         await asyncio.sleep(1.0)
         # The batch (which set no reserve itself) took 2 of 3 slots, not 3.
@@ -171,5 +194,3 @@ async def test_a_reserve_set_by_the_interactive_side_holds_back_another_process_
     finally:
         await other.say("", answer=None)
         await other.process.wait()
-        run.cancel()
-        await service.aclose()
