@@ -667,6 +667,7 @@ def top(
             rates[scope] = (spent - before[1]) / elapsed * 3600 if before and elapsed else None
             last_spend[scope] = (now, spent)
         if as_json:
+            waiting_by_priority, slots_by_priority = governor.key_by_priority()
             emit(
                 True,
                 "",
@@ -678,8 +679,8 @@ def top(
                 request_limit=limits.requests,
                 rate_factor=governor.rate_factor,
                 rate_limited=governor.rate_limited_seen,
-                slots_by_priority=governor.key_by_priority()[1],
-                waiting_by_priority=governor.key_by_priority()[0],
+                slots_by_priority=slots_by_priority,
+                waiting_by_priority=waiting_by_priority,
                 work=[row.as_json() for row in rows],
                 spend={
                     scope: {"spent_usd": spent, "held_usd": held}
