@@ -2,45 +2,33 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import functools
-import logging
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, overload
 
-import anyio
-import anyio.abc
-
-from ._background import Background
-from ._bodies import Bodies
 from ._budget import Budget
 from ._catalog import Request, VideoInput, check_model_id, limits_for
-from ._creates import Creator, TaskModels
-from ._download import DEFAULT_MAX_DOWNLOAD_BYTES, Downloader
-from ._errors import ClientClosedError, InputError, TaskTimeoutError
-from ._fanout import Outcome, fan_out
+from ._download import DEFAULT_MAX_DOWNLOAD_BYTES
+from ._engine import Engine, Wiring
+from ._errors import InputError
+from ._fanout import Outcome
 from ._governor import Governor, LocalGovernor
-from ._lanes import Lanes
-from ._ledger import Hooks, Ledger, Recorded
+from ._ledger import Hooks
 from ._models import CreateRequest, Limits, Result, TaskStatus, Video
 from ._prices import Price
-from ._priority import Priority, rank_of
+from ._priority import Priority
 from ._recorder import Recorder
 from ._scheduler import PollPolicy, PollScheduler
 from ._settings import check_settings
-from ._snapshot import Snapshot, model_snapshot, snapshot_of
+from ._snapshot import Snapshot
 from ._spending import Spending
 from ._store import TaskStore, check_idempotency_key
-from ._transport import RetryPolicy, Transport
-from ._waits import Waits, check_task_id, check_timeout
+from ._transport import RetryPolicy
+from ._waits import check_task_id
 
 __all__ = ["Outcome", "SoraClient"]
-
-logger = logging.getLogger("sora_async")
 
 DEFAULT_BASE_URL = "https://api.apixo.ai/api/v1"
 UncertainPolicy = Literal["raise", "resubmit"]
@@ -129,8 +117,6 @@ class SoraClient:
         )
         self.store = store
         self.callback_url = callback_url
-        self._bodies = Bodies(model, provider, callback_url, callback_secret)
-        self.callback_secret = self._bodies.callback_secret
         self.confirm_callbacks = confirm_callbacks
         self.base_url = base_url or os.environ.get("APIXO_BASE_URL") or DEFAULT_BASE_URL
         self.model = model
@@ -141,53 +127,42 @@ class SoraClient:
         self.on_uncertain: UncertainPolicy = on_uncertain
         self.uncertain_hold = uncertain_hold
         self.wait_timeout = wait_timeout
-        self._lanes = Lanes(
-            default_model=model,
-            default_governor=default_governor,
-            governors=governors or {},
-            model_limits=self.model_limits,
-            shared=shared_budget,
-            poll=lambda model, task_id: self._transport.status(model, task_id, prepaid=True),
-            policy=poll_policy,
-            callbacks=callback_url is not None,
-            uncertain_hold=uncertain_hold,
-        )
-        self._ledger = Ledger(store, self._lanes, uncertain_hold=uncertain_hold)
-        self._transport = Transport(
-            api_key=key,
-            base_url=self.base_url,
-            governor_for=self._lanes.governor_for,
-            retry=retry if retry is not None else RetryPolicy(),
-        )
-        self._background = Background()
-        # The model of each task this client created (status and wait need it).
-        self._models = TaskModels()
         self.download_concurrency = download_concurrency
         self.max_download_bytes = max_download_bytes
-        self._downloader: Downloader | None = None
         self.spending = Spending(default_governor, prices, spend_cap, spend_scope, keep_balance)
-        self._waits = Waits(self._transport, self._lanes, self._ledger, self._models, model)
-        self._creator = Creator(
-            self._transport,
-            self._lanes,
-            self._ledger,
-            self._models,
-            on_uncertain=on_uncertain,
-            uncertain_hold=uncertain_hold,
-            budget=self.spending.budget,
-            price_of=self.spending.high_price,
+        self._engine = Engine(
+            Wiring(
+                api_key=key,
+                base_url=self.base_url,
+                model=model,
+                provider=provider,
+                default_governor=default_governor,
+                governors=dict(governors or {}),
+                model_limits=self.model_limits,
+                shared_budget=shared_budget,
+                retry=retry if retry is not None else RetryPolicy(),
+                poll_policy=poll_policy,
+                callback_url=callback_url,
+                callback_secret=callback_secret,
+                store=store,
+                on_uncertain=on_uncertain,
+                uncertain_hold=uncertain_hold,
+                download_concurrency=download_concurrency,
+                max_download_bytes=max_download_bytes,
+                spending=self.spending,
+            )
         )
-        self._lanes.on_adopted = self._adopted
+        self.callback_secret = self._engine.bodies.callback_secret
 
     @property
     def governor(self) -> Governor:
         """Return the governor of the client's default ``model``."""
-        return self._lanes.default.governor
+        return self._engine.lanes.default.governor
 
     @property
     def scheduler(self) -> PollScheduler:
         """Return the scheduler of the client's default ``model``."""
-        return self._lanes.default.scheduler
+        return self._engine.lanes.default.scheduler
 
     def governor_for(self, model: str) -> Governor:
         """Return the governor that holds ``model``'s budget on this key.
@@ -196,11 +171,11 @@ class SoraClient:
         ``model_limits``) by the default governor's ``for_model`` (a RedisGovernor for
         each model when the default is one), unless ``governors`` names one for it or
         ``shared_budget`` gives every model the default model's."""
-        return self._lanes.governor_for(check_model_id(model))
+        return self._engine.lanes.governor_for(check_model_id(model))
 
     def scheduler_for(self, model: str) -> PollScheduler:
         """Return the scheduler that polls ``model``'s tasks (it learns their times)."""
-        return self._lanes.get(check_model_id(model)).scheduler
+        return self._engine.lanes.get(check_model_id(model)).scheduler
 
     def snapshot(self) -> Snapshot:
         """Return the figures an operator watches, at this instant (cheap: no request).
@@ -211,18 +186,11 @@ class SoraClient:
         callback loss from each model's scheduler; with a ``spend_cap``, the spend,
         the estimates held by tasks in flight and the cap.
         """
-        lanes = self._lanes.all()
-        parts = [model_snapshot(lane.model, lane.governor, lane.scheduler) for lane in lanes]
-        budget = self._creator.budget
-        if budget is None:
-            return snapshot_of(self.model, parts)
-        return snapshot_of(self.model, parts, (*budget.seen(), budget.cap))
+        return self._engine.snapshot()
 
     def _record(self, recorder: Recorder | None) -> None:
         """Send request and task events to ``recorder`` (see :mod:`sora_async.otel`)."""
-        self._transport.recorder = recorder
-        self._lanes.record(recorder)
-        self._creator.recorder = recorder
+        self._engine.record(recorder)
 
     def announce(self, status: TaskStatus, *, trusted: bool, nonce: str | None = None) -> bool:
         """Take a callback's news of a task, whatever its model; return whether it is ours.
@@ -230,7 +198,7 @@ class SoraClient:
         ``nonce``: the one in the callback URL's verified token (see
         :mod:`sora_async.webhook`); a claim with another nonce than its task's create
         sent is refused at no cost."""
-        return self._lanes.announce(status, trusted=trusted, nonce=nonce)
+        return self._engine.lanes.announce(status, trusted=trusted, nonce=nonce)
 
     def __repr__(self) -> str:
         return f"SoraClient(base_url={self.base_url!r}, model={self.model!r}, api_key='***')"
@@ -238,26 +206,7 @@ class SoraClient:
     # --- life cycle ---------------------------------------------------------------------
 
     async def __aenter__(self) -> SoraClient:
-        if self._background.state != "new":
-            raise ClientClosedError("a SoraClient can be entered once; create a new one")
-        await self._ledger.open()
-        await self._transport.open()
-        self._downloader = Downloader(
-            self._transport.session,
-            concurrency=self.download_concurrency,
-            max_bytes=self.max_download_bytes,
-        )
-        await self._background.start(
-            lambda group: group.start_soon(self._creator.pool.run),
-            self._ledger.start,
-            self._lanes.start,
-        )
-        try:
-            await self.spending.keep(self.balance)
-            await self._ledger.adopt_recorded(self._waits.adopt)
-        except BaseException as exc:
-            await self.__aexit__(type(exc), exc, exc.__traceback__)
-            raise
+        await self._engine.open()
         return self
 
     async def __aexit__(
@@ -266,54 +215,30 @@ class SoraClient:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._background.state = "closed"
-        await self._ledger.settle()  # ends already learned reach the store before it closes
-        await self._background.stop()
-        await self._lanes.aclose()
-        await self._transport.close()
-        await self._ledger.close()
-        if self._creator.budget is not None:
-            # Ends already learned reach the budget before its connection closes.
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._creator.settled(), 10.0)
-            await self._creator.budget.aclose()
+        await self._engine.close()
 
     # --- money ----------------------------------------------------------------------------
 
     @property
     def budget(self) -> Budget | None:
         """Return the spend cap's budget (None without ``spend_cap``/``keep_balance``)."""
-        return self._creator.budget
+        return self._engine.creator.budget
 
     async def spend(self) -> tuple[float, float, float | None]:
         """Return the estimated spend so far, the estimates held by tasks in flight,
         and the cap, in USD (zeros and None without a ``spend_cap``)."""
-        budget = self._creator.budget
-        if budget is None:
-            return 0.0, 0.0, None
-        await self._creator.settled()
-        spent, held = await budget.figures()
-        return spent, held, budget.cap
-
-    def _adopted(self, task_id: str, model: str) -> None:
-        """A governor handed us a dead process's task: its record and its reservation
-        are settled here when it ends."""
-        self._waits.adopted_by_governor(task_id, model)
-        self._creator.settle_at_end(task_id, model)
-
-    def _check_open(self) -> anyio.abc.TaskGroup:
-        return self._background.check_open()
+        return await self._engine.spend()
 
     # --- single tasks ---------------------------------------------------------------------
 
     def model_for(self, request: Request) -> str:
         """Return the model ``request`` goes to: its own, or the client's ``model`` for
         Sora 2 Pro's TextToVideo / ImageToVideo. Raises InputError for anything else."""
-        return self._bodies.model_for(request)
+        return self._engine.bodies.model_for(request)
 
     def create_request(self, request: Request) -> CreateRequest:
         """Return the create body for ``request`` (validated; no request is sent)."""
-        return self._bodies.body(request)
+        return self._engine.bodies.body(request)
 
     async def submit(
         self,
@@ -351,38 +276,18 @@ class SoraClient:
         for the retry (the journal writes its row back to ``queued``). Both run in
         the create's own task: a caller who stopped waiting may still hear of them.
         """
-        self._check_open()
-        prepared = self._bodies.prepare(request)
-        if idempotency_key is not None:
-            check_idempotency_key(idempotency_key)
-        if not isinstance(batch, str) or len(batch) > 200:
-            raise InputError("batch", "must be a string of at most 200 characters")
-        rank_of(priority)
         hooks = None
         if before_create is not None or after_no_task is not None:
             hooks = Hooks(before_create, after_no_task)
-        governor = self._lanes.get(prepared[0]).governor
-        records = self._ledger.records_for(idempotency_key)
-        if records is not None:
-            return await self._ledger.submit(
-                records,
-                idempotency_key,
-                batch,
-                prepared,
-                hooks,
-                functools.partial(self._create, priority=priority),
-                functools.partial(governor.acquire_slot, priority),
-            )
-        await governor.acquire_slot(priority)
-        return await self._create(prepared, hooks, priority=priority)
+        return await self._engine.submit(request, idempotency_key, batch, priority, hooks)
 
     async def uncertain_keys(self) -> list[str]:
         """Return the idempotency keys whose create may have made a task whose id was
         never learned (a timeout or reset after the send, or a process that stopped
         while it was on the wire), sorted. A submit with one raises
         SubmitUncertainError until :meth:`release_key` releases it."""
-        self._check_open()
-        return await self._ledger.uncertain_keys()
+        self._engine.check_open()
+        return await self._engine.ledger.uncertain_keys()
 
     async def release_key(self, idempotency_key: str) -> bool:
         """Let the next submit with ``idempotency_key`` create again, although its
@@ -392,8 +297,8 @@ class SoraClient:
         uncertain create stays held for the rest of ``uncertain_hold``: its task may
         still run on the service.
         """
-        self._check_open()
-        return await self._ledger.release_key(check_idempotency_key(idempotency_key))
+        self._engine.check_open()
+        return await self._engine.ledger.release_key(check_idempotency_key(idempotency_key))
 
     async def adopt(self, task_id: str, *, model: str | None = None) -> None:
         """Track a task made elsewhere (say, by a run that was killed) until it ends.
@@ -402,21 +307,11 @@ class SoraClient:
         once. ``wait(task_id)`` then returns its result. ``model`` is the task's
         model (default: the client's ``model``).
         """
-        self._check_open()
+        self._engine.check_open()
         check_task_id(task_id)
-        await self._waits.adopt(task_id, self.model if model is None else check_model_id(model))
-
-    async def _create(
-        self,
-        prepared: tuple[str, CreateRequest],
-        hooks: Hooks | None = None,
-        recorded: Recorded | None = None,
-        *,
-        priority: Priority = "normal",
-    ) -> str:
-        """Create a task with a slot already taken (see Creator.create)."""
-        self._check_open()
-        return await self._creator.create(prepared, hooks, recorded, priority)
+        await self._engine.waits.adopt(
+            task_id, self.model if model is None else check_model_id(model)
+        )
 
     async def status(
         self, task_id: str, *, model: str | None = None, timeout: float | None = None
@@ -429,8 +324,8 @@ class SoraClient:
         included, and raises TaskTimeoutError when it passes (default: no bound beyond
         the retry policy). An unknown id raises NotFoundError after one request.
         """
-        self._check_open()
-        return await self._waits.status(task_id, model, timeout)
+        self._engine.check_open()
+        return await self._engine.waits.status(task_id, model, timeout)
 
     async def wait(
         self, task_id: str, *, timeout: float | None = None, model: str | None = None
@@ -448,8 +343,8 @@ class SoraClient:
         with a ``store``, a task an earlier process recorded needs no ``model``, and one
         recorded as succeeded costs no request.
         """
-        self._check_open()
-        return await self._waits.wait(task_id, timeout, model, self.wait_timeout)
+        self._engine.check_open()
+        return await self._engine.waits.wait(task_id, timeout, model, self.wait_timeout)
 
     @overload
     async def generate(
@@ -494,19 +389,12 @@ class SoraClient:
         if timeout is None:
             task_id = await self.submit(request, idempotency_key=idempotency_key, priority=priority)
             return await self.wait(task_id)
-        check_timeout(timeout)
-        model = self.model_for(request)
-        deadline = asyncio.get_running_loop().time() + timeout
-        with anyio.move_on_after(timeout) as scope:
-            task_id = await self.submit(request, idempotency_key=idempotency_key, priority=priority)
-        if scope.cancelled_caught:
-            raise TaskTimeoutError(None, timeout)
-        return await self._waits.wait_until(task_id, model, deadline, timeout)
+        return await self._engine.generate_within(request, timeout, idempotency_key, priority)
 
     async def balance(self) -> float:
         """Return the key's remaining balance in USD."""
-        self._check_open()
-        return await self._transport.balance(self.model)
+        self._engine.check_open()
+        return await self._engine.transport.balance(self.model)
 
     async def download(
         self, video: Result, dest: str | os.PathLike[str] = ".", *, name: str | None = None
@@ -528,9 +416,9 @@ class SoraClient:
         self, video: Result, dest: str | os.PathLike[str] = ".", *, name: str | None = None
     ) -> list[Path]:
         """Save every result URL of the video under ``dest`` (see download); return the paths."""
-        self._check_open()
-        assert self._downloader is not None
-        return await self._downloader.download(video, dest, name)
+        self._engine.check_open()
+        assert self._engine.downloader is not None
+        return await self._engine.downloader.download(video, dest, name)
 
     # --- fan-out --------------------------------------------------------------------------
 
@@ -551,17 +439,4 @@ class SoraClient:
         tasks finish (their outcomes are yielded), then is raised.
         ``timeout`` bounds each wait, as in wait(); ``priority`` is as in submit().
         """
-        rank_of(priority)
-
-        async def run(prepared: tuple[str, CreateRequest]) -> Result:
-            task_id = await self._create(prepared, priority=priority)
-            return await self.wait(task_id, timeout=timeout)
-
-        return fan_out(
-            self._check_open(),
-            requests,
-            governor_for=lambda prepared: self._lanes.get(prepared[0]).governor,
-            prepare=self._bodies.prepare,
-            run=run,
-            priority=priority,
-        )
+        return self._engine.generate_many(requests, timeout, priority, self.wait_timeout)
