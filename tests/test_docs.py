@@ -91,3 +91,10 @@ def test_relative_links_lead_to_files(page: Path) -> None:
         if not (page.parent / target.partition("#")[0]).is_file()
     ]
     assert not broken, f"{page.relative_to(ROOT)}: broken links {broken}"
+
+
+def test_the_readme_stays_a_front_door() -> None:
+    """The README is short and says how to read the site."""
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 300
+    assert 'pip install -e ".[docs]" && mkdocs serve' in readme
