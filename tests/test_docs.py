@@ -98,3 +98,15 @@ def test_the_readme_stays_a_front_door() -> None:
     readme = (ROOT / "README.md").read_text()
     assert len(readme.splitlines()) <= 300
     assert 'pip install -e ".[docs]" && mkdocs serve' in readme
+
+
+def test_the_docs_show_the_readmes_tested_scripts() -> None:
+    """The quick start and the models page carry the README's two scripts as written, so
+    the copies on the site are the ones tests/test_readme.py runs."""
+    blocks = re.findall(r"```python\n.*?```", (ROOT / "README.md").read_text(), flags=re.DOTALL)
+    for marker, page in [
+        ("FakeApixo(generation_time", "quickstart.md"),
+        ("max_concurrent_tasks_by_model", "models.md"),
+    ]:
+        (block,) = [block for block in blocks if marker in block]
+        assert block in (DOCS / page).read_text(), page
