@@ -77,6 +77,7 @@ if TYPE_CHECKING:
     from .redis_store import RedisStore
 
 __version__ = "0.1.0"
+"""The version of this package."""
 
 __all__ = [
     "MODELS",

@@ -471,8 +471,8 @@ _ROWS: Final = (
     ),
 )
 
-#: Every model this client knows, by id (others go through :class:`RawInput`).
 MODELS: Final[dict[str, ModelInfo]] = {row.id: row for row in _ROWS}
+"""Every model this client knows, by id (others go through :class:`RawInput`)."""
 
 
 def model_of(request: object, default: str) -> str:

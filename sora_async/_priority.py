@@ -26,8 +26,10 @@ from ._errors import InputError
 __all__ = ["ADOPTED", "PRIORITIES", "Priority", "SlotLine", "check_rules", "rank_of", "served_as"]
 
 Priority = Literal["interactive", "normal", "batch"]
-#: The priorities, highest first.
+"""A create's priority: ``"interactive"`` (a user waits at a screen), ``"normal"`` (the
+default) or ``"batch"``."""
 PRIORITIES: Final[tuple[Priority, ...]] = get_args(Priority)
+"""The priorities, highest first."""
 _RANKS: Final[dict[str, int]] = {name: rank for rank, name in enumerate(PRIORITIES)}
 #: The priority a task made elsewhere is adopted at: it holds its slot on the service
 #: already, so it goes first, whatever the reserve.

@@ -52,11 +52,12 @@ DEFAULT_MODELS = frozenset(
         "seedream-4-5",
     }
 )
-#: ``(requests a minute, unfinished tasks)`` of models whose pages state other figures
-#: than Sora 2 Pro's 60 and 10.
+"""The model ids the fake serves unless told others (``FakeApixo(models=...)``)."""
 DEFAULT_MODEL_LIMITS: Mapping[str, tuple[int, int]] = types.MappingProxyType(
     {"ltx-2-19b": (10000, 1000)}
 )
+"""``(requests a minute, unfinished tasks)`` of models whose pages state other figures
+than Sora 2 Pro's 60 and 10."""
 # Balance calls name no model: they count against this one's window.
 _BALANCE_MODEL = "sora-2-pro"
 _FAIL_MARK = re.compile(r"\[fail:([^\]\s]+)\]")
@@ -147,7 +148,7 @@ class FakeApixo:
             callback_loss, callback_duplicates: probability a task's callback is never
                 sent; that a delivered one is sent again 1-10 s later.
             callback_delay, callback_jitter: the first POST waits delay + U(0, jitter) s.
-            The ``callback_*`` knobs are attributes too, read when a task ends.
+                The ``callback_*`` knobs are attributes too, read when a task ends.
             state_file: keep the tasks made in this file (JSON lines, appended as each
                 is made) and take them back at start, on the port of the last start
                 when free, so that a fake restarted after its process died still
