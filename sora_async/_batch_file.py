@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import msgspec
 
-from ._catalog import MODELS, ModelInput, RawInput, Request, check_model_id
+from ._catalog import MODELS, ModelInput, RawInput, Request, check_model_id, to_wire_names
 from ._download import file_stem
 from ._errors import InputError
 from ._models import VideoRequest
@@ -82,20 +82,26 @@ def _request_json(request: Request) -> str:
     return _encoder.encode(data).decode()
 
 
-def request_from(fields: dict[str, Any], defaults: BatchDefaults) -> Request:
+def request_from(
+    fields: dict[str, Any], defaults: BatchDefaults, *, strict: bool = True
+) -> Request:
     """Return the request a batch line's fields describe: ``model`` (default sora-2-pro)
-    picks the typed input; a model without one gets a :class:`RawInput`.
+    picks the typed input; a model without one gets a :class:`RawInput`. A field may
+    be named as in Python (``generation_type``) or as on the wire (``generationType``).
+    ``strict=False`` also takes text for numbers and booleans (``"10"``, ``"true"``).
 
     Raises InputError or msgspec.ValidationError for fields the model refuses.
     """
     fields = dict(fields)
     model = fields.pop("model", None)
     if model is None or model == "sora-2-pro":
-        return cast(Request, msgspec.convert(_with_defaults(fields, defaults), VideoRequest))
+        row = _with_defaults(to_wire_names("sora-2-pro", fields), defaults)
+        return cast(Request, msgspec.convert(row, VideoRequest, strict=strict))
     check_model_id(model)
     info = MODELS.get(model)
     if info is not None and len(info.inputs) == 1:
-        return cast(Request, msgspec.convert(fields, info.inputs[0]))
+        row = to_wire_names(model, fields)
+        return cast(Request, msgspec.convert(row, info.inputs[0], strict=strict))
     return RawInput(model=model, input=fields)
 
 

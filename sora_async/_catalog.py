@@ -11,8 +11,9 @@ one :class:`ModelInfo` row in ``_ROWS``.
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Literal, Union
 
@@ -37,9 +38,11 @@ __all__ = [
     "VideoInput",
     "Wan25",
     "check_model_id",
+    "input_names",
     "limits_for",
     "model_info",
     "model_of",
+    "to_wire_names",
 ]
 
 Kind = Literal["video", "image"]
@@ -501,3 +504,59 @@ def limits_for(model: str, overrides: dict[str, Limits] | None = None) -> Limits
         return overrides[model]
     row = MODELS.get(model)
     return row.limits if row is not None else Limits()
+
+
+@functools.cache
+def _input_fields(model: str) -> tuple[tuple[str, str], ...] | None:
+    """Return the (Python name, wire name) of each input field of ``model``'s typed
+    input, or None for a model without one."""
+    if model == "sora-2-pro":
+        kinds: tuple[type[Any], ...] = (TextToVideo, ImageToVideo)
+        pairs = {"mode": "mode"}  # the tag that picks TextToVideo or ImageToVideo
+    else:
+        row = MODELS.get(model)
+        if row is None or len(row.inputs) != 1:
+            return None
+        kinds, pairs = row.inputs, {}
+    for kind in kinds:
+        pairs |= {field.name: field.encode_name for field in msgspec.structs.fields(kind)}
+    return tuple(pairs.items())
+
+
+@functools.cache
+def input_names(model: str) -> dict[str, str] | None:
+    """Return the input field names ``model``'s typed input takes, each mapped to its
+    name on the wire: the Python names (``generation_type``, as ``sora-async models``
+    shows them) and the wire names (``generationType``) alike. None for a model
+    without a typed input (its fields go as they are, in a :class:`RawInput`)."""
+    pairs = _input_fields(model)
+    if pairs is None:
+        return None
+    return {name: wire for python, wire in pairs for name in (python, wire)}
+
+
+def to_wire_names(model: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Return ``fields`` (an input of ``model``) keyed by their names on the wire; each
+    may be named as in Python or as on the wire.
+
+    Raises InputError naming a field that ``model`` does not take (and listing the
+    ones it takes), or one given under both its names.
+    """
+    names = input_names(model)
+    if names is None:
+        return dict(fields)
+    wire: dict[str, Any] = {}
+    given: dict[str, str] = {}  # wire name: the name it was given by
+    for key, value in fields.items():
+        name = names.get(key)
+        if name is None:
+            shown = ", ".join(
+                python if python == on_wire else f"{python} ({on_wire})"
+                for python, on_wire in _input_fields(model) or ()
+            )
+            raise InputError(key, f"is not an input field of {model}; it takes {shown}")
+        if name in given:
+            raise InputError(key, f"is given twice, as {given[name]} and {key}")
+        given[name] = key
+        wire[name] = value
+    return wire

@@ -135,7 +135,8 @@ def cli() -> None:
     "settings",
     multiple=True,
     metavar="FIELD=VALUE",
-    help="Another input field of the model (VALUE as JSON, else text; repeatable).",
+    help="Another input field of the model, named as `sora-async models` shows it or as on "
+    "the wire (generation_type or generationType); VALUE as JSON, else text; repeatable.",
 )
 @_common
 def generate(
