@@ -137,7 +137,8 @@ def read_items(
     """Yield the items of a JSONL file (one request object a line, optional ``id``) or
     a plain-text file (one prompt a line; blank lines and ``#`` comments skipped), in
     lists of up to ``chunk``, reading the file as they are taken: memory holds one
-    chunk, whatever the file's size. A UTF-8 byte order mark is skipped.
+    chunk, whatever the file's size. A UTF-8 byte order mark at the file's start is
+    skipped (one further in is a bad line).
 
     Raises BatchLineError naming the file and line of a bad line once the chunks
     before it are yielded, and InputError when the file cannot be read. Ids repeated
@@ -174,6 +175,8 @@ def _parse_line(
     if not line or (not jsonl and line.startswith("#")):
         return None
     try:
+        if line.startswith("\ufeff"):  # files pasted together: it would hide in a prompt
+            raise InputError("line", "starts with a byte order mark; only the file may")
         row: dict[str, Any] = json.loads(line) if jsonl else {"prompt": line}
         if not isinstance(row, dict):
             raise InputError("line", "must be a JSON object")
