@@ -40,8 +40,10 @@ __all__ = [
     "check_model_id",
     "input_names",
     "limits_for",
+    "list_names",
     "model_info",
     "model_of",
+    "python_name",
     "to_wire_names",
 ]
 
@@ -507,20 +509,26 @@ def limits_for(model: str, overrides: dict[str, Limits] | None = None) -> Limits
 
 
 @functools.cache
-def _input_fields(model: str) -> tuple[tuple[str, str], ...] | None:
-    """Return the (Python name, wire name) of each input field of ``model``'s typed
-    input, or None for a model without one."""
+def _input_fields(model: str) -> tuple[tuple[str, str, bool], ...] | None:
+    """Return the Python name, the wire name and whether it holds a list, of each input
+    field of ``model``'s typed input; None for a model without one."""
     if model == "sora-2-pro":
         kinds: tuple[type[Any], ...] = (TextToVideo, ImageToVideo)
-        pairs = {"mode": "mode"}  # the tag that picks TextToVideo or ImageToVideo
+        fields = {"mode": ("mode", False)}  # the tag that picks TextToVideo or ImageToVideo
     else:
         row = MODELS.get(model)
         if row is None or len(row.inputs) != 1:
             return None
-        kinds, pairs = row.inputs, {}
+        kinds, fields = row.inputs, {}
     for kind in kinds:
-        pairs |= {field.name: field.encode_name for field in msgspec.structs.fields(kind)}
-    return tuple(pairs.items())
+        for field in msgspec.inspect.type_info(kind).fields:  # type: ignore[attr-defined]
+            types = getattr(field.type, "types", (field.type,))  # T | None: a UnionType
+            listed = any(isinstance(t, _LIST_TYPES) for t in types)
+            fields[field.name] = (field.encode_name, listed)
+    return tuple((python, wire, listed) for python, (wire, listed) in fields.items())
+
+
+_LIST_TYPES: Final = (msgspec.inspect.VarTupleType, msgspec.inspect.ListType)
 
 
 @functools.cache
@@ -529,10 +537,22 @@ def input_names(model: str) -> dict[str, str] | None:
     name on the wire: the Python names (``generation_type``, as ``sora-async models``
     shows them) and the wire names (``generationType``) alike. None for a model
     without a typed input (its fields go as they are, in a :class:`RawInput`)."""
-    pairs = _input_fields(model)
-    if pairs is None:
+    fields = _input_fields(model)
+    if fields is None:
         return None
-    return {name: wire for python, wire in pairs for name in (python, wire)}
+    return {name: wire for python, wire, _ in fields for name in (python, wire)}
+
+
+@functools.cache
+def list_names(model: str) -> frozenset[str]:
+    """Return the names (both forms) of ``model``'s input fields that hold a list."""
+    fields = _input_fields(model) or ()
+    return frozenset(name for python, wire, listed in fields if listed for name in (python, wire))
+
+
+def python_name(model: str, name: str) -> str:
+    """Return the Python name of ``model``'s input field ``name`` (a wire name or not)."""
+    return next((python for python, wire, _ in _input_fields(model) or () if wire == name), name)
 
 
 def to_wire_names(model: str, fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -552,7 +572,7 @@ def to_wire_names(model: str, fields: Mapping[str, Any]) -> dict[str, Any]:
         if name is None:
             shown = ", ".join(
                 python if python == on_wire else f"{python} ({on_wire})"
-                for python, on_wire in _input_fields(model) or ()
+                for python, on_wire, _ in _input_fields(model) or ()
             )
             raise InputError(key, f"is not an input field of {model}; it takes {shown}")
         if name in given:

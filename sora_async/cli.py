@@ -163,11 +163,6 @@ def generate(
         check_folder(out)  # before the create: never pay for a video with nowhere to go
     except InputError as exc:
         fail(str(exc), as_json=params["as_json"], field=exc.field)
-    except msgspec.ValidationError as exc:
-        cause = exc.__cause__
-        if isinstance(cause, InputError):
-            fail(str(cause), as_json=params["as_json"], field=cause.field)
-        fail(f"{params['model']}: {exc}", as_json=params["as_json"])
 
     # A signal while the create is in flight waits for its answer, so that the task
     # (paid for) can be named.
@@ -350,7 +345,8 @@ def batch(
     priority: Priority,
     **kwargs: Any,
 ) -> None:
-    """Generate every prompt of FILE (JSONL, or one prompt a line) into the output folder.
+    """Generate every request of FILE into the output folder: JSONL (.jsonl), CSV (.csv,
+    a header row naming the fields) or one prompt a line (any other extension).
 
     Safe to stop at any moment: the same command resumes without paying twice.
     SIGINT / SIGTERM stop new creates, write the journal and manifest, and exit 130 / 143.
