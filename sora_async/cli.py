@@ -724,10 +724,21 @@ def models() -> None:
         names = ", ".join(f"sa.{kind.__name__}" for kind in info.inputs) or "sa.RawInput"
         limits = info.limits
         per_minute = round(limits.requests * 60 / limits.period)
-        source = "documented" if info.limits_documented else "Sora default"
+        source = "published" if info.limits_documented else "none published: Sora 2 Pro's used"
         figures = f"{per_minute}, {limits.concurrent_tasks} ({source})"
         table.add_row(info.id, info.kind, names, info.fields, figures)
     _out.print(table)
+    sora = MODELS["sora-2-pro"].limits
+    _out.print(
+        "none published: the provider states no limits for that model, so sora-async uses"
+        f" Sora 2 Pro's ({sora.requests} requests a minute, {sora.concurrent_tasks} tasks) as"
+        " a cautious default. If your key allows more, say so in Python:"
+        ' SoraClient(model_limits={"veo-3-1": sa.Limits(requests=120, concurrent_tasks=20)}).'
+        " Fields go by these names or their wire names (--set generation_type=... or"
+        " --set generationType=...).",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})

@@ -233,3 +233,20 @@ def test_cli_set_of_an_unknown_field_lists_the_fields(tmp_path: Path) -> None:
         result.output
     )
     assert "generation_type (generationType)" in result.output
+
+
+def test_cli_models_says_which_limits_are_published_and_how_to_set_the_others() -> None:
+    """``sora-async models``: a model whose page states limits shows them as published
+    (ltx-2-19b: 10000, 1000); one whose page states none says so, shows Sora 2 Pro's
+    figures as a cautious default, and the output says how to set yours."""
+    result = CliRunner().invoke(cli, ["models"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if "│" in line}
+    assert "10000, 1000 (published)" in rows["ltx-2-19b"]
+    assert "60, 10 (published)" in rows["sora-2-pro"]
+    assert "60, 10 (none published: Sora 2 Pro's used)" in rows["veo-3-1"]
+    assert "Sora default" not in result.output
+    text = " ".join(result.output.split())
+    assert "the provider states no limits for that model" in text
+    assert "as a cautious default" in text
+    assert 'SoraClient(model_limits={"veo-3-1": sa.Limits(' in text
