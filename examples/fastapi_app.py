@@ -31,9 +31,9 @@ keys and tasks are its own, and another tenant's task is 404, as an unknown one:
 - ``GET /status`` answers :meth:`SoraClient.snapshot` as JSON: slots in use and their
   limit, requests in the window and its limit, rate factor, 429s seen, creates waiting
   for a slot, tasks in flight, learned generation times, polls per finished task and
-  callback loss, for the default model and under ``models`` for each model used (with
-  Redis: the key's figures, summed over every worker), and ``uncertain_keys``: the
-  idempotency keys that answer 409 ``uncertain``.
+  callback loss (null without APIXO_CALLBACK_URL), for the default model and under
+  ``models`` for each model used (with Redis: the key's figures, summed over every
+  worker), and ``uncertain_keys``: the idempotency keys that answer 409 ``uncertain``.
 - ``POST`` at the path of ``APIXO_CALLBACK_URL`` (when set) receives the provider's
   callbacks, so a finished task is known at once instead of at the next poll. It takes
   no API key: the provider sends none, and the callback secret in its URL

@@ -66,10 +66,10 @@ def load_prices(path: str | Path) -> dict[str, Price]:
     """Read a price file: a JSON object of model id -> USD per video, or -> an object
     with ``low`` and optionally ``high``, ``unit`` ("video", "image" or "second"),
     ``by`` (the request field the rates follow, "mode" by default), ``rates`` (value
-    -> [low, high]), ``default`` and ``seconds``. Raises InputError naming the entry
-    and the rule."""
+    -> [low, high]), ``default`` and ``seconds``. A UTF-8 byte order mark at its start
+    is skipped. Raises InputError naming the entry and the rule."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8-sig"))  # a BOM is skipped
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError("prices", f"cannot read {str(path)!r}: {exc}") from exc
     if not isinstance(data, dict):

@@ -42,8 +42,9 @@ class ModelSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     #: The learned generation time: mean and 90th percentile, in seconds.
     generation_mean: float
     generation_p90: float
-    #: Estimated share of task ends that no callback announces (1.0 without callbacks).
-    callback_loss: float
+    #: Estimated share of task ends that no callback announces, learned from how tasks
+    #: were seen to end; None for a client without callbacks (no ``callback_url``).
+    callback_loss: float | None
     #: This process's creates waiting for a task slot now, and its slots taken, by
     #: priority ("interactive", "normal", "batch").
     slot_waiters_by_priority: dict[str, int] = msgspec.field(default_factory=dict)
@@ -92,7 +93,7 @@ def model_snapshot(model: str, governor: Governor, scheduler: PollScheduler) -> 
         polls_per_finished=scheduler.polls / finished if finished else 0.0,
         generation_mean=scheduler.times.mean,
         generation_p90=scheduler.times.age_at_survival(0.1),
-        callback_loss=scheduler.callback_loss,
+        callback_loss=scheduler.callback_loss if scheduler.callbacks else None,
         slot_waiters_by_priority=dict(by_priority()) if by_priority is not None else {},
         slots_by_priority=dict(held_by()) if held_by is not None else {},
     )

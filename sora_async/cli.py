@@ -135,7 +135,8 @@ def cli() -> None:
     "settings",
     multiple=True,
     metavar="FIELD=VALUE",
-    help="Another input field of the model (VALUE as JSON, else text; repeatable).",
+    help="Another input field of the model, named as `sora-async models` shows it or as on "
+    "the wire (generation_type or generationType); VALUE as JSON, else text; repeatable.",
 )
 @_common
 def generate(
@@ -162,11 +163,6 @@ def generate(
         check_folder(out)  # before the create: never pay for a video with nowhere to go
     except InputError as exc:
         fail(str(exc), as_json=params["as_json"], field=exc.field)
-    except msgspec.ValidationError as exc:
-        cause = exc.__cause__
-        if isinstance(cause, InputError):
-            fail(str(cause), as_json=params["as_json"], field=cause.field)
-        fail(f"{params['model']}: {exc}", as_json=params["as_json"])
 
     # A signal while the create is in flight waits for its answer, so that the task
     # (paid for) can be named.
@@ -349,7 +345,8 @@ def batch(
     priority: Priority,
     **kwargs: Any,
 ) -> None:
-    """Generate every prompt of FILE (JSONL, or one prompt a line) into the output folder.
+    """Generate every request of FILE into the output folder: JSONL (.jsonl), CSV (.csv,
+    a header row naming the fields) or one prompt a line (any other extension).
 
     Safe to stop at any moment: the same command resumes without paying twice.
     SIGINT / SIGTERM stop new creates, write the journal and manifest, and exit 130 / 143.
@@ -727,10 +724,21 @@ def models() -> None:
         names = ", ".join(f"sa.{kind.__name__}" for kind in info.inputs) or "sa.RawInput"
         limits = info.limits
         per_minute = round(limits.requests * 60 / limits.period)
-        source = "documented" if info.limits_documented else "Sora default"
+        source = "published" if info.limits_documented else "none published: Sora 2 Pro's used"
         figures = f"{per_minute}, {limits.concurrent_tasks} ({source})"
         table.add_row(info.id, info.kind, names, info.fields, figures)
     _out.print(table)
+    sora = MODELS["sora-2-pro"].limits
+    _out.print(
+        "none published: the provider states no limits for that model, so sora-async uses"
+        f" Sora 2 Pro's ({sora.requests} requests a minute, {sora.concurrent_tasks} tasks) as"
+        " a cautious default. If your key allows more, say so in Python:"
+        ' SoraClient(model_limits={"veo-3-1": sa.Limits(requests=120, concurrent_tasks=20)}).'
+        " Fields go by these names or their wire names (--set generation_type=... or"
+        " --set generationType=...).",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})

@@ -103,7 +103,7 @@ async def test_bad_line_is_named_before_any_request(tmp_path: Path, fake: FakeAp
     ("content", "message"),
     [
         ('{"prompt": "a"}\nnot json\n', ":2: line: is not JSON"),
-        ('{"prompt": "a", "colour": "red"}\n', ":1: line: Object contains unknown field `colour`"),
+        ('{"prompt": "a", "colour": "red"}\n', ":1: colour: is not an input field of sora-2-pro"),
         ('{"prompt": "same"}\n{"prompt": "same"}\n', ":2: id: "),
         ('["a list"]\n', ":1: line: must be a JSON object"),
         ('{"prompt": "x", "image_urls": ["ftp://a"]}\n', ":1: image_urls[0]: "),

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
 
 import sora_async as sa
+from sora_async._batch_file import request_from
+from sora_async._catalog import input_names
 from sora_async.cli import cli
 from sora_async.testing import FakeApixo, lognormal
+
+IMG = "https://example.com/a.jpg"
 
 
 def mixed_lines(count: int) -> str:
@@ -138,3 +145,108 @@ def test_cli_refuses_a_bad_field_in_one_line(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_every_field_name_models_shows_is_taken() -> None:
+    """Each field ``sora-async models`` lists for a typed model is a name its input
+    takes, and so is each field's name on the wire."""
+    for model, info in sa.MODELS.items():
+        names = input_names(model)
+        if names is None:
+            assert not info.inputs
+            continue
+        shown = {name.strip() for name in re.split(r"[,|]", info.fields)}
+        assert shown <= names.keys(), model
+        assert set(names.values()) <= names.keys(), model
+
+
+_VEO_NAMES = (("generation_type", "generationType"), ("enable_translation", "enableTranslation"))
+
+
+@given(st.tuples(st.booleans(), st.booleans()), st.booleans())
+def test_a_field_may_go_by_either_name(wire: tuple[bool, bool], extend: bool) -> None:
+    """Any mix of Python and wire names gives the same request (the same wire body);
+    one field under both names is refused, naming both."""
+    if extend:
+        pairs: tuple[tuple[str, str], ...] = (("task_id", "taskId"),)
+        values: dict[str, object] = {"task_id": "task_1"}
+        model = "veo-3-1-extend"
+    else:
+        pairs = _VEO_NAMES
+        values = {"generation_type": "REFERENCE_2_VIDEO", "enable_translation": True}
+        model = "veo-3-1"
+    common = {"model": model, "prompt": "p", "mode": "fast", "image_urls": [IMG]}
+    if extend:
+        del common["image_urls"]
+    mixed = {
+        (w if on_wire else p): values[p]
+        for (p, w), on_wire in zip(pairs, wire[: len(pairs)], strict=True)
+    }
+    expected = request_from({**common, **values}, sa.BatchDefaults())
+    assert request_from({**common, **mixed}, sa.BatchDefaults()) == expected
+    python, on_wire = pairs[0]
+    with pytest.raises(sa.InputError, match=f"{on_wire}: is given twice, as {python} and"):
+        request_from(
+            {**common, python: values[python], on_wire: values[python]}, sa.BatchDefaults()
+        )
+
+
+@pytest.mark.looptime
+async def test_a_batch_line_may_name_a_field_as_models_shows_it(tmp_path: Path) -> None:
+    """JSONL lines naming veo-3-1's field ``generation_type`` or ``generationType`` both
+    reach the service as ``generationType``."""
+    rows = [
+        {"id": name, "model": "veo-3-1", "prompt": name, "mode": "fast", "image_urls": [IMG]}
+        | {name: "REFERENCE_2_VIDEO"}
+        for name in ("generation_type", "generationType")
+    ]
+    source = tmp_path / "p.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    async with FakeApixo(generation_time=lognormal(60, 0.3), balance=1e6) as fake:
+        async with sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client:
+            report = await sa.run_batch(client, source, tmp_path / "out")
+        inputs = [task.input for task in fake.tasks.values()]
+    assert report.ok
+    assert [i.get("generationType") for i in inputs] == ["REFERENCE_2_VIDEO"] * 2
+    assert not any("generation_type" in i for i in inputs)
+
+
+@pytest.mark.parametrize("name", ["generation_type", "generationType"])
+def test_cli_set_takes_the_name_models_shows_and_the_wire_name(tmp_path: Path, name: str) -> None:
+    """``generate --model veo-3-1 --set generation_type=REFERENCE_2_VIDEO`` (or
+    ``generationType=``) makes the video."""
+    args = ["generate", "a", "--model", "veo-3-1", "--set", f"{name}=REFERENCE_2_VIDEO"]
+    args += ["--set", "mode=fast", "--image-url", IMG, "--simulate", "--json", "-o", str(tmp_path)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["file"].endswith(".mp4")
+
+
+def test_cli_set_of_an_unknown_field_lists_the_fields(tmp_path: Path) -> None:
+    """An unknown ``--set`` name: exit 2, one line naming it and every field the model
+    takes, by both names."""
+    args = ["generate", "a", "--model", "veo-3-1", "--set", "generationTyp=TEXT_2_VIDEO"]
+    result = CliRunner().invoke(cli, [*args, "--simulate", "-o", str(tmp_path)])
+    assert result.exit_code == 2
+    assert len(result.output.strip().splitlines()) == 1
+    assert "generationTyp: is not an input field of veo-3-1; it takes prompt, mode," in (
+        result.output
+    )
+    assert "generation_type (generationType)" in result.output
+
+
+def test_cli_models_says_which_limits_are_published_and_how_to_set_the_others() -> None:
+    """``sora-async models``: a model whose page states limits shows them as published
+    (ltx-2-19b: 10000, 1000); one whose page states none says so, shows Sora 2 Pro's
+    figures as a cautious default, and the output says how to set yours."""
+    result = CliRunner().invoke(cli, ["models"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if "│" in line}
+    assert "10000, 1000 (published)" in rows["ltx-2-19b"]
+    assert "60, 10 (published)" in rows["sora-2-pro"]
+    assert "60, 10 (none published: Sora 2 Pro's used)" in rows["veo-3-1"]
+    assert "Sora default" not in result.output
+    text = " ".join(result.output.split())
+    assert "the provider states no limits for that model" in text
+    assert "as a cautious default" in text
+    assert 'SoraClient(model_limits={"veo-3-1": sa.Limits(' in text

@@ -63,11 +63,26 @@ async def test_snapshot_figures_match_the_service_counters() -> None:
     served = sum(ends) / len(ends) / 1000
     assert served <= done.generation_mean < (served + sa.PollPolicy().prior_mean) / 2
     assert done.generation_p90 >= done.generation_mean * 0.9
-    assert done.callback_loss == 1.0  # no callbacks: every end is found by polling
+    assert done.callback_loss is None  # no callbacks: nothing to lose
     assert done.models == {"sora-2-pro": msgspec.structs.replace(done.models["sora-2-pro"])}
     assert done.models["sora-2-pro"].slots_in_use == 0
     decoded = msgspec.json.decode(msgspec.json.encode(done), type=sa.Snapshot)
     assert decoded == done
+
+
+async def test_a_client_without_callbacks_shows_no_callback_loss() -> None:
+    """Without a callback_url the snapshot's callback_loss is None (null in JSON), for
+    every model, not a figure that would read as "every callback lost"."""
+    async with (
+        FakeApixo(generation_time=fixed(60.0), balance=1e6) as fake,
+        sa.SoraClient(api_key=fake.api_key, base_url=fake.url) as client,
+    ):
+        await client.generate(sa.Veo31(prompt="no callbacks here"))
+        seen = client.snapshot()
+    assert seen.callback_loss is None
+    assert {m.callback_loss for m in seen.models.values()} == {None}
+    assert set(seen.models) == {"sora-2-pro", "veo-3-1"}
+    assert msgspec.json.decode(msgspec.json.encode(seen))["callback_loss"] is None
 
 
 @pytest.mark.looptime(False)

@@ -154,6 +154,20 @@ async def test_lost_callbacks_are_caught_by_polling() -> None:
 # --- forged, broken, repeated callbacks ------------------------------------------------------
 
 
+async def test_the_snapshot_shows_the_learned_callback_loss() -> None:
+    """A client with callbacks shows the share of lost callbacks it has learned in its
+    snapshot (per model too): a number, lower once callbacks arrive."""
+    async with FakeApixo(seed=3, balance=1e9) as fake, callback_client(fake) as client:
+        before = client.snapshot().callback_loss
+        outcomes = [o async for o in client.generate_many(prompts(20))]
+        after = client.snapshot()
+    assert all(o.ok for o in outcomes)
+    assert isinstance(before, float)
+    assert after.callback_loss is not None
+    assert after.callback_loss < before
+    assert after.models["sora-2-pro"].callback_loss == after.callback_loss
+
+
 async def test_forged_success_never_becomes_the_result() -> None:
     """A made-up success callback for a running task, whatever its token, never ends
     the task: wait() returns the true video at the true end. A wrong token is refused
