@@ -230,14 +230,17 @@ class PollScheduler:
     ) -> None:
         """Start tracking a task: just created, or ``adopted`` from elsewhere (polled at once,
         since its age is unknown). ``nonce``: its create's callback token's (see announce)."""
-        handed = self._active.get(task_id)
-        if handed is not None and handed.handed_over and holds_slot:
-            # Handed back (the process that took it over stopped): ours again, with the
-            # slot just taken for it, and polled at once.
-            handed.handed_over = False
-            handed.holds_slot = True
-            handed.urgent = "adopted"
-            self._changed.set()
+        known = self._active.get(task_id)
+        if known is not None and holds_slot and not known.holds_slot:
+            # Tracked without a slot (a wait for a task made elsewhere, or one handed
+            # over): the slot taken or adopted for it is its own from now on. Giving it
+            # back would leave a running task with no slot, and the key one create over.
+            known.holds_slot = True
+            if known.handed_over:
+                # Handed back (the process that took it over stopped): polled at once.
+                known.handed_over = False
+                known.urgent = "adopted"
+                self._changed.set()
             return
         if self.is_tracked(task_id):
             if holds_slot:

@@ -385,6 +385,12 @@ class RedisGovernor:
         # The slot a granted create marks as sent, in the same atomic step. Attempts are
         # made one at a time (by the head of the line), so no two pick the same slot.
         sending = self._unbound(sent=False) if kind == "create" else None
+        if kind == "create" and self._slots_owed:
+            # A renewal found a slot of our creates freed while our lease had lapsed,
+            # after this create passed the check in request(): it takes a slot first,
+            # or it would go out on none and the service would refuse it.
+            self._slots_owed -= 1
+            raise _SlotLost
         granted, wait_ms, epoch, factor, in_window, redis_now = await self._script(
             "request",
             [

@@ -503,3 +503,82 @@ async def test_releasing_a_task_this_process_no_longer_holds_frees_nothing(
         assert governor.slots_in_use == 0
         group.cancel_scope.cancel()
     await governor.aclose()
+
+
+async def test_a_task_waited_on_here_keeps_the_slot_adopted_from_its_stopped_creator(
+    redis_server: RedisServer,
+) -> None:
+    """A process waits on another's task (polled here without a slot of its own); the
+    creator stops while the task runs, and this process adopts its slot. That slot stays
+    the task's until it ends, so the ten creates sent meanwhile never find the key over
+    its ten tasks (the slot used to be given back at once, as if counted twice)."""
+    async with FakeApixo(generation_time=fixed(8.0), pending_time=0.05) as fake:
+        waiter_governor = governor_for(redis_server.url, fake)
+        creator = client_for(fake, governor_for(redis_server.url, fake))
+        await creator.__aenter__()
+        async with client_for(fake, waiter_governor) as waiter:
+            task_id = await creator.submit(sa.TextToVideo(prompt="a kite", duration=10))
+            waited = asyncio.ensure_future(waiter.wait(task_id, model="sora-2-pro"))
+            await asyncio.sleep(0.3)  # the waiter polls it: tracked, with no slot
+            await creator.__aexit__(None, None, None)  # the task runs on
+            connection = aioredis.from_url(redis_server.url)
+            try:
+                slots = f"{waiter_governor.prefix}:slots"
+                for _ in range(50):
+                    records = [json.loads(raw) for raw in await connection.hvals(slots)]
+                    if [record["o"] for record in records] == [waiter_governor.owner]:
+                        break
+                    await asyncio.sleep(0.1)
+                await asyncio.sleep(0.3)  # the adoption reaches the scheduler
+                held = [json.loads(raw) for raw in await connection.hvals(slots)]
+            finally:
+                await connection.aclose()
+            prompts = (sa.TextToVideo(prompt=f"a kite {n}", duration=10) for n in range(10))
+            outcomes = [outcome async for outcome in waiter.generate_many(prompts)]
+            first = await waited
+    assert [(record["o"], record["t"]) for record in held] == [(waiter_governor.owner, task_id)]
+    assert first.task_id == task_id
+    assert all(outcome.error is None for outcome in outcomes)
+    assert fake.stats.rate_limited == 0
+    assert fake.stats.max_concurrent_tasks <= 10
+
+
+async def test_a_create_whose_slot_went_while_the_lease_lapsed_takes_another_first(
+    service: FakeApixo, redis_server: RedisServer
+) -> None:
+    """A create waits for its permit (the window is full) while its process stops
+    renewing for two leases: another process frees its slot (nothing was sent on it).
+    When the process renews again and the permit comes, the create takes a slot first:
+    it never goes out on none."""
+    limits = sa.Limits(requests=2, period=5.0)
+    paused = governor_for(redis_server.url, service, limits=limits, create_reserve=0)
+    other = governor_for(redis_server.url, service, limits=limits, create_reserve=0)
+    connection = aioredis.from_url(redis_server.url)
+    slots = f"{paused.prefix}:slots"
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(other.run, NoNews())
+            renewing = anyio.CancelScope()
+
+            async def run_paused() -> None:
+                with renewing:
+                    await paused.run(NoNews())
+
+            group.start_soon(run_paused)
+            for _ in range(2):
+                await paused.request("balance")  # the window is full for 5 s
+            await paused.acquire_slot()
+            create = asyncio.ensure_future(paused.request("create"))
+            await asyncio.sleep(0.2)
+            renewing.cancel()  # no renewal from here: the lease lapses
+            while await connection.hlen(slots):  # noqa: ASYNC110 - Redis, not this loop
+                await asyncio.sleep(0.1)  # the other process frees the slot
+            group.start_soon(paused.run, NoNews())  # renews again, before the permit
+            await asyncio.wait_for(create, 10.0)
+            held = [json.loads(raw) for raw in await connection.hvals(slots)]
+            group.cancel_scope.cancel()
+    finally:
+        await connection.aclose()
+        await paused.aclose()
+        await other.aclose()
+    assert [(record["o"], record["w"]) for record in held] == [(paused.owner, 1)]

@@ -62,10 +62,7 @@ async def assert_each_item_once_though_one_host_was_gone(
     assert set(codes) <= expected_codes, logs
     assert (1 in codes) == bool(uncertain), logs
     assert len(uncertain) <= 1
-    # A create stopped between its slot and its send finds its slot given away when it
-    # goes on (no check can close that gap): the service refuses it, once, and it is
-    # sent again later. The window is never overrun.
-    assert stats.rate_limited == stats.concurrency_limited <= 2, logs
+    assert stats.rate_limited == 0, logs
     assert stats.max_requests_in_window <= 60
     assert set(stats.creates_per_prompt.values()) == {1}
     assert len(stats.creates_per_prompt) >= count - len(uncertain)
@@ -107,10 +104,7 @@ async def test_hosts_pull_one_batch_a_killed_one_is_covered_and_a_late_one_joins
     assert len(uncertain) <= 1, logs
     assert codes[0] == -signal.SIGKILL
     assert sorted(codes[1:]) == ([0, 0, 0] if not uncertain else [0, 0, 1]), logs
-    # On loaded machines some runs met up to three concurrency 429s on creates (each
-    # retried: nothing lost, nothing paid twice). One cause is fixed (a renewal undid a
-    # slot's sent mark just before the kill); the bound stays until runs show none.
-    assert stats.rate_limited == stats.concurrency_limited <= 3, (stats.rate_limited_by_kind, logs)
+    assert stats.rate_limited == 0, (stats.rate_limited_by_kind, logs)
     assert stats.max_requests_in_window <= 60
     assert stats.max_concurrent_tasks <= 10
     assert len(stats.creates_per_prompt) == 60
