@@ -22,12 +22,12 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from typing import Any, NoReturn
 
 from rich.console import Console
 
-from ._catalog import MODELS
+from ._catalog import MODELS, check_model_id
 from ._client import SoraClient
 from ._errors import (
     APIError,
@@ -43,7 +43,7 @@ from ._models import Limits
 from ._scheduler import PollPolicy
 from ._transport import RetryPolicy
 
-__all__ = ["Note", "Stop", "Work", "emit", "fail", "run", "scaled_client_options"]
+__all__ = ["Note", "Stop", "Work", "emit", "fail", "parse_limits", "run", "scaled_client_options"]
 
 err = Console(stderr=True)
 out = Console()
@@ -126,8 +126,34 @@ def fail(
     sys.exit(exit_code)
 
 
+def parse_limits(values: Iterable[str]) -> dict[str, Limits]:
+    """Return the limits ``--limits MODEL=REQUESTS/PERIOD/TASKS`` gives, by model.
+
+    Raises InputError naming ``limits`` (or the figure) for a malformed value."""
+    found: dict[str, Limits] = {}
+    for value in values:
+        model, sep, figures = value.partition("=")
+        parts = figures.split("/")
+        rule = "must be MODEL=REQUESTS/PERIOD/TASKS, like veo-3-1=120/60/20"
+        if not sep or len(parts) != 3:
+            raise InputError("limits", f"{rule}; got {value!r}")
+        check_model_id(model, "limits")
+        try:
+            requests, period, tasks = int(parts[0]), float(parts[1]), int(parts[2])
+        except ValueError:
+            message = f"{rule} (whole numbers but the period); got {value!r}"
+            raise InputError("limits", message) from None
+        found[model] = Limits(requests=requests, period=period, concurrent_tasks=tasks)
+    return found
+
+
 def scaled_client_options(
-    scale: float, *, redis_url: str | None = None, api_key: str | None = None, model: str = ""
+    scale: float,
+    *,
+    redis_url: str | None = None,
+    api_key: str | None = None,
+    model: str = "",
+    limits_given: Mapping[str, Limits] | None = None,
 ) -> dict[str, Any]:
     """Return SoraClient options with every timing divided by ``scale``.
 
@@ -138,13 +164,15 @@ def scaled_client_options(
     below 0.1 s, the lease below 3 s and ``redis_timeout`` below 10 s: network delays
     and restarts do not scale.
     """
+    # The catalogue's limits, and the key's own where --limits gives them.
+    known = {name: info.limits for name, info in MODELS.items()} | dict(limits_given or {})
     model_limits = {
         name: Limits(
-            requests=info.limits.requests,
-            period=info.limits.period / scale,
-            concurrent_tasks=info.limits.concurrent_tasks,
+            requests=given.requests,
+            period=given.period / scale,
+            concurrent_tasks=given.concurrent_tasks,
         )
-        for name, info in MODELS.items()
+        for name, given in known.items()
     }
     limits = model_limits.get(model or "sora-2-pro") or Limits(period=60.0 / scale)
     timings: dict[str, Any] = {
@@ -190,10 +218,17 @@ async def _client(params: dict[str, Any]) -> AsyncIterator[SoraClient]:
     are recorded in the key's :class:`RedisStore`."""
     scale = params["time_scale"]
     options: dict[str, Any] = {}
+    limits_given: dict[str, Limits] = params.get("limits") or {}
     if scale != 1.0 or params["redis_url"]:
         options = scaled_client_options(
-            scale, redis_url=params["redis_url"], api_key=params["api_key"], model=params["model"]
+            scale,
+            redis_url=params["redis_url"],
+            api_key=params["api_key"],
+            model=params["model"],
+            limits_given=limits_given,
         )
+    elif limits_given:
+        options["model_limits"] = limits_given
     options["shared_budget"] = params["shared_budget"]
     for money in ("prices", "spend_cap", "keep_balance", "spend_scope"):
         if params.get(money) is not None:
@@ -225,6 +260,11 @@ async def _client(params: dict[str, Any]) -> AsyncIterator[SoraClient]:
             state_file=params.get("state_file"),
             # A key whose limits span its models, as --shared-budget says.
             limits_per="key" if params["shared_budget"] else "model",
+            # The key --limits describes (its period is the fake's own).
+            model_limits={
+                name: (given.requests, given.concurrent_tasks)
+                for name, given in limits_given.items()
+            },
         ) as fake,
         SoraClient(api_key=fake.api_key, base_url=fake.url, **options) as client,
     ):

@@ -10,7 +10,7 @@ share the default model's limits, one after another. 0 requests, or 1 with
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -21,6 +21,7 @@ from ._catalog import MODELS, limits_for, model_of
 from ._cli_run import Note, emit, fail, out, run
 from ._client import SoraClient
 from ._errors import InputError
+from ._models import Limits
 from ._prices import estimate
 
 __all__ = ["DryRun", "check_priced", "dry_run_batch", "estimate_file"]
@@ -41,6 +42,8 @@ class DryRun:
     """What a batch file would cost and take."""
 
     lanes: dict[str, Lane]
+    #: The key's own limits by model (``--limits``), where they replace the catalogue's.
+    limits_given: dict[str, Limits] = field(default_factory=dict)
 
     @property
     def items(self) -> int:
@@ -50,7 +53,7 @@ class DryRun:
         """Return the seconds ``model``'s items take at its limits (``shared_with``:
         the model whose limits every model spends)."""
         lane = self.lanes[model]
-        limits = limits_for(shared_with or model)
+        limits = limits_for(shared_with or model, self.limits_given)
         info = MODELS.get(model)
         mean = info.mean_seconds if info is not None else 180.0
         by_slots = lane.items * mean / limits.concurrent_tasks
@@ -144,6 +147,7 @@ def dry_run_batch(
         dry = estimate_file(path, defaults, params["model"], params.get("prices"))
     except InputError as exc:
         fail(str(exc), as_json=as_json, field=exc.field)
+    dry.limits_given = params.get("limits") or {}
     summary = dry.as_json(shared_with)
     if not show_balance:
         _report(dry, summary, shared_with, as_json, None)

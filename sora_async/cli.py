@@ -35,7 +35,7 @@ from ._batch import (
 )
 from ._batch_file import request_from
 from ._catalog import MODELS, check_model_id, limits_for
-from ._cli_run import Note, Stop, emit, fail, run
+from ._cli_run import Note, Stop, emit, fail, parse_limits, run
 from ._cli_run import err as _err
 from ._cli_run import out as _out
 from ._client import SoraClient
@@ -75,6 +75,15 @@ def _common(function: Callable[..., Any]) -> Callable[..., Any]:
             "[env SORA_ASYNC_REDIS_URL].",
         ),
         click.option(
+            "--limits",
+            "limits",
+            multiple=True,
+            envvar="SORA_ASYNC_LIMITS",
+            metavar="MODEL=REQUESTS/PERIOD/TASKS",
+            help="A model's limits on your key, e.g. veo-3-1=120/60/20: requests per period"
+            " (seconds) and tasks at once (repeatable) [env SORA_ASYNC_LIMITS, space-separated].",
+        ),
+        click.option(
             "--shared-budget",
             is_flag=True,
             envvar="SORA_ASYNC_SHARED_BUDGET",
@@ -97,6 +106,10 @@ def _params(
     params = {k: kwargs.pop(k) for k in names}
     params["time_scale"] = scale if scale is not None else (20.0 if params["simulate"] else 1.0)
     as_json = params["as_json"]
+    try:
+        params["limits"] = parse_limits(kwargs.pop("limits"))
+    except InputError as exc:
+        fail(str(exc), as_json=as_json, field=exc.field)
     if params["simulate"] and not simulate:
         fail(
             "--simulate starts an empty fake service that knows no task and no balance;"
@@ -732,7 +745,8 @@ def models() -> None:
     _out.print(
         "none published: the provider states no limits for that model, so sora-async uses"
         f" Sora 2 Pro's ({sora.requests} requests a minute, {sora.concurrent_tasks} tasks) as"
-        " a cautious default. If your key allows more, say so in Python:"
+        " a cautious default. If your key allows more, say so: --limits veo-3-1=120/60/20"
+        " (requests, period in seconds, tasks) on any command, or in Python"
         ' SoraClient(model_limits={"veo-3-1": sa.Limits(requests=120, concurrent_tasks=20)}).'
         " Fields go by these names or their wire names (--set generation_type=... or"
         " --set generationType=...).",

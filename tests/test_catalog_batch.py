@@ -250,3 +250,4 @@ def test_cli_models_says_which_limits_are_published_and_how_to_set_the_others() 
     assert "the provider states no limits for that model" in text
     assert "as a cautious default" in text
     assert 'SoraClient(model_limits={"veo-3-1": sa.Limits(' in text
+    assert "--limits veo-3-1=120/60/20" in text

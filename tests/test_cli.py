@@ -428,3 +428,29 @@ async def test_top_shows_the_figures_of_a_shared_key(redis_server: RedisServer) 
             assert code == 0
             assert "task slots" in out
             assert "2 / 10" in out
+
+
+async def test_limits_given_on_the_command_line_hold_for_their_model(tmp_path: Path) -> None:
+    """``--limits veo-3-1=60/60/2``: a batch of six Veo prompts never has more than two
+    Veo tasks on the service at once (which would take ten) and saves every video; a
+    malformed value is one line naming ``limits``, and nothing is sent."""
+    rows = [{"id": f"v{i}", "model": "veo-3-1", "prompt": f"p {i}"} for i in range(6)]
+    source = write_jsonl(tmp_path / "veo.jsonl", rows)
+    out = tmp_path / "out"
+    async with FakeApixo(generation_time=lognormal(180 / SCALE, 0.3), period=60 / SCALE) as fake:
+        env = {"APIXO_API_KEY": fake.api_key, "APIXO_BASE_URL": fake.url}
+        command = ["batch", str(source), "-o", str(out), "--time-scale", str(SCALE), "--json"]
+        code, _, stderr = await run_cli(*command, "--limits", "veo-3-1=60/60/2", env=env)
+        requests_before = fake.stats.requests
+        bad = await run_cli(*command, "--limits", "veo-3-1=60/60", env=env)
+        stats = fake.stats
+    assert code == 0, stderr
+    assert stats.max_concurrent_tasks_by_model["veo-3-1"] == 2
+    assert stats.rate_limited == 0
+    assert len(list(out.glob("*.mp4"))) == 6
+    bad_code, bad_out, _ = bad
+    assert bad_code == 2
+    error = json.loads(bad_out)
+    assert error["field"] == "limits"
+    assert "MODEL=REQUESTS/PERIOD/TASKS" in error["message"]
+    assert stats.requests == requests_before
