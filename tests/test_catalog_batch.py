@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -239,14 +242,22 @@ def test_cli_models_says_which_limits_are_published_and_how_to_set_the_others() 
     """``sora-async models``: a model whose page states limits shows them as published
     (ltx-2-19b: 10000, 1000); one whose page states none says so, shows Sora 2 Pro's
     figures as a cautious default, and the output says how to set yours."""
-    result = CliRunner().invoke(cli, ["models"], env={"COLUMNS": "250"})
-    assert result.exit_code == 0
-    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if "│" in line}
+    # A process of its own: the console's width is read once, when it is made.
+    result = subprocess.run(
+        [sys.executable, "-m", "sora_async", "models"],
+        capture_output=True,
+        text=True,
+        env=os.environ | {"COLUMNS": "250"},
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    output = result.stdout
+    rows = {line.split("│")[1].strip(): line for line in output.splitlines() if "│" in line}
     assert "10000, 1000 (published)" in rows["ltx-2-19b"]
     assert "60, 10 (published)" in rows["sora-2-pro"]
     assert "60, 10 (none published: Sora 2 Pro's used)" in rows["veo-3-1"]
-    assert "Sora default" not in result.output
-    text = " ".join(result.output.split())
+    assert "Sora default" not in output
+    text = " ".join(output.split())
     assert "the provider states no limits for that model" in text
     assert "as a cautious default" in text
     assert 'SoraClient(model_limits={"veo-3-1": sa.Limits(' in text
