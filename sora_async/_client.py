@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, overload
 
+import anyio
+
 from ._budget import Budget
 from ._catalog import Request, VideoInput, check_model_id, limits_for
 from ._download import DEFAULT_MAX_DOWNLOAD_BYTES
 from ._engine import Engine, Wiring
-from ._errors import InputError
+from ._errors import InputError, TaskTimeoutError
 from ._fanout import Outcome
 from ._governor import Governor, LocalGovernor
 from ._ledger import Hooks
@@ -26,7 +29,7 @@ from ._snapshot import Snapshot
 from ._spending import Spending
 from ._store import TaskStore, check_idempotency_key
 from ._transport import RetryPolicy
-from ._waits import check_task_id
+from ._waits import check_task_id, check_timeout
 
 __all__ = ["Outcome", "SoraClient"]
 
@@ -276,10 +279,18 @@ class SoraClient:
         for the retry (the journal writes its row back to ``queued``). Both run in
         the create's own task: a caller who stopped waiting may still hear of them.
         """
+        engine = self._engine
+        prepared, governor, records = engine.check_submit(request, idempotency_key, batch, priority)
         hooks = None
         if before_create is not None or after_no_task is not None:
             hooks = Hooks(before_create, after_no_task)
-        return await self._engine.submit(request, idempotency_key, batch, priority, hooks)
+        if records is not None:
+            return await engine.submit_once(
+                records, idempotency_key, batch, prepared, hooks, governor, priority
+            )
+        # The slot is awaited here, in the caller's frame: a waiting submit costs no more.
+        await governor.acquire_slot(priority)
+        return await engine.create(prepared, hooks, priority=priority)
 
     async def uncertain_keys(self) -> list[str]:
         """Return the idempotency keys whose create may have made a task whose id was
@@ -389,7 +400,14 @@ class SoraClient:
         if timeout is None:
             task_id = await self.submit(request, idempotency_key=idempotency_key, priority=priority)
             return await self.wait(task_id)
-        return await self._engine.generate_within(request, timeout, idempotency_key, priority)
+        check_timeout(timeout)
+        model = self.model_for(request)
+        deadline = asyncio.get_running_loop().time() + timeout
+        with anyio.move_on_after(timeout) as scope:
+            task_id = await self.submit(request, idempotency_key=idempotency_key, priority=priority)
+        if scope.cancelled_caught:
+            raise TaskTimeoutError(None, timeout)
+        return await self._engine.waits.wait_until(task_id, model, deadline, timeout)
 
     async def balance(self) -> float:
         """Return the key's remaining balance in USD."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,7 +23,7 @@ from ._bodies import Bodies
 from ._catalog import Request
 from ._creates import Creator, TaskModels
 from ._download import Downloader
-from ._errors import ClientClosedError, InputError, TaskTimeoutError
+from ._errors import ClientClosedError, InputError
 from ._fanout import Outcome, fan_out
 from ._governor import Governor
 from ._lanes import Lanes
@@ -36,7 +36,7 @@ from ._snapshot import Snapshot, model_snapshot, snapshot_of
 from ._spending import Spending
 from ._store import TaskStore, check_idempotency_key
 from ._transport import RetryPolicy, Transport
-from ._waits import Waits, check_timeout
+from ._waits import Waits
 
 __all__ = ["Engine", "Wiring"]
 
@@ -188,16 +188,11 @@ class Engine:
 
     # --- tasks ----------------------------------------------------------------------------
 
-    async def submit(
-        self,
-        request: Request,
-        idempotency_key: str | None,
-        batch: str,
-        priority: Priority,
-        hooks: Hooks | None,
-    ) -> str:
-        """Check the arguments, take a slot and create (through the ledger's
-        idempotency keys when there is one)."""
+    def check_submit(
+        self, request: Request, idempotency_key: str | None, batch: str, priority: Priority
+    ) -> tuple[tuple[str, CreateRequest], Governor, TaskStore | None]:
+        """Check a submit's arguments before anything is awaited; return the prepared
+        create, its model's governor and, with an idempotency key, the key's records."""
         self.check_open()
         prepared = self.bodies.prepare(request)
         if idempotency_key is not None:
@@ -206,19 +201,31 @@ class Engine:
             raise InputError("batch", "must be a string of at most 200 characters")
         rank_of(priority)
         governor = self.lanes.get(prepared[0]).governor
-        records = self.ledger.records_for(idempotency_key)
-        if records is not None:
-            return await self.ledger.submit(
-                records,
-                idempotency_key,
-                batch,
-                prepared,
-                hooks,
-                functools.partial(self.create, priority=priority),
-                functools.partial(governor.acquire_slot, priority),
-            )
-        await governor.acquire_slot(priority)
-        return await self.create(prepared, hooks, priority=priority)
+        return prepared, governor, self.ledger.records_for(idempotency_key)
+
+    def submit_once(
+        self,
+        records: TaskStore,
+        idempotency_key: str | None,
+        batch: str,
+        prepared: tuple[str, CreateRequest],
+        hooks: Hooks | None,
+        governor: Governor,
+        priority: Priority,
+    ) -> Awaitable[str]:
+        """Return the ledger's submit under an idempotency key (one task per key).
+
+        Not a coroutine of its own: a submit waiting for its slot keeps no frame more
+        than it needs (100,000 of them may wait at once)."""
+        return self.ledger.submit(
+            records,
+            idempotency_key,
+            batch,
+            prepared,
+            hooks,
+            functools.partial(self.create, priority=priority),
+            functools.partial(governor.acquire_slot, priority),
+        )
 
     async def create(
         self,
@@ -231,23 +238,6 @@ class Engine:
         """Create a task with a slot already taken (see Creator.create)."""
         self.check_open()
         return await self.creator.create(prepared, hooks, recorded, priority)
-
-    async def generate_within(
-        self,
-        request: Request,
-        timeout: float,
-        idempotency_key: str | None,
-        priority: Priority,
-    ) -> Result:
-        """Submit and wait, the whole inside ``timeout`` seconds."""
-        check_timeout(timeout)
-        model = self.bodies.model_for(request)
-        deadline = asyncio.get_running_loop().time() + timeout
-        with anyio.move_on_after(timeout) as scope:
-            task_id = await self.submit(request, idempotency_key, "", priority, None)
-        if scope.cancelled_caught:
-            raise TaskTimeoutError(None, timeout)
-        return await self.waits.wait_until(task_id, model, deadline, timeout)
 
     def generate_many(
         self,
