@@ -217,7 +217,8 @@ async def test_a_dry_run_checks_every_line_sends_nothing_and_sums_each_model(
 ) -> None:
     """`batch --dry-run --json` on a file mixing four models: the fake sees no request
     (one with --balance), and the totals are the pages' prices: 2 Veo 3.1 fast and 1
-    quality (1.90), 3 Sora 2 (0.30-0.45), 1 Nano Banana (0.03), 2 Sora 2 Pro unpriced."""
+    quality (1.90), 3 Sora 2 (0.30-0.45), 1 Nano Banana (0.03), 2 Sora 2 Pro unpriced.
+    With --limits, a model's time follows the limits given."""
     lines = [
         *({"model": "veo-3-1", "prompt": f"veo {n}", "mode": "fast"} for n in range(2)),
         {"model": "veo-3-1", "prompt": "veo q", "mode": "quality"},
@@ -245,12 +246,18 @@ async def test_a_dry_run_checks_every_line_sends_nothing_and_sums_each_model(
         assert fake.stats.requests == 0
         with_balance = await dry_run("--balance")
         assert fake.stats.requests == 1
+        one_veo_slot = await dry_run("--limits", "veo-3-1=60/60/1")
     assert (summary["items"], summary["unpriced"]) == (9, 2)
     assert summary["low_usd"] == pytest.approx(1.90 + 0.30 + 0.03)
     assert summary["high_usd"] == pytest.approx(1.90 + 0.45 + 0.03)
     assert summary["models"]["veo-3-1"]["items"] == 3
     assert summary["models"]["sora-2-pro"]["unpriced"] == 2
     assert with_balance["balance_usd"] == fake.balance
+    # The key's own limits (--limits) set the time: Veo 3.1's three items on one slot
+    # take about ten times as long as on the catalogue's ten; the other models as before.
+    veo_hours = summary["models"]["veo-3-1"]["hours"]
+    assert one_veo_slot["models"]["veo-3-1"]["hours"] == pytest.approx(10 * veo_hours, rel=0.1)
+    assert one_veo_slot["models"]["sora-2"] == summary["models"]["sora-2"]
     assert not list(tmp_path.glob("*.mp4"))
 
 
