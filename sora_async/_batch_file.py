@@ -26,12 +26,10 @@ from ._catalog import (
     RawInput,
     Request,
     check_model_id,
-    list_names,
-    python_name,
-    to_wire_names,
 )
 from ._download import file_stem
 from ._errors import InputError
+from ._field_names import list_names, python_name, to_wire_names
 from ._models import VideoRequest
 
 __all__ = [

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import sora_async as sa
 from sora_async._batch_file import request_from
-from sora_async._catalog import input_names
+from sora_async._field_names import input_names
 from sora_async.cli import cli
 from sora_async.testing import FakeApixo, lognormal
 
