@@ -201,6 +201,8 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         check_count("limits.requests", self.requests, 2)
         check_positive("limits.period", self.period)
+        if self.period == float("inf"):  # no request would ever be sent
+            raise InputError("limits.period", "must be a finite number of seconds, got inf")
         check_count("limits.concurrent_tasks", self.concurrent_tasks, 1)
 
 

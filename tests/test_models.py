@@ -125,6 +125,8 @@ def test_seed_image_to_video_body_is_reproduced() -> None:
         (lambda: sa.Limits(requests=1), "limits.requests"),
         (lambda: sa.Limits(concurrent_tasks=0), "limits.concurrent_tasks"),
         (lambda: sa.Limits(period=0), "limits.period"),
+        (lambda: sa.Limits(period=float("inf")), "limits.period"),
+        (lambda: sa.Limits(period=float("nan")), "limits.period"),
     ],
 )
 def test_bad_input_names_the_field(build: object, field: str) -> None:
